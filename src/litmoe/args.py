@@ -1,0 +1,22 @@
+"""Settings of ours that LitGPT's pretrain arguments do not have (the `optimization:` section)."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class OptimizationArgs:
+    """How the model is compiled and run; each switch is independent."""
+
+    compile: bool = True
+    """Compile the model with torch.compile (LitGPT always compiles; here it is a choice)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode. max-autotune uses CUDA graphs; if it fails with a CUDAGraphs error use 'default'."""
+    compile_dynamic: bool = False
+    """Compile for dynamic shapes (pretraining batches all have the same shape, so static is faster)."""
+    flash_attention: bool = True
+    """Check at start that attention runs on the FlashAttention kernel; warn, with the reason, when it cannot."""
+    flash_attention_force: bool = False
+    """Refuse to start without FlashAttention, and pin attention to it so it cannot silently fall back."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward (non-reentrant): less memory, ~30% more compute."""

@@ -1,0 +1,156 @@
+"""What a run reports: metrics to TensorBoard and CSV, a live progress bar, and a correct final summary."""
+
+import resource
+import sys
+
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.loggers import CSVLogger, Logger
+from tqdm import tqdm
+
+# The lines of LitGPT's closing "Performance" block (its Tok/sec divides by a timestamp); ours replaces it.
+STOCK_SUMMARY_PREFIXES = ("| ", "-" * 40)
+
+
+class RunLogger(Logger):
+    """Fans metrics out to LitGPT's chosen logger and a CSV file, and feeds the progress bar."""
+
+    def __init__(self, loggers: list[Logger], progress: "Progress | None" = None) -> None:
+        self.loggers = loggers
+        self.progress = progress
+        self.last: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return self.loggers[0].name
+
+    @property
+    def version(self) -> int | str:
+        return self.loggers[0].version
+
+    @property
+    def log_dir(self) -> str | None:
+        return getattr(self.loggers[0], "log_dir", None)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.last.update({key: float(value) for key, value in metrics.items()})
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step)
+        if self.progress is not None:
+            self.progress.update(metrics)
+
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        for logger in self.loggers:
+            if not isinstance(logger, CSVLogger):  # it raises NotImplementedError
+                logger.log_hyperparams(params, *args, **kwargs)
+
+    def finalize(self, status: str) -> None:
+        for logger in self.loggers:
+            logger.finalize(status)
+        if self.progress is not None:
+            self.progress.close()
+
+
+class Progress:
+    """A live bar of tokens done out of the budget, with loss, tokens/s and ETA."""
+
+    def __init__(self, token_budget: int) -> None:
+        self.token_budget = token_budget
+        self.bar: tqdm | None = None
+
+    def start(self, tokens_done: int) -> None:
+        """Open the bar where this run starts (a resumed run is part-way), so rate and ETA are this run's."""
+        self.bar = tqdm(total=self.token_budget, initial=tokens_done, unit="tok", unit_scale=True, file=sys.stderr,
+                        dynamic_ncols=True, desc="train")
+
+    def update(self, metrics: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        if "total_tokens" not in metrics:  # validation-only entries
+            if "val_loss" in metrics:
+                self.bar.set_postfix_str(f"{self.bar.postfix}, val {metrics['val_loss']:.3f}", refresh=True)
+            return
+        self.bar.update(int(metrics["total_tokens"]) - self.bar.n)
+        postfix = f"loss {metrics['loss']:.3f}"
+        if "throughput/tokens_per_sec" in metrics:
+            postfix += f", {metrics['throughput/tokens_per_sec']:,.0f} tok/s"
+        self.bar.set_postfix_str(postfix, refresh=True)
+
+    def write(self, line: str) -> None:
+        if self.bar is None:
+            print(line)
+        else:
+            tqdm.write(line, file=sys.stdout)
+
+    def close(self, tokens_done: int | None = None) -> None:
+        if self.bar is not None:
+            if tokens_done is not None:
+                self.bar.update(tokens_done - self.bar.n)
+            self.bar.close()
+            self.bar = None
+
+
+def make_run_logger(stock_logger: Logger, out_dir: Path, token_budget: int, progress: bool) -> RunLogger:
+    loggers = [stock_logger]
+    if not isinstance(stock_logger, CSVLogger):
+        loggers.append(CSVLogger(root_dir=out_dir / "logs", name="csv", flush_logs_every_n_steps=1))
+    return RunLogger(loggers, Progress(token_budget) if progress else None)
+
+
+@dataclass
+class RunSummary:
+    """Numbers of the training this process did (a resumed run counts only its own part)."""
+
+    tokens: int
+    seconds: float
+    flops: float
+    peak_flops: float | None = None
+    val_loss: float | None = None
+    peak_memory_gb: float = field(default_factory=lambda: peak_memory_gb())
+
+    def lines(self) -> list[str]:
+        tokens_per_sec = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        flops_per_sec = self.flops / self.seconds if self.seconds > 0 else 0.0
+        mfu = f", MFU {flops_per_sec / self.peak_flops:.1%}" if self.peak_flops else ""
+        out = [
+            "Training summary",
+            f"  tokens trained : {self.tokens:,}",
+            f"  training time  : {self.seconds:.1f} s",
+            f"  throughput     : {tokens_per_sec:,.0f} tokens/s, {flops_per_sec / 1e12:.3f} TFLOP/s{mfu}",
+            f"  peak memory    : {self.peak_memory_gb:.2f} GB ({'GPU' if torch.cuda.is_available() else 'process RSS'})",
+        ]
+        if self.val_loss is not None:
+            out.append(f"  final val loss : {self.val_loss:.4f}")
+        return out
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+class Console:
+    """Replaces `fabric.print` during a run: goes around the progress bar and drops LitGPT's wrong summary."""
+
+    def __init__(self, fabric, progress: Progress | None) -> None:
+        self.fabric = fabric
+        self.progress = progress
+        self.training_done = False
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if not self.fabric.is_global_zero:
+            return
+        line = " ".join(str(arg) for arg in args)
+        if self.training_done and line.startswith(STOCK_SUMMARY_PREFIXES):
+            return
+        if self.progress is not None:
+            self.progress.write(line)
+        else:
+            print(line, **kwargs)
+
+

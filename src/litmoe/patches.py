@@ -1,0 +1,132 @@
+"""Our changes to LitGPT's pretrain loop, applied in one scoped place: `patched_pretrain(...)`.
+
+`litgpt.pretrain.setup()` runs unchanged inside the context; these names are swapped for its duration and
+restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any of them):
+
+  torch.compile                  -> `prepare_model`: activation checkpointing, then compile only as configured
+                                    (LitGPT compiles unconditionally right before `fabric.setup(model)`)
+  pretrain.measure_flops         -> `TrainingFlops`: active-expert FLOPs (the meta-device trace fails on MoE)
+  pretrain.save_hyperparameters  -> writes our resolved run config (the stock one re-parses sys.argv with
+                                    LitGPT's parser and dies on any flag of ours)
+  pretrain.choose_logger         -> LitGPT's logger plus CSV and the live progress bar
+  pretrain.fit                   -> the stock loop, timed, followed by a correct summary
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+from torch.utils.checkpoint import checkpoint
+
+from litmoe.args import OptimizationArgs
+from litmoe.attention import compute_dtype
+from litmoe.flops import TrainingFlops
+from litmoe.monitoring import Console, RunLogger, RunSummary, make_run_logger
+
+
+@dataclass
+class PatchSettings:
+    optimization: OptimizationArgs
+    precision: str
+    micro_batch_size: int
+    seq_len: int
+    token_budget: int
+    progress: bool
+    run_config: dict[str, Any]
+    summary: RunSummary | None = field(default=None, init=False)  # filled in when training ends
+
+
+@contextmanager
+def swapped(owner: object, name: str, replacement: Any) -> Iterator[None]:
+    """Replace `owner.name` for the duration of the context; fail loudly if it does not exist."""
+    if not hasattr(owner, name):
+        raise AttributeError(f"{getattr(owner, '__name__', owner)} has no attribute {name!r}: LitGPT changed")
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextmanager
+def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
+    import litgpt.pretrain as pretrain
+
+    flops = TrainingFlops(settings.micro_batch_size, settings.seq_len)
+    with ExitStack() as stack:
+        stack.enter_context(
+            swapped(torch, "compile", partial(prepare_model, compile_fn=torch.compile, options=settings.optimization))
+        )
+        stack.enter_context(swapped(pretrain, "measure_flops", flops))
+        stack.enter_context(
+            swapped(pretrain, "save_hyperparameters", partial(save_run_config, run_config=settings.run_config))
+        )
+        stack.enter_context(swapped(pretrain, "choose_logger", partial(choose_logger, pretrain.choose_logger, settings)))
+        stack.enter_context(swapped(pretrain, "fit", partial(timed_fit, pretrain.fit, flops, settings)))
+        yield settings
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every transformer block (state-dict keys unchanged)."""
+    for block in model.transformer.h:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def prepare_model(model: nn.Module, *args: Any, compile_fn: Callable, options: OptimizationArgs, **kwargs: Any):
+    from litgpt.model import GPT
+
+    if not isinstance(model, GPT):  # someone else's torch.compile call: leave it alone
+        return compile_fn(model, *args, **kwargs)
+    if options.gradient_checkpointing:
+        checkpoint_blocks(model)
+    if not options.compile:
+        return model
+    return compile_fn(model, mode=options.compile_mode, dynamic=options.compile_dynamic)
+
+
+def save_run_config(function: Callable, checkpoint_dir: Path, run_config: dict[str, Any]) -> None:
+    with open(Path(checkpoint_dir) / "hyperparameters.yaml", "w", encoding="utf-8") as file:
+        yaml.safe_dump(run_config, file, sort_keys=False)
+
+
+def choose_logger(stock_choose_logger: Callable, settings: PatchSettings, logger_name, out_dir, *args, **kwargs):
+    stock = stock_choose_logger(logger_name, out_dir, *args, **kwargs)
+    return make_run_logger(stock, Path(out_dir), settings.token_budget, settings.progress)
+
+
+def timed_fit(stock_fit: Callable, flops: TrainingFlops, settings: PatchSettings, **kwargs: Any) -> None:
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    fabric, state = kwargs["fabric"], kwargs["state"]
+    run_logger = fabric.logger if isinstance(fabric.logger, RunLogger) else None
+    progress = run_logger.progress if run_logger else None
+    console = Console(fabric, progress)
+    fabric.print = console.print  # this Fabric object lives for this run only
+    tokens_per_iter = settings.micro_batch_size * settings.seq_len * fabric.world_size
+    first_iter, start = state["iter_num"], time.perf_counter()
+    if progress and fabric.is_global_zero:
+        progress.start(first_iter * tokens_per_iter)
+    stock_fit(**kwargs)
+    seconds = time.perf_counter() - start
+    if progress:
+        progress.close(state["iter_num"] * tokens_per_iter)
+    iters = (state["iter_num"] - first_iter) * fabric.world_size  # micro-batches, all ranks
+    peak = get_available_flops(fabric.device, compute_dtype(settings.precision)) if fabric.device.type == "cuda" else None
+    settings.summary = RunSummary(
+        tokens=(state["iter_num"] - first_iter) * tokens_per_iter,
+        seconds=seconds,
+        flops=iters * flops.per_micro_batch,
+        peak_flops=peak * fabric.world_size if peak else None,
+        val_loss=run_logger.last.get("val_loss") if run_logger else None,
+    )
+    for line in settings.summary.lines():
+        console.print(line)
+    console.training_done = True

@@ -1,0 +1,309 @@
+"""run_train.py: read the configs, check everything a user can get wrong, then run LitGPT's pretrain loop
+with our patches (litmoe.patches).
+
+Settings come from train_config.yaml (LitGPT's pretrain arguments plus `optimization:`), overridden on the
+command line in LitGPT's jsonargparse style (`--train.max_tokens 2e6`) or with the short flags below. On a
+machine without a CUDA GPU, the file's `cpu_profile:` section is applied first (a small model and budget
+that finish in minutes); `--no-cpu-profile` turns that off.
+"""
+
+import dataclasses
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from litgpt.args import EvalArgs, LogArgs, TrainArgs
+
+from litmoe.args import OptimizationArgs
+from litmoe.attention import attention_kernel_scope, check_attention
+from litmoe.data import MANIFEST, SPLITS, prepare, read_manifest
+from litmoe.errors import UserError
+from litmoe.patches import PatchSettings, patched_pretrain
+from litmoe.tokenizer import load_tokenizer
+
+DEFAULT_TRAIN_CONFIG = Path("train_config.yaml")
+DEFAULT_DATA_DIR = Path("data/default")
+CPU_PROFILE = "cpu_profile"
+
+# Noise from pinned dependencies, said once per data loader: litdata asks PyPI for a newer version of itself
+# (we pin it deliberately) and LitData pins memory even when there is no accelerator to pin it for.
+KNOWN_WARNINGS = ("A newer version of litdata is available", "'pin_memory' argument is set as true")
+
+# Short flags users know, rewritten to the jsonargparse keys they stand for.
+SWITCHES = {
+    "--compile": "--optimization.compile=true",
+    "--no-compile": "--optimization.compile=false",
+    "--compile-dynamic": "--optimization.compile_dynamic=true",
+    "--flash-attention": "--optimization.flash_attention=true",
+    "--no-flash-attention": "--optimization.flash_attention=false",
+    "--flash-attention-force": "--optimization.flash_attention_force=true",
+    "--gradient-checkpointing": "--optimization.gradient_checkpointing=true",
+    "--progress": "--progress=true",
+}
+RENAMED = {"--compile-mode": "--optimization.compile_mode"}
+
+
+def setup(
+    model: str = "model_config.yaml",
+    data_dir: Path = DEFAULT_DATA_DIR,
+    out_dir: Path = Path("out/moe-200m"),
+    precision: Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"] | None = None,
+    resume: bool | Literal["auto"] | Path = False,
+    train: TrainArgs = TrainArgs(),
+    eval: EvalArgs = EvalArgs(),
+    log: LogArgs = LogArgs(),
+    optimizer: str | dict = "AdamW",
+    optimization: OptimizationArgs = OptimizationArgs(),
+    devices: int | str = "auto",
+    num_nodes: int = 1,
+    num_workers: int = 2,
+    logger_name: Literal["tensorboard", "csv", "wandb", "mlflow"] = "tensorboard",
+    seed: int = 42,
+    progress: bool = False,
+) -> PatchSettings:
+    """Pretrain an MoE model with LitGPT's pretrain loop.
+
+    Args:
+        model: A model config YAML file (a LitGPT Config) or the name of a registered config (MoE-200M, MoE-tiny).
+        data_dir: Data prepared by prepare_data.py. The default corpus is prepared on first use.
+        out_dir: Where checkpoints (step-*/, final/) and logs (logs/tensorboard, logs/csv) go.
+        precision: Lightning precision; default bf16-mixed on a CUDA GPU, 32-true on CPU.
+        resume: 'auto' continues from the newest checkpoint in out_dir (or starts fresh when there is none);
+            a path continues from that checkpoint.
+        train: LitGPT's training arguments (budget, batch sizes, learning-rate schedule, save interval).
+        eval: LitGPT's evaluation arguments.
+        log: LitGPT's logging arguments.
+        optimizer: A torch optimizer name or config, as in LitGPT.
+        optimization: torch.compile, FlashAttention and activation checkpointing switches.
+        devices: How many devices to train on ('auto': all GPUs, or one CPU process).
+        num_nodes: How many nodes.
+        num_workers: Data loader worker processes.
+        logger_name: Where metrics go besides the CSV log.
+        seed: Random seed for initialization and data order.
+        progress: Show a live progress bar (tokens of the budget, loss, tokens/s, ETA).
+    """
+    run_config = {name: plain(value) for name, value in locals().items()}
+    cuda = torch.cuda.is_available()
+    config = resolve_model_config(model)
+    data_dir = ensure_prepared(Path(data_dir))
+    tokenizer_dir = data_dir / "tokenizer"
+    config = fit_vocabulary(config, load_tokenizer(tokenizer_dir))
+    seq_len = train.max_seq_length or config.block_size
+    if seq_len > config.block_size:
+        raise UserError(f"--train.max_seq_length {seq_len} exceeds the model's block_size {config.block_size}")
+    check_data_size(data_dir, train.micro_batch_size, seq_len)
+    precision = precision or ("bf16-mixed" if cuda else "32-true")
+    resume = resolve_resume(resume, Path(out_dir))
+    check_attention(
+        torch.device("cuda" if cuda else "cpu"), precision, config.n_head, config.head_size,
+        optimization.flash_attention, optimization.flash_attention_force,
+    )  # fmt: skip
+
+    from litgpt import pretrain
+    from litgpt.data import LitData
+
+    settings = PatchSettings(
+        optimization=optimization,
+        precision=precision,
+        micro_batch_size=train.micro_batch_size,
+        seq_len=seq_len,
+        token_budget=int(train.max_tokens),
+        progress=progress,
+        run_config=run_config,
+    )
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    data = LitData(data_path=data_dir, split_names=SPLITS, num_workers=num_workers, seed=seed)
+    with patched_pretrain(settings), attention_kernel_scope(optimization.flash_attention_force):
+        pretrain.setup(
+            model_name=config.name, model_config=config, out_dir=Path(out_dir), precision=precision, resume=resume,
+            data=data, train=train, eval=eval, log=log, optimizer=optimizer, devices=devices, num_nodes=num_nodes,
+            tokenizer_dir=tokenizer_dir, logger_name=logger_name, seed=seed,
+        )  # fmt: skip
+    return settings
+
+
+def plain(value: Any) -> Any:
+    """A YAML-safe copy of a setting (dataclasses to dicts, paths to strings)."""
+    if dataclasses.is_dataclass(value):
+        return {key: plain(item) for key, item in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    return str(value) if isinstance(value, Path) else value
+
+
+def resolve_model_config(model: str):
+    """`model` is a LitGPT config YAML file or a registered config name."""
+    from litgpt import Config
+    from litgpt.config import name_to_config
+
+    path = Path(model)
+    if path.is_file():
+        try:
+            return Config.from_file(path)
+        except TypeError as err:  # an unknown key in the file
+            raise UserError(f"{path}: {err}; keys must be fields of litgpt.Config") from err
+    if model in name_to_config:
+        return Config.from_name(model)
+    raise UserError(f"--model {model}: neither a config file nor a registered config; try model_config.yaml or MoE-tiny")
+
+
+def fit_vocabulary(config, tokenizer):
+    """Size the embedding for the tokenizer the data was made with, padded as LitGPT pads."""
+    processor = tokenizer.processor
+    vocab_size = (
+        processor.get_vocab_size(with_added_tokens=True) if tokenizer.backend == "huggingface" else tokenizer.vocab_size
+    )
+    if vocab_size != config.vocab_size:
+        config = dataclasses.replace(config, vocab_size=vocab_size, padded_vocab_size=None)
+        print(f"Vocabulary: {vocab_size:,} tokens from the data's tokenizer (padded to {config.padded_vocab_size:,})")
+    return config
+
+
+def ensure_prepared(data_dir: Path) -> Path:
+    if (data_dir / MANIFEST).is_file():
+        return data_dir
+    if data_dir == DEFAULT_DATA_DIR:
+        print(f"No prepared data in {data_dir}: preparing the default corpus (Python's own documentation) ...")
+        prepare(out_dir=data_dir)
+        return data_dir
+    raise UserError(
+        f"{data_dir / MANIFEST} not found: prepare the data first with"
+        f" `python prepare_data.py --source YOUR_TEXT --out_dir {data_dir}`"
+    )
+
+
+def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int) -> None:
+    manifest = read_manifest(data_dir)
+    needed = micro_batch_size * (seq_len + 1)
+    for split in SPLITS:
+        if manifest.tokens[split] < needed:
+            raise UserError(
+                f"{data_dir / MANIFEST}: the {split} split has {manifest.tokens[split]:,} tokens, fewer than one"
+                f" micro-batch ({micro_batch_size} x {seq_len + 1}); lower --train.micro_batch_size or"
+                " --train.max_seq_length, or prepare more data"
+            )
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest full training checkpoint (step-*/ or final/) in out_dir."""
+    candidates = [*out_dir.glob("step-*/lit_model.pth"), *out_dir.glob("final/lit_model.pth")]
+    return max(candidates, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+
+def resolve_resume(resume: bool | str | Path, out_dir: Path) -> bool | Path:
+    """What to pass LitGPT as `resume`; refuses to start a fresh run over existing checkpoints."""
+    if resume == "auto" or resume is True:
+        found = latest_checkpoint(out_dir)
+        if found is None and resume is True:
+            raise UserError(f"--resume: no checkpoint in {out_dir}; use --resume auto to start fresh when there is none")
+        if found is not None:
+            print(f"Resuming from {found}")
+        return found or False
+    if resume:
+        path = Path(resume)
+        path = path / "lit_model.pth" if path.is_dir() else path
+        if not path.is_file():
+            raise UserError(f"--resume {resume}: no checkpoint there (expected a step-*/ or final/ dir with lit_model.pth)")
+        return path
+    if (existing := latest_checkpoint(out_dir)) is not None:
+        raise UserError(
+            f"{out_dir} already holds checkpoints ({existing.parent.name}/); pass --resume auto to continue that run"
+            " or choose another --out_dir"
+        )
+    return False
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def expand_short_flags(argv: list[str]) -> list[str]:
+    expanded = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if arg in SWITCHES:
+            expanded.append(SWITCHES[arg])
+        elif name in RENAMED:
+            expanded.append(RENAMED[name] + sep + value)
+        else:
+            expanded.append(arg)
+    return expanded
+
+
+def take_flag(argv: list[str], flag: str, with_value: bool = False) -> tuple[list[str], str | bool | None]:
+    """Remove `flag` (and its value) from argv; returns the rest and the value (True for a bare flag)."""
+    rest, found = [], None
+    args = iter(argv)
+    for arg in args:
+        if arg == flag:
+            found = next(args, None) if with_value else True
+            if with_value and found is None:
+                raise UserError(f"{flag} needs a value")
+        elif with_value and arg.startswith(flag + "="):
+            found = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest, found
+
+
+def load_train_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: train config not found; pass --config FILE or restore train_config.yaml")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a mapping of settings at the top level")
+    return config
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = deep_merge(merged[key], value) if both_dicts else value
+    return merged
+
+
+def describe_cpu_profile(profile: dict[str, Any]) -> str:
+    train = profile.get("train", {})
+    parts = [f"model {profile.get('model', '?')}", f"{float(train.get('max_tokens', 0)):,.0f} tokens"]
+    if "max_seq_length" in train:
+        parts.append(f"sequences of {train['max_seq_length']}")
+    return ", ".join(parts)
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_docstring_parse_options
+
+    set_docstring_parse_options(attribute_docstrings=True)
+    parser = ArgumentParser(
+        prog="run_train.py",
+        description="Pretrain an MoE model with LitGPT. Short flags: " + ", ".join([*SWITCHES, *RENAMED])
+        + ", --no-cpu-profile, --config FILE.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(setup)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> PatchSettings:
+    argv = expand_short_flags(sys.argv[1:] if argv is None else argv)
+    argv, config_file = take_flag(argv, "--config", with_value=True)
+    argv, no_cpu_profile = take_flag(argv, "--no-cpu-profile")
+    settings = load_train_config(Path(config_file or DEFAULT_TRAIN_CONFIG))
+    cpu_profile = settings.pop(CPU_PROFILE, None)
+    if cpu_profile and not no_cpu_profile and not torch.cuda.is_available():
+        settings = deep_merge(settings, cpu_profile)
+        print(
+            f"No CUDA GPU: using the CPU profile of the train config ({describe_cpu_profile(cpu_profile)})."
+            " Command-line settings still apply; --no-cpu-profile runs the full recipe on the CPU."
+        )
+    parser = build_parser()
+    namespace = parser.instantiate_classes(parser.parse_args(["--config", yaml.safe_dump(settings), *argv]))
+    kwargs = {key: value for key, value in vars(namespace).items() if key != "config"}
+    return setup(**kwargs)

@@ -1,0 +1,96 @@
+import random
+from pathlib import Path
+
+import pytest
+
+import litmoe  # noqa: F401  (registers the MoE configs with LitGPT)
+
+REPO = Path(__file__).resolve().parents[1]
+
+SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a small bird", "the teacher"]
+VERBS = ["sees", "likes", "follows", "draws", "finds", "paints", "carries"]
+OBJECTS = ["a red ball", "the green door", "some warm bread", "a tiny boat", "the blue sky", "an apple"]
+ENDINGS = ["today.", "in the garden.", "at night.", "with joy.", "by the river.", "again."]
+
+
+def make_documents(count: int, sentences: int, seed: int = 0) -> list[str]:
+    """Small, learnable English-like documents (a toy grammar), the same on every run."""
+    rng = random.Random(seed)
+    return [
+        " ".join(
+            f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(ENDINGS)}"
+            for _ in range(sentences)
+        )
+        for _ in range(count)
+    ]
+
+
+@pytest.fixture(scope="session")
+def text_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("texts")
+    for index, document in enumerate(make_documents(count=60, sentences=40)):
+        (folder / f"doc{index:03d}.txt").write_text(document, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, text_folder) -> Path:
+    from litmoe.data import prepare
+
+    out_dir = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2)
+    return out_dir
+
+
+TINY_MODEL = """\
+name: test-moe
+block_size: 64
+vocab_size: 300
+padding_multiple: 64
+n_layer: 2
+n_embd: 64
+n_head: 4
+n_query_groups: 2
+norm_class_name: RMSNorm
+bias: false
+parallel_residual: false
+rotary_percentage: 1.0
+mlp_class_name: LLaMAMoE
+intermediate_size: 128
+moe_intermediate_size: 128
+n_expert: 4
+n_expert_per_token: 2
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.yaml"
+    path.write_text(TINY_MODEL)
+    return path
+
+
+@pytest.fixture
+def train_args(prepared, tiny_model_file, tmp_path):
+    """Command-line arguments for a training run of a few seconds on the tiny model."""
+
+    def build(out_dir: Path | None = None, max_tokens: int = 4096, extra: tuple[str, ...] = ()) -> list[str]:
+        return [
+            "--config", str(REPO / "train_config.yaml"),
+            "--model", str(tiny_model_file),
+            "--data_dir", str(prepared),
+            "--out_dir", str(out_dir or tmp_path / "out"),
+            "--train.max_tokens", str(max_tokens),
+            "--train.micro_batch_size", "4",
+            "--train.global_batch_size", "4",
+            "--train.max_seq_length", "64",
+            "--train.lr_warmup_steps", "2",
+            "--train.log_interval", "1",
+            "--train.save_interval", "4",
+            "--eval.interval", "8",
+            "--eval.max_iters", "4",
+            "--optimizer.init_args.lr", "0.01",
+            *extra,
+        ]  # fmt: skip
+
+    return build

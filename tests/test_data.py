@@ -1,0 +1,155 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_documents
+from litdata.streaming import StreamingDataset, TokensLoader
+
+from litmoe.data import (
+    MANIFEST,
+    prepare,
+    python_docs_source,
+    read_jsonl,
+    render_chat,
+    split_documents,
+    tinystories_source,
+)
+from litmoe.errors import UserError
+from litmoe.tokenizer import BOS_TOKEN, EOS_TOKEN
+
+
+def read_tokens(split_dir: Path) -> torch.Tensor:
+    dataset = StreamingDataset(str(split_dir), item_loader=TokensLoader(block_size=1), shuffle=False)
+    return torch.cat([dataset[i] for i in range(len(dataset))])
+
+
+def test_folder_source_prepares_litgpt_data(prepared, text_folder):
+    from litgpt import Tokenizer
+
+    manifest = json.loads((prepared / MANIFEST).read_text())
+    assert manifest["documents"]["train"] + manifest["documents"]["val"] == 60
+    assert manifest["documents"]["val"] > 0
+    tokenizer = Tokenizer(prepared / "tokenizer")
+    assert tokenizer.token_to_id(BOS_TOKEN) == tokenizer.bos_id
+    assert tokenizer.token_to_id(EOS_TOKEN) == tokenizer.eos_id
+    for split in ("train", "val"):
+        tokens = read_tokens(prepared / split)
+        assert len(tokens) == manifest["tokens"][split]
+        # every document is framed BOS ... EOS
+        assert tokens[0] == tokenizer.bos_id and tokens[-1] == tokenizer.eos_id
+        assert (tokens == tokenizer.bos_id).sum() == manifest["documents"][split]
+        assert (tokens == tokenizer.eos_id).sum() == manifest["documents"][split]
+    # the first training document round-trips through the tokenizer
+    train_tokens = read_tokens(prepared / "train")
+    first_doc = train_tokens[1 : int((train_tokens == tokenizer.eos_id).nonzero()[0])]
+    assert tokenizer.decode(first_doc) in {p.read_text() for p in text_folder.glob("*.txt")}
+
+
+def test_split_is_deterministic_and_by_content():
+    documents = make_documents(count=200, sentences=3, seed=1)
+    first = list(split_documents(documents, val_fraction=0.1))
+    again = list(split_documents(reversed(documents), val_fraction=0.1))
+    assert sorted(first) == sorted(again)
+    val = sum(split == "val" for split, _ in first)
+    assert 5 <= val <= 40
+
+
+def test_rerun_skips_and_force_rebuilds(tmp_path, text_folder, capsys):
+    out_dir = tmp_path / "data"
+    prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2)
+    chunk = next((out_dir / "train").glob("*.bin"))
+    written = chunk.stat().st_mtime_ns
+    prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2)
+    assert "already holds this data" in capsys.readouterr().out
+    assert chunk.stat().st_mtime_ns == written
+    prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2, force=True)
+    assert next((out_dir / "train").glob("*.bin")).stat().st_mtime_ns != written
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no scratch or old dirs left behind
+
+
+def test_jsonl_text_and_chat_records(tmp_path, prepared):
+    path = tmp_path / "mixed.jsonl"
+    records = [{"text": doc} for doc in make_documents(30, 10, seed=2)]
+    records += [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}] * 5
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    documents = list(read_jsonl(path))
+    assert len(documents) == 35
+    assert documents[-1] == "<|user|>\nHi?\n<|assistant|>\nHello.\n"
+    manifest = prepare(source=str(path), out_dir=tmp_path / "out", tokenizer_dir=prepared / "tokenizer")
+    assert sum(manifest.documents.values()) == 35
+    assert manifest.tokenizer_fingerprint == json.loads((prepared / MANIFEST).read_text())["tokenizer_fingerprint"]
+
+
+def test_tinystories_from_local_files(tmp_path):
+    stories = make_documents(6, 2, seed=3)
+    (tmp_path / "TinyStoriesV2-GPT4-train.txt").write_text("<|endoftext|>\n".join(stories[:4]))
+    (tmp_path / "TinyStoriesV2-GPT4-valid.txt").write_text("\n<|endoftext|>\n".join(stories[4:]) + "<|endoftext|>")
+    source = tinystories_source(cache_dir=tmp_path)  # files present: nothing is downloaded
+    assert [doc.strip() for doc in source.documents()] == stories
+
+
+def test_default_corpus_needs_no_download():
+    source = python_docs_source()
+    documents = list(source.documents())
+    assert source.count == len(documents) > 300
+    assert sum(map(len, documents)) > 1_000_000
+    assert any("for_stmt" in doc or "The \"for\" statement" in doc for doc in documents)
+
+
+def test_render_chat_rejects_bad_messages():
+    with pytest.raises(UserError, match=r"f.jsonl:3: each message needs 'role' and 'content'"):
+        render_chat([{"role": "user"}], "f.jsonl:3")
+
+
+@pytest.mark.parametrize(
+    ("make_source", "message"),
+    [
+        (lambda d: d / "missing", r"missing: no such file or folder"),
+        (lambda d: d, r": no \.txt files found"),
+        (lambda d: _write(d / "bad.txt", b"caf\xe9 au lait"), r"bad\.txt: not UTF-8 text .* at byte 3"),
+        (lambda d: _write(d / "a.jsonl", b'{"text": "ok"}\n{"text": oops}\n'), r"a\.jsonl:2: not valid JSON"),
+        (lambda d: _write(d / "a.jsonl", b'{"text": "ok"}\n{"body": "x"}\n'), r"a\.jsonl:2: record has no 'text'"),
+        (lambda d: _write(d / "a.csv", b"x"), r"unsupported file type '\.csv'"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, make_source, message):
+    source_dir = tmp_path / "src"
+    source_dir.mkdir()
+    with pytest.raises(UserError, match=message) as error:
+        prepare(source=str(make_source(source_dir)), out_dir=tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def test_other_tokenizer_refused_and_data_kept(tmp_path, prepared, text_folder):
+    out_dir = tmp_path / "data"
+    prepare(source=str(text_folder), out_dir=out_dir, vocab_size=280, val_fraction=0.2)
+    before = {p.relative_to(out_dir): p.read_bytes() for p in out_dir.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"manifest\.json: this data was made with another tokenizer .* --force"):
+        prepare(source=str(text_folder), out_dir=out_dir, tokenizer_dir=prepared / "tokenizer", val_fraction=0.2)
+    after = {p.relative_to(out_dir): p.read_bytes() for p in out_dir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_failed_rebuild_keeps_existing_data(tmp_path, text_folder, monkeypatch):
+    import litmoe.data
+
+    out_dir = tmp_path / "data"
+    prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2)
+    manifest = (out_dir / MANIFEST).read_text()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(litmoe.data, "write_chunks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2, force=True)
+    assert (out_dir / MANIFEST).read_text() == manifest
+    assert sorted(os.listdir(tmp_path)) == ["data"]
