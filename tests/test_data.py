@@ -95,7 +95,7 @@ def test_default_corpus_needs_no_download():
     documents = list(source.documents())
     assert source.count == len(documents) > 300
     assert sum(map(len, documents)) > 1_000_000
-    assert any("for_stmt" in doc or "The \"for\" statement" in doc for doc in documents)
+    assert any("for_stmt" in doc or 'The "for" statement' in doc for doc in documents)
 
 
 def test_render_chat_rejects_bad_messages():

@@ -68,7 +68,11 @@ def check_attention(
     """Report the attention kernel; warn when FlashAttention is wanted but unusable, raise when forced."""
     dtype = compute_dtype(precision)
     report = AttentionReport(
-        device, dtype, head_size, chosen_backend(device, dtype, n_head, head_size), flash_blockers(device, dtype, head_size)
+        device,
+        dtype,
+        head_size,
+        chosen_backend(device, dtype, n_head, head_size),
+        flash_blockers(device, dtype, head_size),
     )
     print(report.describe())
     why = "; ".join(report.blockers)
@@ -77,8 +81,10 @@ def check_attention(
     if want_flash and report.blockers:
         print(f"Warning: FlashAttention unavailable: {why}. Training continues with {report.kernel}.")
     elif want_flash and report.backend != SDPBackend.FLASH_ATTENTION:
-        print(f"Note: FlashAttention is usable but PyTorch prefers {report.backend.name} here;"
-              " --flash-attention-force pins FlashAttention.")
+        print(
+            f"Note: FlashAttention is usable but PyTorch prefers {report.backend.name} here;"
+            " --flash-attention-force pins FlashAttention."
+        )
     return report
 
 

@@ -215,8 +215,10 @@ def resolve_source(source: str, cache_dir: Path) -> Source:
         return tinystories_source(cache_dir)
     path = Path(source)
     if not path.exists():
-        raise UserError(f"--source {source}: no such file or folder; give a folder of .txt files, a .jsonl file,"
-                        f" {DEFAULT_SOURCE!r} or 'tinystories'")
+        raise UserError(
+            f"--source {source}: no such file or folder; give a folder of .txt files, a .jsonl file,"
+            f" {DEFAULT_SOURCE!r} or 'tinystories'"
+        )
     if path.is_dir():
         return folder_source(path)
     if path.suffix in (".jsonl", ".json"):
@@ -397,7 +399,9 @@ def _build(src: Source, scratch: Path, tokenizer_dir: Path | None, vocab_size: i
                 f"{src.name}: no document fell into the {split} split ({documents}); give more documents"
                 " or change --val_fraction"
             )
-    manifest = Manifest(src.name, src.fingerprint, tokenizer_fingerprint(tokenizer_out), val_fraction, documents, tokens)
+    manifest = Manifest(
+        src.name, src.fingerprint, tokenizer_fingerprint(tokenizer_out), val_fraction, documents, tokens
+    )
     (scratch / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
     return manifest
 

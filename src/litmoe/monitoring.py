@@ -2,7 +2,6 @@
 
 import resource
 import sys
-
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +63,15 @@ class Progress:
 
     def start(self, tokens_done: int) -> None:
         """Open the bar where this run starts (a resumed run is part-way), so rate and ETA are this run's."""
-        self.bar = tqdm(total=self.token_budget, initial=tokens_done, unit="tok", unit_scale=True, file=sys.stderr,
-                        dynamic_ncols=True, desc="train")
+        self.bar = tqdm(
+            total=self.token_budget,
+            initial=tokens_done,
+            unit="tok",
+            unit_scale=True,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            desc="train",
+        )
 
     def update(self, metrics: dict[str, float]) -> None:
         if self.bar is None:
@@ -109,6 +115,7 @@ class RunSummary:
     seconds: float
     flops: float
     peak_flops: float | None = None
+    initial_val_loss: float | None = None
     val_loss: float | None = None
     peak_memory_gb: float = field(default_factory=lambda: peak_memory_gb())
 
@@ -116,15 +123,17 @@ class RunSummary:
         tokens_per_sec = self.tokens / self.seconds if self.seconds > 0 else 0.0
         flops_per_sec = self.flops / self.seconds if self.seconds > 0 else 0.0
         mfu = f", MFU {flops_per_sec / self.peak_flops:.1%}" if self.peak_flops else ""
+        memory_kind = "GPU" if torch.cuda.is_available() else "process RSS"
         out = [
             "Training summary",
             f"  tokens trained : {self.tokens:,}",
             f"  training time  : {self.seconds:.1f} s",
             f"  throughput     : {tokens_per_sec:,.0f} tokens/s, {flops_per_sec / 1e12:.3f} TFLOP/s{mfu}",
-            f"  peak memory    : {self.peak_memory_gb:.2f} GB ({'GPU' if torch.cuda.is_available() else 'process RSS'})",
+            f"  peak memory    : {self.peak_memory_gb:.2f} GB ({memory_kind})",
         ]
         if self.val_loss is not None:
-            out.append(f"  final val loss : {self.val_loss:.4f}")
+            start = f" (initial {self.initial_val_loss:.4f})" if self.initial_val_loss is not None else ""
+            out.append(f"  final val loss : {self.val_loss:.4f}{start}")
         return out
 
 
@@ -152,5 +161,3 @@ class Console:
             self.progress.write(line)
         else:
             print(line, **kwargs)
-
-

@@ -9,9 +9,11 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
   pretrain.save_hyperparameters  -> writes our resolved run config (the stock one re-parses sys.argv with
                                     LitGPT's parser and dies on any flag of ours)
   pretrain.choose_logger         -> LitGPT's logger plus CSV and the live progress bar
-  pretrain.fit                   -> the stock loop, timed, followed by a correct summary
+  pretrain.fit                   -> the stock loop, timed, followed by a correct summary; inside it,
+  pretrain.validate              -> records the validation losses (the initial one is otherwise only printed)
 """
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -69,7 +71,9 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
         stack.enter_context(
             swapped(pretrain, "save_hyperparameters", partial(save_run_config, run_config=settings.run_config))
         )
-        stack.enter_context(swapped(pretrain, "choose_logger", partial(choose_logger, pretrain.choose_logger, settings)))
+        stack.enter_context(
+            swapped(pretrain, "choose_logger", partial(choose_logger, pretrain.choose_logger, settings))
+        )
         stack.enter_context(swapped(pretrain, "fit", partial(timed_fit, pretrain.fit, flops, settings)))
         yield settings
 
@@ -102,7 +106,15 @@ def choose_logger(stock_choose_logger: Callable, settings: PatchSettings, logger
     return make_run_logger(stock, Path(out_dir), settings.token_budget, settings.progress)
 
 
+def recorded_validate(stock_validate: Callable, losses: list[float], *args: Any, **kwargs: Any) -> torch.Tensor:
+    loss = stock_validate(*args, **kwargs)
+    if kwargs.get("verbose", True):  # verbose=False is LitGPT's 2-batch sanity check, not an evaluation
+        losses.append(float(loss))
+    return loss
+
+
 def timed_fit(stock_fit: Callable, flops: TrainingFlops, settings: PatchSettings, **kwargs: Any) -> None:
+    import litgpt.pretrain as pretrain
     from lightning.fabric.utilities.throughput import get_available_flops
 
     fabric, state = kwargs["fabric"], kwargs["state"]
@@ -114,18 +126,26 @@ def timed_fit(stock_fit: Callable, flops: TrainingFlops, settings: PatchSettings
     first_iter, start = state["iter_num"], time.perf_counter()
     if progress and fabric.is_global_zero:
         progress.start(first_iter * tokens_per_iter)
-    stock_fit(**kwargs)
+    val_losses = []
+    with swapped(pretrain, "validate", partial(recorded_validate, pretrain.validate, val_losses)):
+        stock_fit(**kwargs)
     seconds = time.perf_counter() - start
+    initial_val_loss = val_losses[0] if kwargs["eval"].initial_validation and val_losses else None
+    if initial_val_loss is not None:
+        fabric.log_dict({"val_loss": initial_val_loss, "val_ppl": math.exp(initial_val_loss)}, step=first_iter)
     if progress:
         progress.close(state["iter_num"] * tokens_per_iter)
     iters = (state["iter_num"] - first_iter) * fabric.world_size  # micro-batches, all ranks
-    peak = get_available_flops(fabric.device, compute_dtype(settings.precision)) if fabric.device.type == "cuda" else None
+    peak = (
+        get_available_flops(fabric.device, compute_dtype(settings.precision)) if fabric.device.type == "cuda" else None
+    )
     settings.summary = RunSummary(
         tokens=(state["iter_num"] - first_iter) * tokens_per_iter,
         seconds=seconds,
         flops=iters * flops.per_micro_batch,
         peak_flops=peak * fabric.world_size if peak else None,
-        val_loss=run_logger.last.get("val_loss") if run_logger else None,
+        initial_val_loss=initial_val_loss,
+        val_loss=val_losses[-1] if val_losses else None,
     )
     for line in settings.summary.lines():
         console.print(line)

@@ -148,7 +148,9 @@ def resolve_model_config(model: str):
             raise UserError(f"{path}: {err}; keys must be fields of litgpt.Config") from err
     if model in name_to_config:
         return Config.from_name(model)
-    raise UserError(f"--model {model}: neither a config file nor a registered config; try model_config.yaml or MoE-tiny")
+    raise UserError(
+        f"--model {model}: neither a config file nor a registered config; try model_config.yaml or MoE-tiny"
+    )
 
 
 def fit_vocabulary(config, tokenizer):
@@ -199,7 +201,9 @@ def resolve_resume(resume: bool | str | Path, out_dir: Path) -> bool | Path:
     if resume == "auto" or resume is True:
         found = latest_checkpoint(out_dir)
         if found is None and resume is True:
-            raise UserError(f"--resume: no checkpoint in {out_dir}; use --resume auto to start fresh when there is none")
+            raise UserError(
+                f"--resume: no checkpoint in {out_dir}; use --resume auto to start fresh when there is none"
+            )
         if found is not None:
             print(f"Resuming from {found}")
         return found or False
@@ -207,7 +211,9 @@ def resolve_resume(resume: bool | str | Path, out_dir: Path) -> bool | Path:
         path = Path(resume)
         path = path / "lit_model.pth" if path.is_dir() else path
         if not path.is_file():
-            raise UserError(f"--resume {resume}: no checkpoint there (expected a step-*/ or final/ dir with lit_model.pth)")
+            raise UserError(
+                f"--resume {resume}: no checkpoint there (expected a step-*/ or final/ dir with lit_model.pth)"
+            )
         return path
     if (existing := latest_checkpoint(out_dir)) is not None:
         raise UserError(
@@ -278,12 +284,13 @@ def describe_cpu_profile(profile: dict[str, Any]) -> str:
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_docstring_parse_options
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-    set_docstring_parse_options(attribute_docstrings=True)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs of the *Args dataclasses
     parser = ArgumentParser(
         prog="run_train.py",
-        description="Pretrain an MoE model with LitGPT. Short flags: " + ", ".join([*SWITCHES, *RENAMED])
+        description="Pretrain an MoE model with LitGPT. Short flags: "
+        + ", ".join([*SWITCHES, *RENAMED])
         + ", --no-cpu-profile, --config FILE.",
     )
     parser.add_argument("--config", action=ActionConfigFile)

@@ -1,0 +1,179 @@
+import sys
+
+import litgpt.pretrain as pretrain
+import pytest
+import torch
+import yaml
+from litgpt import GPT, Config
+
+from litmoe.args import OptimizationArgs
+from litmoe.attention import check_attention, compute_dtype, flash_blockers
+from litmoe.cli import run_cli
+from litmoe.errors import UserError
+from litmoe.flops import TrainingFlops
+from litmoe.patches import PatchSettings, patched_pretrain, prepare_model
+from litmoe.train import deep_merge, expand_short_flags, resolve_resume, take_flag
+
+PATCHED = ("measure_flops", "save_hyperparameters", "choose_logger", "fit")
+
+
+def settings(**optimization) -> PatchSettings:
+    return PatchSettings(
+        optimization=OptimizationArgs(**optimization), precision="32-true", micro_batch_size=2, seq_len=16,
+        token_budget=1000, progress=False, run_config={"model": "MoE-tiny", "train": {"max_tokens": 1000}},
+    )  # fmt: skip
+
+
+def tiny_gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(
+        Config.from_name(
+            "MoE-tiny",
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            n_query_groups=1,
+            vocab_size=64,
+            moe_intermediate_size=32,
+            block_size=16,
+        )
+    )
+
+
+def test_patches_apply_inside_the_context_and_restore_after():
+    originals = {name: getattr(pretrain, name) for name in PATCHED}
+    compile_fn = torch.compile
+    with patched_pretrain(settings()):
+        assert isinstance(pretrain.measure_flops, TrainingFlops)
+        assert all(getattr(pretrain, name) is not originals[name] for name in PATCHED)
+        assert torch.compile is not compile_fn
+    assert {name: getattr(pretrain, name) for name in PATCHED} == originals
+    assert torch.compile is compile_fn
+
+
+def test_pretrain_still_calls_what_we_patch():
+    """A LitGPT upgrade that stops calling these (or calls them differently) must fail here."""
+    import inspect
+
+    source = inspect.getsource(pretrain)
+    assert "model = torch.compile(model)\n    model = fabric.setup(model)" in source
+    assert "measured_flops = measure_flops(meta_model, model_fwd, model_loss)" in source
+    assert "save_hyperparameters(setup, checkpoint_file.parent)" in source
+    assert "logger = choose_logger(" in source
+    assert "    fit(\n        fabric=fabric," in source
+
+
+def test_compile_off_returns_the_model_uncompiled():
+    model = tiny_gpt()
+    with patched_pretrain(settings(compile=False)):
+        assert torch.compile(model) is model
+
+
+def test_compile_mode_and_dynamic_reach_torch_compile():
+    calls = []
+
+    def fake_compile(model, **kwargs):
+        calls.append(kwargs)
+        return model
+
+    options = OptimizationArgs(compile=True, compile_mode="max-autotune", compile_dynamic=True)
+    prepare_model(tiny_gpt(), compile_fn=fake_compile, options=options)
+    assert calls == [{"mode": "max-autotune", "dynamic": True}]
+    other = torch.nn.Linear(2, 2)
+    prepare_model(other, fullgraph=True, compile_fn=fake_compile, options=options)  # not ours: untouched
+    assert calls[-1] == {"fullgraph": True}
+
+
+def test_compile_on_really_compiles():
+    model = tiny_gpt()
+    with patched_pretrain(settings(compile=True)):
+        compiled = torch.compile(model)
+    assert type(compiled).__name__ == "OptimizedModule" and compiled._orig_mod is model
+
+
+def test_gradient_checkpointing_same_numbers_same_keys():
+    x = torch.randint(0, 64, (2, 16))
+    reference, checkpointed = tiny_gpt(), tiny_gpt()
+    prepare_model(
+        checkpointed, compile_fn=torch.compile, options=OptimizationArgs(compile=False, gradient_checkpointing=True)
+    )
+    assert checkpointed.state_dict().keys() == reference.state_dict().keys()
+    for model in (reference, checkpointed):
+        model(x).logsumexp(-1).mean().backward()
+    torch.testing.assert_close(checkpointed(x), reference(x))
+    for (name, p), q in zip(reference.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_hyperparameters_are_ours_whatever_sys_argv_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["run_train.py", "--compile-mode", "max-autotune", "--progress"])
+    run = settings()
+    with patched_pretrain(run):
+        pretrain.save_hyperparameters(pretrain.setup, tmp_path)
+    assert yaml.safe_load((tmp_path / "hyperparameters.yaml").read_text()) == run.run_config
+
+
+def test_attention_report_on_cpu(capsys):
+    report = check_attention(torch.device("cpu"), "32-true", n_head=4, head_size=64, want_flash=True, force_flash=False)
+    out = capsys.readouterr().out
+    assert "Attention: float32, head size 64 -> the CPU fused attention kernel" in out
+    assert "Warning: FlashAttention unavailable: no CUDA GPU (training on cpu); dtype float32" in out
+    assert report.blockers and report.backend.name in {"FLASH_ATTENTION", "MATH"}
+
+
+def test_flash_force_refuses_on_cpu():
+    with pytest.raises(UserError, match=r"--flash-attention-force: FlashAttention cannot run here: no CUDA GPU"):
+        check_attention(torch.device("cpu"), "bf16-mixed", n_head=4, head_size=64, want_flash=True, force_flash=True)
+
+
+def test_flash_rules():
+    assert compute_dtype("bf16-mixed") == torch.bfloat16 and compute_dtype("32-true") == torch.float32
+    reasons = flash_blockers(torch.device("cpu"), torch.float32, head_size=260)
+    assert [r.split(" (")[0] for r in reasons] == ["no CUDA GPU", "dtype float32", "head size 260"]
+
+
+def test_short_flags():
+    argv = [
+        "--compile",
+        "--compile-mode",
+        "reduce-overhead",
+        "--no-flash-attention",
+        "--progress",
+        "--flash-attention-force",
+        "--compile-mode=max-autotune",
+        "--train.max_tokens",
+        "2e6",
+    ]
+    assert expand_short_flags(argv) == [
+        "--optimization.compile=true", "--optimization.compile_mode", "reduce-overhead",
+        "--optimization.flash_attention=false", "--progress=true", "--optimization.flash_attention_force=true",
+        "--optimization.compile_mode=max-autotune", "--train.max_tokens", "2e6",
+    ]  # fmt: skip
+    assert take_flag(["--config", "a.yaml", "--x"], "--config", with_value=True) == (["--x"], "a.yaml")
+    assert take_flag(["--no-cpu-profile"], "--no-cpu-profile") == ([], True)
+    assert deep_merge({"train": {"a": 1, "b": 2}, "c": 3}, {"train": {"b": 5}}) == {"train": {"a": 1, "b": 5}, "c": 3}
+
+
+def test_resume_rules(tmp_path):
+    out = tmp_path / "out"
+    assert resolve_resume(False, out) is False
+    assert resolve_resume("auto", out) is False
+    with pytest.raises(UserError, match=r"--resume out/nope: no checkpoint there"):
+        resolve_resume("out/nope", out)
+    for name in ("step-00000004", "step-00000008"):
+        (out / name).mkdir(parents=True)
+        (out / name / "lit_model.pth").write_bytes(b"x")
+    assert resolve_resume("auto", out) == out / "step-00000008" / "lit_model.pth"
+    assert resolve_resume(out / "step-00000004", out) == out / "step-00000004" / "lit_model.pth"
+    with pytest.raises(UserError, match=r"already holds checkpoints \(step-00000008/\); pass --resume auto"):
+        resolve_resume(False, out)
+
+
+def test_cli_prints_one_line_and_exits_2(capsys):
+    def fails():
+        raise UserError("data/x/manifest.json not found: prepare the data first")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fails)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: data/x/manifest.json not found: prepare the data first\n"

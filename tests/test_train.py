@@ -1,0 +1,105 @@
+"""End-to-end: real (tiny) training runs through run_train's command line and LitGPT's loop."""
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from litmoe.errors import UserError
+from litmoe.flops import training_flops_per_token
+from litmoe.train import main
+
+
+def logged(out_dir: Path, key: str) -> dict[int, float]:
+    """{step: value} of one metric from the run's CSV log."""
+    rows = csv.DictReader((out_dir / "logs" / "csv" / "version_0" / "metrics.csv").open())
+    return {int(row["step"]): float(row[key]) for row in rows if row.get(key)}
+
+
+def test_training_run_learns_and_writes_a_loadable_checkpoint(train_args, tmp_path):
+    from litgpt import GPT, Config, Tokenizer
+
+    out_dir = tmp_path / "run"
+    run = main(train_args(out_dir, max_tokens=256 * 24, extra=("--eval.interval", "100")))
+
+    losses = list(logged(out_dir, "loss").values())
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5
+    val = logged(out_dir, "val_loss")
+    assert sorted(val) == [0, 24]  # the initial validation, and the final one after 24 iterations
+    assert (run.summary.initial_val_loss, run.summary.val_loss) == pytest.approx((val[0], val[24]), abs=1e-4)
+    assert val[24] < 0.75 * val[0]  # final validation well below the initial one
+    assert run.summary.tokens == 24 * 4 * 64 and run.summary.seconds > 0
+    assert list((out_dir / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+
+    final = out_dir / "final"
+    assert {"lit_model.pth", "model_config.yaml", "hyperparameters.yaml", "tokenizer.json"} <= {
+        p.name for p in final.iterdir()
+    }
+    config = Config.from_file(final / "model_config.yaml")
+    with torch.device("meta"):
+        assert run.summary.flops == 24 * 4 * 64 * training_flops_per_token(GPT(config), seq_len=64)
+    model = GPT(config)
+    model.load_state_dict(torch.load(final / "lit_model.pth", weights_only=False)["model"])
+    tokenizer = Tokenizer(final)
+    ids = tokenizer.encode("The cat sees a red ball today.", bos=True)
+    assert model(ids[None]).shape == (1, len(ids), config.padded_vocab_size)
+
+
+def test_resume_auto_continues_like_an_uninterrupted_run(train_args, tmp_path):
+    budget = 256 * 12
+    full = tmp_path / "full"
+    main(train_args(full, budget))
+    # a run that stopped after its first checkpoint: only step-4 exists
+    resumed = tmp_path / "resumed"
+    (resumed / "step-00000004").mkdir(parents=True)
+    shutil.copytree(full / "step-00000004", resumed / "step-00000004", dirs_exist_ok=True)
+    run = main(train_args(resumed, budget, extra=("--resume", "auto")))
+
+    expected, got = logged(full, "loss"), logged(resumed, "loss")
+    assert sorted(got) == list(range(4, 12))  # continues at iteration 5 (step index 4)
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    lr_full, lr_resumed = logged(full, "learning_rate"), logged(resumed, "learning_rate")
+    assert all(lr_resumed[step] == pytest.approx(lr_full[step]) for step in lr_resumed)
+    assert run.summary.tokens == 8 * 4 * 64  # only what this run trained
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(train_args, tmp_path):
+    out_dir = tmp_path / "out"
+    (out_dir / "final").mkdir(parents=True)
+    (out_dir / "final" / "lit_model.pth").write_bytes(b"precious")
+    with pytest.raises(UserError, match=r"already holds checkpoints \(final/\); pass --resume auto"):
+        main(train_args(out_dir))
+    assert (out_dir / "final" / "lit_model.pth").read_bytes() == b"precious"
+
+
+def test_missing_data_dir_is_a_clear_error(train_args, tmp_path):
+    args = train_args() + ["--data_dir", str(tmp_path / "nowhere")]
+    with pytest.raises(UserError, match=r"nowhere/manifest\.json not found: prepare the data first with"):
+        main(args)
+
+
+def test_flash_force_refuses_before_any_work(train_args, tmp_path):
+    out_dir = tmp_path / "out"
+    with pytest.raises(UserError, match="--flash-attention-force: FlashAttention cannot run here"):
+        main(train_args(out_dir, extra=("--flash-attention-force",)))
+    assert not out_dir.exists()
+
+
+def test_default_command_prepares_the_default_corpus_and_trains(tmp_path, monkeypatch, capsys):
+    """`run_train.py` with no arguments, on a machine without a GPU (budget cut to keep the test short)."""
+    from conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "train_config.yaml", tmp_path)
+    shutil.copy(REPO / "model_config.yaml", tmp_path)
+    run = main(["--train.max_tokens", "40960", "--eval.max_iters", "2"])
+    out = capsys.readouterr().out
+    assert "No CUDA GPU: using the CPU profile of the train config (model MoE-tiny" in out
+    assert "preparing the default corpus" in out
+    assert (tmp_path / "data" / "default" / "manifest.json").is_file()
+    assert (tmp_path / "out" / "moe-tiny" / "final" / "lit_model.pth").is_file()
+    assert run.summary.val_loss < run.summary.initial_val_loss - 1.0
