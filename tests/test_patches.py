@@ -6,11 +6,12 @@ import torch
 import yaml
 from litgpt import GPT, Config
 
-from litmoe.args import OptimizationArgs
+from litmoe.args import MoEArgs, OptimizationArgs
 from litmoe.attention import check_attention, compute_dtype, flash_blockers
 from litmoe.cli import run_cli
 from litmoe.errors import UserError
 from litmoe.flops import TrainingFlops
+from litmoe.moe import MoELayer
 from litmoe.patches import PatchSettings, patched_pretrain, prepare_model
 from litmoe.train import deep_merge, expand_short_flags, resolve_resume, take_flag
 
@@ -19,8 +20,8 @@ PATCHED = ("measure_flops", "save_hyperparameters", "choose_logger", "fit")
 
 def settings(**optimization) -> PatchSettings:
     return PatchSettings(
-        optimization=OptimizationArgs(**optimization), precision="32-true", micro_batch_size=2, seq_len=16,
-        token_budget=1000, progress=False, run_config={"model": "MoE-tiny", "train": {"max_tokens": 1000}},
+        optimization=OptimizationArgs(**optimization), moe=MoEArgs(), precision="32-true", micro_batch_size=2,
+        seq_len=16, token_budget=1000, progress=False, run_config={"model": "MoE-tiny", "train": {"max_tokens": 1000}},
     )  # fmt: skip
 
 
@@ -41,14 +42,21 @@ def tiny_gpt() -> GPT:
 
 
 def test_patches_apply_inside_the_context_and_restore_after():
+    import litgpt.model
+
     originals = {name: getattr(pretrain, name) for name in PATCHED}
-    compile_fn = torch.compile
+    compile_fn, stock_moe = torch.compile, litgpt.model.LLaMAMoE
     with patched_pretrain(settings()):
         assert isinstance(pretrain.measure_flops, TrainingFlops)
         assert all(getattr(pretrain, name) is not originals[name] for name in PATCHED)
         assert torch.compile is not compile_fn
+        assert isinstance(tiny_gpt().transformer.h[0].mlp, MoELayer)  # Blocks now build our layer
     assert {name: getattr(pretrain, name) for name in PATCHED} == originals
-    assert torch.compile is compile_fn
+    assert torch.compile is compile_fn and litgpt.model.LLaMAMoE is stock_moe
+    stock = settings()
+    stock.moe.layer = "stock"
+    with patched_pretrain(stock):
+        assert type(tiny_gpt().transformer.h[0].mlp) is stock_moe
 
 
 def test_pretrain_still_calls_what_we_patch():

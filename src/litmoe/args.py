@@ -20,3 +20,18 @@ class OptimizationArgs:
     """Refuse to start without FlashAttention, and pin attention to it so it cannot silently fall back."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (non-reentrant): less memory, ~30% more compute."""
+
+
+@dataclass
+class MoEArgs:
+    """Which MoE layer trains, and how experts are kept in balance (the `moe:` section)."""
+
+    layer: Literal["litmoe", "stock"] = "litmoe"
+    """litmoe: the fast dropless layer with load balancing; stock: LitGPT's LLaMAMoE (for comparison)."""
+    aux_loss_coef: float = 0.01
+    """Switch-Transformer load-balancing loss coefficient (0 disables it)."""
+    z_loss_coef: float = 0.001
+    """Router z-loss coefficient: keeps router logits small (0 disables it)."""
+    bias_update_rate: float = 0.0
+    """DeepSeek-V3 auxiliary-loss-free balancing: per-expert selection bias step after each optimizer step
+    (about 1e-3 to enable; 0 disables it)."""

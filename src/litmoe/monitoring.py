@@ -3,12 +3,13 @@
 import resource
 import sys
 from argparse import Namespace
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.loggers import CSVLogger, Logger
+from lightning.fabric.loggers import CSVLogger, Logger, TensorBoardLogger
 from tqdm import tqdm
 
 # The lines of LitGPT's closing "Performance" block (its Tok/sec divides by a timestamp); ours replaces it.
@@ -16,12 +17,18 @@ STOCK_SUMMARY_PREFIXES = ("| ", "-" * 40)
 
 
 class RunLogger(Logger):
-    """Fans metrics out to LitGPT's chosen logger and a CSV file, and feeds the progress bar."""
+    """Fans metrics out to LitGPT's chosen logger and a CSV file, and feeds the progress bar.
+
+    With a `routing` source (set once the model exists), every training log also carries the MoE routing
+    statistics: scalars, a layers x experts load heatmap (TensorBoard), and a one-line console summary.
+    """
 
     def __init__(self, loggers: list[Logger], progress: "Progress | None" = None) -> None:
         self.loggers = loggers
         self.progress = progress
         self.last: dict[str, float] = {}
+        self.routing: Callable[[], list[dict[str, Any]]] | None = None
+        self.echo: Callable[[str], None] = print
 
     @property
     def name(self) -> str:
@@ -36,11 +43,18 @@ class RunLogger(Logger):
         return getattr(self.loggers[0], "log_dir", None)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        routing = self.routing() if self.routing is not None and "loss" in metrics else []
+        if routing:
+            metrics = {**metrics, **routing_metrics(routing)}
         self.last.update({key: float(value) for key, value in metrics.items()})
         for logger in self.loggers:
             logger.log_metrics(metrics, step)
+            if routing and isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("moe/load_heatmap", load_heatmap(routing), step, dataformats="HW")
         if self.progress is not None:
             self.progress.update(metrics)
+        if routing:
+            self.echo(routing_summary(routing))
 
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
         for logger in self.loggers:
@@ -52,6 +66,38 @@ class RunLogger(Logger):
             logger.finalize(status)
         if self.progress is not None:
             self.progress.close()
+
+
+def routing_metrics(routing: list[dict[str, Any]]) -> dict[str, float]:
+    """Scalars per MoE layer (load share of each expert, imbalance, entropy, losses, bias norm) and means."""
+    metrics = {}
+    for index, layer in enumerate(routing):
+        for expert, share in enumerate(layer["load"]):
+            metrics[f"moe/layer{index}/load/expert{expert}"] = share
+        for key in ("imbalance", "entropy", "aux_loss", "z_loss", "bias_norm"):
+            metrics[f"moe/layer{index}/{key}"] = layer[key]
+    for key in ("imbalance", "entropy", "aux_loss", "z_loss"):
+        metrics[f"moe/{key}"] = sum(layer[key] for layer in routing) / len(routing)
+    metrics["moe/imbalance_max"] = max(layer["imbalance"] for layer in routing)
+    return metrics
+
+
+def load_heatmap(routing: list[dict[str, Any]], cell: int = 16) -> torch.Tensor:
+    """Layers x experts image of load relative to perfect balance: black = idle, mid-grey = balanced,
+    white = twice its share or more."""
+    load = torch.tensor([layer["load"] for layer in routing])
+    relative = (load * load.shape[1] / 2).clamp(0, 1)
+    return relative.repeat_interleave(cell, dim=0).repeat_interleave(cell, dim=1)
+
+
+def routing_summary(routing: list[dict[str, Any]]) -> str:
+    worst = max(range(len(routing)), key=lambda index: routing[index]["imbalance"])
+    mean = routing_metrics(routing)
+    return (
+        f"MoE routing | imbalance max/mean {mean['moe/imbalance']:.2f} (worst layer {worst}:"
+        f" {routing[worst]['imbalance']:.2f}) | entropy {mean['moe/entropy']:.3f}"
+        f" | aux {mean['moe/aux_loss']:.4f} | z {mean['moe/z_loss']:.3f}"
+    )
 
 
 class Progress:

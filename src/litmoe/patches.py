@@ -3,6 +3,8 @@
 `litgpt.pretrain.setup()` runs unchanged inside the context; these names are swapped for its duration and
 restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any of them):
 
+  litgpt.model.LLaMAMoE          -> `litmoe.moe.MoELayer` (unless moe.layer is 'stock'): Block builds its MLP
+                                    with `getattr(litgpt.model, config.mlp_class_name)`
   torch.compile                  -> `prepare_model`: activation checkpointing, then compile only as configured
                                     (LitGPT compiles unconditionally right before `fabric.setup(model)`)
   pretrain.measure_flops         -> `TrainingFlops`: active-expert FLOPs (the meta-device trace fails on MoE)
@@ -11,6 +13,8 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
   pretrain.choose_logger         -> LitGPT's logger plus CSV and the live progress bar
   pretrain.fit                   -> the stock loop, timed, followed by a correct summary; inside it,
   pretrain.validate              -> records the validation losses (the initial one is otherwise only printed)
+and, for the duration of `fit`, an optimizer step hook updates the experts' selection bias (aux-loss-free
+balancing) and the logger reads the routing statistics at each log step.
 """
 
 import math
@@ -27,15 +31,17 @@ import torch.nn as nn
 import yaml
 from torch.utils.checkpoint import checkpoint
 
-from litmoe.args import OptimizationArgs
+from litmoe.args import MoEArgs, OptimizationArgs
 from litmoe.attention import compute_dtype
 from litmoe.flops import TrainingFlops
+from litmoe.moe import MoELayer, moe_layers, read_routing_stats, update_expert_bias
 from litmoe.monitoring import Console, RunLogger, RunSummary, make_run_logger
 
 
 @dataclass
 class PatchSettings:
     optimization: OptimizationArgs
+    moe: MoEArgs
     precision: str
     micro_batch_size: int
     seq_len: int
@@ -60,10 +66,13 @@ def swapped(owner: object, name: str, replacement: Any) -> Iterator[None]:
 
 @contextmanager
 def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
+    import litgpt.model
     import litgpt.pretrain as pretrain
 
     flops = TrainingFlops(settings.micro_batch_size, settings.seq_len)
     with ExitStack() as stack:
+        if settings.moe.layer == "litmoe":
+            stack.enter_context(swapped(litgpt.model, "LLaMAMoE", partial(MoELayer, balance=settings.moe)))
         stack.enter_context(
             swapped(torch, "compile", partial(prepare_model, compile_fn=torch.compile, options=settings.optimization))
         )
@@ -106,6 +115,24 @@ def choose_logger(stock_choose_logger: Callable, settings: PatchSettings, logger
     return make_run_logger(stock, Path(out_dir), settings.token_budget, settings.progress)
 
 
+@contextmanager
+def balanced_routing(fabric, state: dict, moe: MoEArgs, train, devices: int, num_nodes: int) -> Iterator[None]:
+    """Scale the injected balancing-loss gradients like the cross-entropy loss (1 / accumulation steps), and
+    update the experts' selection bias after every optimizer step."""
+    model, optimizer = state["model"], state["optimizer"]
+    for layer in moe_layers(model):
+        layer.loss_scale = 1.0 / train.gradient_accumulation_iters(devices, num_nodes)
+
+    def after_step(*args: Any) -> None:
+        update_expert_bias(model, moe.bias_update_rate, partial(fabric.all_reduce, reduce_op="sum"))
+
+    handle = getattr(optimizer, "optimizer", optimizer).register_step_post_hook(after_step)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def recorded_validate(stock_validate: Callable, losses: list[float], *args: Any, **kwargs: Any) -> torch.Tensor:
     loss = stock_validate(*args, **kwargs)
     if kwargs.get("verbose", True):  # verbose=False is LitGPT's 2-batch sanity check, not an evaluation
@@ -127,7 +154,15 @@ def timed_fit(stock_fit: Callable, flops: TrainingFlops, settings: PatchSettings
     if progress and fabric.is_global_zero:
         progress.start(first_iter * tokens_per_iter)
     val_losses = []
-    with swapped(pretrain, "validate", partial(recorded_validate, pretrain.validate, val_losses)):
+    with ExitStack() as stack:
+        stack.enter_context(swapped(pretrain, "validate", partial(recorded_validate, pretrain.validate, val_losses)))
+        stack.enter_context(
+            balanced_routing(
+                fabric, state, settings.moe, kwargs["train"], kwargs["devices"], kwargs.get("num_nodes", 1)
+            )
+        )
+        if run_logger and moe_layers(state["model"]):
+            run_logger.routing, run_logger.echo = partial(read_routing_stats, state["model"]), console.print
         stock_fit(**kwargs)
     seconds = time.perf_counter() - start
     initial_val_loss = val_losses[0] if kwargs["eval"].initial_validation and val_losses else None

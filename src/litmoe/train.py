@@ -17,7 +17,7 @@ import torch
 import yaml
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 
-from litmoe.args import OptimizationArgs
+from litmoe.args import MoEArgs, OptimizationArgs
 from litmoe.attention import attention_kernel_scope, check_attention
 from litmoe.data import MANIFEST, SPLITS, prepare, read_manifest
 from litmoe.errors import UserError
@@ -42,6 +42,7 @@ SWITCHES = {
     "--flash-attention-force": "--optimization.flash_attention_force=true",
     "--gradient-checkpointing": "--optimization.gradient_checkpointing=true",
     "--progress": "--progress=true",
+    "--stock-moe": "--moe.layer=stock",
 }
 RENAMED = {"--compile-mode": "--optimization.compile_mode"}
 
@@ -57,6 +58,7 @@ def setup(
     log: LogArgs = LogArgs(),
     optimizer: str | dict = "AdamW",
     optimization: OptimizationArgs = OptimizationArgs(),
+    moe: MoEArgs = MoEArgs(),
     devices: int | str = "auto",
     num_nodes: int = 1,
     num_workers: int = 2,
@@ -78,6 +80,7 @@ def setup(
         log: LitGPT's logging arguments.
         optimizer: A torch optimizer name or config, as in LitGPT.
         optimization: torch.compile, FlashAttention and activation checkpointing switches.
+        moe: The MoE layer (litmoe's fast layer or LitGPT's stock one) and its load balancing.
         devices: How many devices to train on ('auto': all GPUs, or one CPU process).
         num_nodes: How many nodes.
         num_workers: Data loader worker processes.
@@ -107,6 +110,7 @@ def setup(
 
     settings = PatchSettings(
         optimization=optimization,
+        moe=moe,
         precision=precision,
         micro_batch_size=train.micro_batch_size,
         seq_len=seq_len,
