@@ -26,12 +26,9 @@ def build_layers(device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn
     config = Config.from_name("MoE-200M")
     torch.manual_seed(0)
     stock = LLaMAMoE(config)
-    layers = {"stock LLaMAMoE": stock}
-    for dispatch in ("auto", "grouped", "loop"):
-        ours = MoELayer(config)
-        ours.load_state_dict(stock.state_dict())
-        ours.dispatch = dispatch
-        layers[f"litmoe ({dispatch})"] = ours
+    ours = MoELayer(config)
+    ours.load_state_dict(stock.state_dict())
+    layers = {"stock LLaMAMoE": stock, "litmoe MoELayer": ours}
     active_hidden = config.moe_intermediate_size * config.n_expert_per_token
     layers["dense, same active FLOPs"] = LLaMAMLP(config, intermediate_size=active_hidden)
     return {name: layer.to(device=device, dtype=dtype) for name, layer in layers.items()}

@@ -63,9 +63,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, xs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """SwiGLU of each expert on its contiguous slice of the expert-sorted tokens `xs`."""
-        dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        device = xs.device.type
+        autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else xs.dtype
         xs, w_in, w_out = xs.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype)
-        if xs.device.type == "cuda" and dtype != torch.bfloat16:  # CUDA grouped GEMMs are bf16-only
+        if device == "cuda" and dtype != torch.bfloat16:  # CUDA grouped GEMMs are bf16-only
             return looped_swiglu(xs, tokens_per_expert, w_in, w_out)
         offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
         gate, up = torch._grouped_mm(xs, w_in.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
@@ -187,7 +189,9 @@ class MoELayer(nn.Module):
         # Sort the (token, expert) pairs by expert; a stable sort keeps token order within an expert.
         order = indices.view(-1).argsort(stable=True)
         token_of_slot = order // k
-        tokens_per_expert = torch.bincount(indices.view(-1), minlength=self.config.n_expert)
+        # scatter_add, not bincount: bincount's output shape depends on the data and breaks the compiled graph
+        slots = indices.view(-1)
+        tokens_per_expert = slots.new_zeros(self.config.n_expert).scatter_add_(0, slots, torch.ones_like(slots))
         expert_out = self.experts(tokens[token_of_slot], tokens_per_expert)
         expert_out = expert_out * weights.view(-1)[order].unsqueeze(-1).to(expert_out.dtype)
         y = torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out.to(tokens.dtype)).view(B, T, C)

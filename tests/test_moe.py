@@ -1,0 +1,176 @@
+import pytest
+import torch
+from litgpt import GPT, Config
+from litgpt.model import LLaMAMoE
+
+from litmoe.args import MoEArgs
+from litmoe.moe import MoELayer, _to_stock_keys, read_routing_stats, update_expert_bias
+
+CONFIGS = {
+    "softmax top-2": {},
+    "shared experts": {"n_shared_expert": 1},
+    "grouped sigmoid router": {
+        "n_expert": 8, "n_expert_groups": 4, "n_topk_groups": 2, "n_topk_scores_per_group": 2,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+    },
+}  # fmt: skip
+
+
+def pair(overrides: dict, seed: int = 0) -> tuple[LLaMAMoE, MoELayer]:
+    torch.manual_seed(seed)
+    config = Config.from_name("MoE-tiny", n_embd=64, n_head=4, moe_intermediate_size=96, **overrides)
+    stock = LLaMAMoE(config)
+    if config.n_expert_groups:  # give the correction bias something to do
+        stock.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    ours = MoELayer(config)
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours
+
+
+def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    return float((expected - actual).detach().norm() / expected.detach().norm())
+
+
+@pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
+def test_same_outputs_and_gradients_as_stock(overrides):
+    stock, ours = pair(overrides)
+    x = torch.randn(3, 29, 64)
+    grad = torch.randn_like(x)
+    inputs = [x.clone().requires_grad_() for _ in range(2)]
+    outputs = [layer(inp) for layer, inp in zip((stock, ours), inputs, strict=True)]
+    for output in outputs:
+        output.backward(grad)
+    assert relative_error(*outputs) < 1e-5
+    assert relative_error(inputs[0].grad, inputs[1].grad) < 1e-5
+    ours_grads = {name: p.grad for name, p in ours.named_parameters()}
+    _to_stock_keys(ours.experts, ours_grads, "experts.", {})
+    stock_grads = {name: p.grad for name, p in stock.named_parameters()}
+    assert ours_grads.keys() == stock_grads.keys()
+    for name, expected in stock_grads.items():
+        assert relative_error(expected, ours_grads[name]) < 1e-5, name
+
+
+def test_state_dict_has_stock_keys_and_shapes_both_ways():
+    stock, ours = pair(CONFIGS["shared experts"])
+    ours_state, stock_state = ours.state_dict(), stock.state_dict()
+    assert list(ours_state) == list(stock_state)
+    assert all(ours_state[key].shape == stock_state[key].shape for key in stock_state)
+    back = LLaMAMoE(stock.config)
+    back.load_state_dict(ours_state)  # strict
+    x = torch.randn(2, 7, 64)
+    torch.testing.assert_close(back(x), stock(x))
+
+
+def test_whole_model_checkpoint_loads_into_stock_litgpt(tmp_path):
+    import litgpt.model
+
+    config = Config.from_name("MoE-tiny", n_layer=2, n_embd=64, n_head=4, moe_intermediate_size=96, vocab_size=128)
+    original = litgpt.model.LLaMAMoE
+    litgpt.model.LLaMAMoE = MoELayer
+    try:
+        ours = GPT(config)
+    finally:
+        litgpt.model.LLaMAMoE = original
+    assert isinstance(ours.transformer.h[0].mlp, MoELayer)
+    torch.save(ours.state_dict(), tmp_path / "lit_model.pth")
+    stock = GPT(config)
+    stock.load_state_dict(torch.load(tmp_path / "lit_model.pth"))
+    idx = torch.randint(0, 128, (2, 12))
+    torch.testing.assert_close(stock(idx), ours(idx))
+
+
+def test_compiles_without_graph_breaks_in_training():
+    _, ours = pair(CONFIGS["softmax top-2"])
+    layer = MoELayer(ours.config, MoEArgs(aux_loss_coef=0.01, z_loss_coef=0.001, bias_update_rate=1e-3))
+    layer.train()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(torch.randn(2, 16, 64, requires_grad=True))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_runs_on_the_meta_device():
+    config = Config.from_name("MoE-tiny", n_layer=1)
+    with torch.device("meta"):
+        layer = MoELayer(config)
+        y = layer(torch.randn(2, 16, config.n_embd))
+    assert y.shape == (2, 16, config.n_embd) and y.device.type == "meta"
+
+
+def test_bf16_on_cpu_is_close_to_fp32():
+    _, ours = pair(CONFIGS["softmax top-2"])
+    x = torch.randn(2, 16, 64)
+    expected = ours(x)
+    actual = ours.to(torch.bfloat16)(x.bfloat16())
+    assert actual.dtype == torch.bfloat16
+    assert relative_error(expected, actual.float()) < 3e-2
+
+
+def gate_gradient(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    layer.zero_grad(set_to_none=True)
+    y = layer(x)
+    y.backward(torch.zeros_like(y))  # the model's own loss contributes nothing: only the injected gradient
+    return layer.gate.weight.grad
+
+
+def test_router_gets_aux_gradient_only_when_coefficient_positive():
+    _, ours = pair(CONFIGS["softmax top-2"])
+    x = torch.randn(2, 32, 64)
+    off = MoELayer(ours.config, MoEArgs(aux_loss_coef=0.0, z_loss_coef=0.0))
+    off.load_state_dict(ours.state_dict())
+    off.train()
+    grad = gate_gradient(off, x)
+    assert grad is None or not grad.any()
+
+    on = MoELayer(ours.config, MoEArgs(aux_loss_coef=0.01, z_loss_coef=0.001))
+    on.load_state_dict(ours.state_dict())
+    on.train()
+    on.loss_scale = 0.25  # gradient accumulation over 4 micro-batches
+    injected = gate_gradient(on, x)
+
+    # the same gradient by hand: 0.25 * d(0.01 * aux + 0.001 * z) / d(gate)
+    weight = on.gate.weight.detach().clone().requires_grad_()
+    logits = x.reshape(-1, 64) @ weight.t()
+    counts = torch.zeros(4).scatter_add_(0, logits.topk(2).indices.view(-1), torch.ones(64 * 2))
+    aux = 4 * (counts / counts.sum() * logits.softmax(-1).mean(0)).sum()
+    z_loss = torch.logsumexp(logits, -1).square().mean()
+    (0.25 * (0.01 * aux + 0.001 * z_loss)).backward()
+    torch.testing.assert_close(injected, weight.grad)
+
+
+def test_expert_bias_moves_load_toward_balance():
+    torch.manual_seed(0)
+    config = Config.from_name("MoE-tiny", n_embd=64, n_head=4, moe_intermediate_size=32)
+    layer = MoELayer(config, MoEArgs(aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=0.1))
+    with torch.no_grad():
+        layer.gate.weight.normal_(std=0.1)
+        layer.gate.weight[0, 0] = 2.0  # tokens with a positive first feature prefer expert 0
+    layer.train()
+    x = torch.randn(1, 256, 64)
+    x[..., 0] = x[..., 0].abs() + 1.0  # a skewed batch
+    imbalance = []
+    for _ in range(40):
+        with torch.no_grad():
+            _, indices, _, _ = layer.route(x.view(-1, 64))
+        load = torch.bincount(indices.view(-1), minlength=4).float()
+        imbalance.append(float(load.max() / load.mean()))
+        layer(x)  # records this step's counts
+        update_expert_bias(layer, rate=layer.balance.bias_update_rate)
+    assert imbalance[0] > 1.9 and imbalance[-1] < 1.3
+    assert "expert_bias" in layer.state_dict()
+    # the bias picks experts but does not enter the gate weights: they stay the softmax of unbiased logits
+    weights, indices, logits, _ = layer.route(x.view(-1, 64))
+    torch.testing.assert_close(weights, logits.gather(1, indices).softmax(-1))
+
+
+def test_routing_stats_are_read_once_then_reset():
+    _, ours = pair(CONFIGS["softmax top-2"])
+    ours.train()
+    for _ in range(3):
+        ours(torch.randn(2, 16, 64))
+    (stats,) = read_routing_stats(ours)
+    assert sum(stats["load"]) == pytest.approx(1.0)
+    assert stats["imbalance"] == pytest.approx(max(stats["load"]) * 4)
+    assert 0 < stats["entropy"] <= torch.log(torch.tensor(4.0)) + 1e-6
+    assert stats["aux_loss"] >= 1.0 - 1e-6  # the Switch loss is at least 1, reached at perfect balance
+    assert read_routing_stats(ours) == []  # nothing since the last read
