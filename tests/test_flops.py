@@ -55,3 +55,17 @@ def test_stock_meta_device_measure_fails_on_moe_and_ours_answers():
     with pytest.raises(NotImplementedError):
         measure_flops(model, lambda: model(x), lambda y: chunked_cross_entropy(y, x, chunk_size=0))
     assert TrainingFlops(micro_batch_size=2, seq_len=16)(model, lambda: model(x)) > 0
+
+
+def test_litmoe_layer_counts_like_stock():
+    import litgpt.model
+
+    from litmoe.moe import MoELayer
+    from litmoe.patches import swapped
+
+    stock = meta_model("MoE-200M")
+    with swapped(litgpt.model, "LLaMAMoE", MoELayer):
+        ours = meta_model("MoE-200M")
+    assert isinstance(ours.transformer.h[0].mlp, MoELayer)
+    assert total_parameters(ours) == total_parameters(stock)
+    assert active_parameters(ours) == active_parameters(stock)
