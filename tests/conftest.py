@@ -70,27 +70,40 @@ def tiny_model_file(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_run_args(prepared: Path, model_file: Path, out_dir: Path, max_tokens: int, extra=()) -> list[str]:
+    """Command-line arguments for a training run of a few seconds on the tiny model."""
+    return [
+        "--config", str(REPO / "train_config.yaml"),
+        "--model", str(model_file),
+        "--data_dir", str(prepared),
+        "--out_dir", str(out_dir),
+        "--train.max_tokens", str(max_tokens),
+        "--train.micro_batch_size", "4",
+        "--train.global_batch_size", "4",
+        "--train.max_seq_length", "64",
+        "--train.lr_warmup_steps", "2",
+        "--train.log_interval", "1",
+        "--train.save_interval", "4",
+        "--eval.interval", "8",
+        "--eval.max_iters", "4",
+        "--optimizer.init_args.lr", "0.01",
+        *extra,
+    ]  # fmt: skip
+
+
 @pytest.fixture
 def train_args(prepared, tiny_model_file, tmp_path):
-    """Command-line arguments for a training run of a few seconds on the tiny model."""
-
     def build(out_dir: Path | None = None, max_tokens: int = 4096, extra: tuple[str, ...] = ()) -> list[str]:
-        return [
-            "--config", str(REPO / "train_config.yaml"),
-            "--model", str(tiny_model_file),
-            "--data_dir", str(prepared),
-            "--out_dir", str(out_dir or tmp_path / "out"),
-            "--train.max_tokens", str(max_tokens),
-            "--train.micro_batch_size", "4",
-            "--train.global_batch_size", "4",
-            "--train.max_seq_length", "64",
-            "--train.lr_warmup_steps", "2",
-            "--train.log_interval", "1",
-            "--train.save_interval", "4",
-            "--eval.interval", "8",
-            "--eval.max_iters", "4",
-            "--optimizer.init_args.lr", "0.01",
-            *extra,
-        ]  # fmt: skip
+        return tiny_run_args(prepared, tiny_model_file, out_dir or tmp_path / "out", max_tokens, extra)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, prepared, tiny_model_file) -> Path:
+    """A tiny model trained once for the whole session: its training output dir."""
+    from litmoe.train import main
+
+    out_dir = tmp_path_factory.mktemp("trained") / "out"
+    main(tiny_run_args(prepared, tiny_model_file, out_dir, max_tokens=256 * 30, extra=("--eval.interval", "100")))
+    return out_dir

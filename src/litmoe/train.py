@@ -19,6 +19,7 @@ from litgpt.args import EvalArgs, LogArgs, TrainArgs
 
 from litmoe.args import MoEArgs, OptimizationArgs
 from litmoe.attention import attention_kernel_scope, check_attention
+from litmoe.checkpoints import latest_checkpoint, tokenizer_vocab_size
 from litmoe.data import MANIFEST, SPLITS, prepare, read_manifest
 from litmoe.errors import UserError
 from litmoe.patches import PatchSettings, patched_pretrain
@@ -159,10 +160,7 @@ def resolve_model_config(model: str):
 
 def fit_vocabulary(config, tokenizer):
     """Size the embedding for the tokenizer the data was made with, padded as LitGPT pads."""
-    processor = tokenizer.processor
-    vocab_size = (
-        processor.get_vocab_size(with_added_tokens=True) if tokenizer.backend == "huggingface" else tokenizer.vocab_size
-    )
+    vocab_size = tokenizer_vocab_size(tokenizer)
     if vocab_size != config.vocab_size:
         config = dataclasses.replace(config, vocab_size=vocab_size, padded_vocab_size=None)
         print(f"Vocabulary: {vocab_size:,} tokens from the data's tokenizer (padded to {config.padded_vocab_size:,})")
@@ -192,12 +190,6 @@ def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int) -> None
                 f" micro-batch ({micro_batch_size} x {seq_len + 1}); lower --train.micro_batch_size or"
                 " --train.max_seq_length, or prepare more data"
             )
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest full training checkpoint (step-*/ or final/) in out_dir."""
-    candidates = [*out_dir.glob("step-*/lit_model.pth"), *out_dir.glob("final/lit_model.pth")]
-    return max(candidates, key=lambda path: path.stat().st_mtime_ns, default=None)
 
 
 def resolve_resume(resume: bool | str | Path, out_dir: Path) -> bool | Path:

@@ -1,0 +1,13 @@
+"""Sample text from a checkpoint written by run_train.py.
+
+uv run python generate.py --checkpoint out/moe-tiny/final --prompt "The for statement"
+uv run python generate.py --checkpoint out/moe-tiny --temperature 0 --max_new_tokens 50 < prompt.txt
+"""
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    from litmoe.cli import run_cli
+    from litmoe.generation import generate
+
+    run_cli(lambda: CLI(generate, as_positional=False))

@@ -1,0 +1,79 @@
+import io
+import shutil
+
+import pytest
+import torch
+
+from litmoe.checkpoints import load_model, resolve_checkpoint_dir
+from litmoe.errors import UserError
+from litmoe.generation import generate, generate_tokens, stream_text
+
+
+def test_greedy_matches_full_forward_argmax(trained):
+    model, tokenizer = load_model(trained / "final", torch.device("cpu"), torch.float32)
+    prompt = tokenizer.encode("The cat sees", bos=True)
+    cached = list(generate_tokens(model, prompt, 20, temperature=0.0, top_k=None, top_p=1.0, eos_id=-1))
+    assert len(cached) == 20
+    # the same tokens from a plain forward over the whole sequence each step, no KV cache
+    sequence = prompt.tolist()
+    with torch.no_grad():
+        for _ in range(20):
+            sequence.append(int(model(torch.tensor([sequence]))[0, -1].argmax()))
+    assert cached == sequence[prompt.numel() :]
+    again = list(generate_tokens(model, prompt, 20, temperature=0.0, top_k=None, top_p=1.0, eos_id=-1))
+    assert again == cached  # deterministic
+
+
+def test_generation_stops_at_eos(trained):
+    model, tokenizer = load_model(trained / "final", torch.device("cpu"), torch.float32)
+    prompt = tokenizer.encode("A dog likes", bos=True)
+    greedy = list(generate_tokens(model, prompt, 40, temperature=0.0, top_k=None, top_p=1.0, eos_id=-1))
+    stop = greedy[5]
+    stopped = list(generate_tokens(model, prompt, 40, temperature=0.0, top_k=None, top_p=1.0, eos_id=stop))
+    assert stopped == greedy[: greedy.index(stop)]
+
+
+def test_cli_streams_text_to_stdout_and_stats_to_stderr(trained, capsys):
+    samples = generate(trained, prompt="The robot", num_samples=2, max_new_tokens=12, temperature=0.9, top_k=20)
+    out, err = capsys.readouterr()
+    assert len(samples) == 2 and all(1 <= len(ids) <= 12 for ids in samples)
+    assert out.count("The robot") == 2
+    assert "tokens/s" in err and "tokens/s" not in out
+
+
+def test_stream_text_waits_for_complete_characters(trained):
+    _, tokenizer = load_model(trained / "final", torch.device("cpu"), torch.float32)
+    ids = tokenizer.encode("café ☕ done").tolist()
+    out = io.StringIO()
+    stream_text(tokenizer, iter(ids), out)
+    assert out.getvalue() == "café ☕ done"
+
+
+def test_newest_checkpoint_of_an_output_dir(trained):
+    assert resolve_checkpoint_dir(trained) == trained / "final"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda d: (d / "lit_model.pth").unlink(), r"not a complete checkpoint \(missing lit_model\.pth\)"),
+        (lambda d: (d / "lit_model.pth").write_bytes(b"PK\x03\x04 half"), r"lit_model\.pth: incomplete or corrupt"),
+        (
+            lambda d: (d / "model_config.yaml").write_text(
+                (d / "model_config.yaml").read_text().replace("padded_vocab_size: 320", "padded_vocab_size: 128")
+            ),
+            r"the tokenizer has 300 tokens but the model only 128 embeddings",
+        ),
+    ],
+)
+def test_bad_checkpoints_are_clear_errors(trained, tmp_path, breakage, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(trained / "final", broken)
+    breakage(broken)
+    with pytest.raises(UserError, match=message):
+        generate(broken, prompt="The cat")
+
+
+def test_prompt_longer_than_block_size(trained):
+    with pytest.raises(UserError, match=r"exceeds the model's block size of 64"):
+        generate(trained, prompt="The cat sees a red ball today. " * 20, max_new_tokens=5)
