@@ -20,8 +20,9 @@ def pair(overrides: dict, seed: int = 0) -> tuple[LLaMAMoE, MoELayer]:
     torch.manual_seed(seed)
     config = Config.from_name("MoE-tiny", n_embd=64, n_head=4, moe_intermediate_size=96, **overrides)
     stock = LLaMAMoE(config)
-    if config.n_expert_groups:  # give the correction bias something to do
-        stock.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    if config.n_expert_groups:  # LitGPT leaves this router's weight uninitialized (torch.empty)
+        torch.nn.init.normal_(stock.gate.weight, std=0.1)
+        stock.gate.e_score_correction_bias.uniform_(-0.1, 0.1)  # give the correction bias something to do
     ours = MoELayer(config)
     ours.load_state_dict(stock.state_dict())
     return stock, ours

@@ -135,6 +135,7 @@ class MoELayer(nn.Module):
         self.config = config
         self.balance = balance or MoEArgs(aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=0.0)
         self.loss_scale = 1.0  # 1 / gradient accumulation steps, set by the training patches
+        self.record_routing = False  # record routing statistics outside training too (evaluation)
         if config.n_expert_groups:
             self.gate = GroupedTopkRouter(config)
         else:
@@ -146,11 +147,17 @@ class MoELayer(nn.Module):
             self.shared_experts = LLaMAMLP(
                 config, intermediate_size=config.moe_intermediate_size * config.n_shared_expert
             )
+        self.reset_parameters()
         # Statistics stay on the device (no host sync in forward) and out of the state dict.
         for name, dtype in STATS.items():
             shape = (config.n_expert,) if name == "tokens_per_expert" else ()
             self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("step_tokens_per_expert", torch.zeros(config.n_expert, dtype=torch.long), persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Initialise the grouped router's weight, which LitGPT leaves as `torch.empty` (nothing resets it)."""
+        if self.config.n_expert_groups:
+            nn.init.normal_(self.gate.weight, std=math.sqrt(2.0 / 5 / self.config.n_embd))
 
     @property
     def selection_bias(self) -> torch.Tensor | None:
@@ -198,26 +205,39 @@ class MoELayer(nn.Module):
         if self.config.n_shared_expert:
             y = y + self.shared_experts(x)
         if self.training and torch.is_grad_enabled():
-            y = self.balance_and_record(y, tokens_per_expert, logits, probs)
+            y = self.add_balancing_gradient(y, tokens_per_expert, logits, probs)
+        if self.training or self.record_routing:
+            self.record(tokens_per_expert, logits, probs)
         return y
 
-    def balance_and_record(
-        self, y: torch.Tensor, tokens_per_expert: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
-    ) -> torch.Tensor:
+    def balancing_losses(
+        self, tokens_per_expert: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Switch aux loss, router z-loss) of this batch."""
         counts = tokens_per_expert.float()
         # Switch loss generalised to top-k: E * sum_e (share of routed slots to e) * (mean probability of e)
         aux = self.config.n_expert * (counts / counts.sum() * probs.mean(dim=0)).sum()
         z_loss = torch.logsumexp(logits.float(), dim=-1).square().mean()
+        return aux, z_loss
+
+    def add_balancing_gradient(
+        self, y: torch.Tensor, tokens_per_expert: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
+    ) -> torch.Tensor:
         coefs = self.balance
-        if coefs.aux_loss_coef > 0 or coefs.z_loss_coef > 0:
-            penalty = coefs.aux_loss_coef * aux + coefs.z_loss_coef * z_loss
-            y = AuxLossGradient.apply(y, penalty, self.loss_scale)
-        with torch.no_grad():
-            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
-            for name, value in zip(STATS, (tokens_per_expert, entropy, aux, z_loss, 1), strict=True):
-                getattr(self, name).add_(value)
+        if coefs.aux_loss_coef == 0 and coefs.z_loss_coef == 0:
+            return y
+        aux, z_loss = self.balancing_losses(tokens_per_expert, logits, probs)
+        penalty = coefs.aux_loss_coef * aux + coefs.z_loss_coef * z_loss
+        return AuxLossGradient.apply(y, penalty, self.loss_scale)
+
+    @torch.no_grad()
+    def record(self, tokens_per_expert: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor) -> None:
+        aux, z_loss = self.balancing_losses(tokens_per_expert, logits, probs)
+        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
+        for name, value in zip(STATS, (tokens_per_expert, entropy, aux, z_loss, 1), strict=True):
+            getattr(self, name).add_(value)
+        if self.training:
             self.step_tokens_per_expert.add_(tokens_per_expert)
-        return y
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -1,0 +1,181 @@
+"""Score checkpoints on held-out text: loss, perplexity, bits per byte, and how the experts were used.
+
+Bits per byte divide the summed negative log-likelihood (in bits) by the UTF-8 bytes of the scored text, so
+models with different tokenizers compare directly.
+"""
+
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from litmoe.attention import compute_dtype
+from litmoe.checkpoints import load_model, resolve_checkpoint_dir
+from litmoe.data import SPLITS, read_jsonl, read_text_file
+from litmoe.errors import UserError
+from litmoe.moe import moe_layers, read_routing_stats
+
+
+def prepared_windows(data_dir: Path, seq_length: int) -> Iterator[torch.Tensor]:
+    """Consecutive windows of seq_length + 1 tokens from the validation split of prepared data."""
+    from litdata.streaming import StreamingDataset, TokensLoader
+
+    split_dir = data_dir / SPLITS[1]
+    if not (split_dir / "index.json").is_file():
+        raise UserError(f"{split_dir}: no prepared validation data; pass --data_dir made by prepare_data.py or --file")
+    dataset = StreamingDataset(str(split_dir), item_loader=TokensLoader(block_size=seq_length + 1), shuffle=False)
+    for index in range(len(dataset)):
+        yield dataset[index].long()
+
+
+def file_windows(path: Path, tokenizer, seq_length: int) -> Iterator[torch.Tensor]:
+    """A .txt file (one document) or a .jsonl file (one per record), framed BOS ... EOS, cut into windows."""
+    if not path.is_file():
+        raise UserError(f"--file {path}: no such file")
+    documents = read_jsonl(path) if path.suffix in (".jsonl", ".json") else [read_text_file(path)]
+    stream = [
+        token
+        for document in documents
+        if document.strip()
+        for token in tokenizer.encode(document, bos=True, eos=True).tolist()
+    ]
+    if len(stream) < 2:
+        raise UserError(f"--file {path}: no text to evaluate; give a non-empty .txt or .jsonl file")
+    window = seq_length + 1
+    for start in range(0, max(len(stream) - window, 0) + 1, window):
+        yield torch.tensor(stream[start : start + window])
+
+
+@torch.no_grad()
+def score(model, tokenizer, windows: Iterator[torch.Tensor], batch_size: int, max_batches: int | None) -> dict:
+    """Summed loss over every target token of the windows (the last window may be shorter)."""
+    device = next(model.parameters()).device
+    nll, tokens, utf8_bytes, batches = 0.0, 0, 0, 0
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        nonlocal nll, tokens, utf8_bytes, batches
+        for length in sorted({len(w) for w in pending}):  # batch equal lengths together
+            batch = torch.stack([w for w in pending if len(w) == length]).to(device)
+            logits = model(batch[:, :-1])
+            targets = batch[:, 1:]
+            nll += float(
+                torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            )
+            tokens += targets.numel()
+            utf8_bytes += sum(len(tokenizer.decode(row).encode("utf-8")) for row in targets.cpu())
+        batches += 1
+        pending.clear()
+
+    for window in windows:
+        if max_batches is not None and batches >= max_batches:
+            break
+        pending.append(window)
+        if len(pending) == batch_size:
+            flush()
+    if pending and (max_batches is None or batches < max_batches):
+        flush()
+    if tokens == 0:
+        raise UserError("nothing to evaluate: the data has fewer tokens than one window; lower --seq_length")
+    loss = nll / tokens
+    return {
+        "tokens": tokens,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": nll / math.log(2) / max(utf8_bytes, 1),
+    }
+
+
+def training_data_dir(checkpoint_dir: Path) -> Path | None:
+    """The data_dir a run_train.py checkpoint was trained on (from its hyperparameters.yaml)."""
+    path = checkpoint_dir / "hyperparameters.yaml"
+    if not path.is_file():
+        return None
+    data_dir = (yaml.safe_load(path.read_text()) or {}).get("data_dir")
+    return Path(data_dir) if data_dir else None
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data_dir: Path | None,
+    file: Path | None,
+    seq_length: int | None,
+    batch_size: int,
+    max_batches: int | None,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    checkpoint_dir = resolve_checkpoint_dir(checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(checkpoint_dir, device, dtype)
+    length = min(seq_length or model.config.block_size, model.config.block_size)
+    model.max_seq_length = length
+    if file is not None:
+        windows, source = file_windows(Path(file), tokenizer, length), str(file)
+    else:
+        data_dir = data_dir or training_data_dir(checkpoint_dir)
+        if data_dir is None:
+            raise UserError(f"{checkpoint_dir}: which data? pass --data_dir (prepared data) or --file (text)")
+        windows, source = prepared_windows(Path(data_dir), length), f"{data_dir} (val)"
+    for layer in moe_layers(model):
+        layer.record_routing = True
+    result = {"checkpoint": str(checkpoint_dir), "data": source, "seq_length": length}
+    result.update(score(model, tokenizer, windows, batch_size, max_batches))
+    result["routing"] = read_routing_stats(model)
+    return result
+
+
+def comparison_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| checkpoint | tokens | loss | perplexity | bits/byte | expert imbalance (max/mean, worst layer) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for result in results:
+        imbalance = max((layer["imbalance"] for layer in result["routing"]), default=float("nan"))
+        lines.append(
+            f"| {result['checkpoint']} | {result['tokens']:,} | {result['loss']:.4f} | {result['perplexity']:.2f}"
+            f" | {result['bits_per_byte']:.4f} | {imbalance:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def evaluate(
+    checkpoints: list[Path],
+    data_dir: Path | None = None,
+    file: Path | None = None,
+    seq_length: int | None = None,
+    batch_size: int = 4,
+    max_batches: int | None = None,
+    precision: Literal["bf16-true", "16-true", "32-true"] | None = None,
+    out: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Score one or more checkpoints on the same text and print a comparison table.
+
+    Args:
+        checkpoints: Checkpoint dirs (final/, step-*/) or training output dirs (their newest checkpoint).
+        data_dir: Prepared data whose validation split is scored; default: the data each checkpoint trained on.
+        file: Score this .txt or .jsonl file instead of prepared data.
+        seq_length: Window length in tokens; default the model's block size.
+        batch_size: Windows per forward pass.
+        max_batches: Stop after this many batches (default: all the data).
+        precision: Weights' precision; default bf16-true on a CUDA GPU, 32-true on CPU.
+        out: Also write the results (including per-layer expert load) to this JSON file.
+    """
+    dtype = compute_dtype(precision or ("bf16-true" if torch.cuda.is_available() else "32-true"))
+    results = [
+        evaluate_checkpoint(checkpoint, data_dir, file, seq_length, batch_size, max_batches, dtype)
+        for checkpoint in checkpoints
+    ]
+    print(comparison_table(results))
+    for result in results:
+        for index, layer in enumerate(result["routing"]):
+            load = " ".join(f"{share:.2f}" for share in layer["load"])
+            print(f"{result['checkpoint']} layer {index}: expert load [{load}] imbalance {layer['imbalance']:.2f}")
+    if out is not None:
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"Results written to {out}", file=sys.stderr)
+    return results

@@ -1,0 +1,53 @@
+import json
+import math
+
+import pytest
+import torch
+
+from litmoe.checkpoints import load_model
+from litmoe.errors import UserError
+from litmoe.evaluation import evaluate
+
+
+def test_scores_validation_data_and_compares_checkpoints(trained, prepared, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    early, final = trained / "step-00000004", trained / "final"
+    results = evaluate([early, final], data_dir=prepared, seq_length=64, out=out)
+    table = capsys.readouterr().out
+    assert str(early) in table and str(final) in table and "bits/byte" in table
+    assert json.loads(out.read_text()) == results
+    first, last = results
+    assert first["tokens"] == last["tokens"] > 1000
+    assert last["loss"] < first["loss"]  # more training, lower held-out loss
+    for result in results:
+        assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+        assert len(result["routing"]) == 2  # two MoE layers
+        for layer in result["routing"]:
+            assert sum(layer["load"]) == pytest.approx(1.0) and layer["imbalance"] >= 1.0
+
+
+def test_text_file_bits_per_byte_by_hand(trained, tmp_path):
+    text = "The cat sees a red ball today. A dog likes the blue sky again."
+    path = tmp_path / "held_out.txt"
+    path.write_text(text)
+    (result,) = evaluate([trained / "final"], file=path, seq_length=64)
+    model, tokenizer = load_model(trained / "final", torch.device("cpu"), torch.float32)
+    ids = tokenizer.encode(text, bos=True, eos=True).long()
+    with torch.no_grad():
+        logits = model(ids[None, :-1])
+    nll = torch.nn.functional.cross_entropy(logits[0], ids[1:], reduction="sum").item()
+    assert result["tokens"] == len(ids) - 1
+    assert result["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode()), rel=1e-5)
+
+
+def test_defaults_to_the_data_the_checkpoint_trained_on(trained, prepared):
+    (result,) = evaluate([trained], seq_length=64, max_batches=1)
+    assert result["data"] == f"{prepared} (val)" and result["tokens"] == 4 * 64
+
+
+def test_empty_file_is_a_clear_error(trained, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(UserError, match=r"empty\.txt: no text to evaluate"):
+        evaluate([trained], file=empty)
