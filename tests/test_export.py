@@ -1,0 +1,49 @@
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from litmoe.checkpoints import load_model
+from litmoe.errors import UserError
+from litmoe.export import export_hf
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    return export_hf(trained / "final", tmp_path_factory.mktemp("hf") / "model")
+
+
+def test_export_writes_a_mixtral_directory(exported, trained):
+    config = json.loads((exported / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4
+    assert config["num_experts_per_tok"] == 2 and config["num_key_value_heads"] == 2
+    assert {p.name for p in exported.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    from safetensors.torch import load_file
+
+    weights = load_file(exported / "model.safetensors")
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in weights
+    assert "model.layers.0.block_sparse_moe.gate.weight" in weights
+
+
+def test_transformers_gives_the_same_logits(exported, trained):
+    transformers = pytest.importorskip("transformers")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported, torch_dtype=torch.float32).eval()
+    ours, tokenizer = load_model(trained / "final", torch.device("cpu"), torch.float32)
+    ids = tokenizer.encode("The teacher paints a tiny boat by the river.", bos=True).long()[None]
+    with torch.no_grad():
+        expected = ours(ids)
+        actual = hf_model(ids).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_configs_mixtral_cannot_express_are_refused(trained, tmp_path):
+    checkpoint = tmp_path / "shared"
+    shutil.copytree(trained / "final", checkpoint)
+    config = yaml.safe_load((checkpoint / "model_config.yaml").read_text())
+    config["n_shared_expert"] = 1
+    (checkpoint / "model_config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(UserError, match=r"cannot express shared experts \(n_shared_expert\)"):
+        export_hf(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
