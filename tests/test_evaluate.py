@@ -51,3 +51,11 @@ def test_empty_file_is_a_clear_error(trained, tmp_path):
     empty.write_text("  \n")
     with pytest.raises(UserError, match=r"empty\.txt: no text to evaluate"):
         evaluate([trained], file=empty)
+
+
+def test_downstream_tasks_without_lm_eval_say_how_to_install(trained, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(UserError, match=r"--tasks needs lm-eval-harness: install it with `uv pip install lm-eval`"):
+        evaluate([trained], tasks="hellaswag")

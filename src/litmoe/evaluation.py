@@ -129,6 +129,35 @@ def evaluate_checkpoint(
     return result
 
 
+def require_lm_eval():
+    try:
+        import lm_eval
+    except ImportError as err:
+        raise UserError("--tasks needs lm-eval-harness: install it with `uv pip install lm-eval`") from err
+    return lm_eval
+
+
+def downstream_tasks(checkpoint: Path, tasks: str, limit: int | None) -> dict[str, Any]:
+    """lm-eval-harness scores of a checkpoint (exported to Hugging Face format in a temporary directory)."""
+    import tempfile
+
+    from litmoe.export import export_hf
+
+    lm_eval = require_lm_eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = export_hf(checkpoint, Path(tmp) / "hf")
+        try:
+            results = lm_eval.simple_evaluate(
+                model="hf", model_args=f"pretrained={hf_dir}", tasks=tasks.split(","), limit=limit
+            )
+        except (OSError, ConnectionError, ValueError) as err:
+            raise UserError(
+                f"--tasks {tasks}: lm-eval could not load the tasks or their data ({err}); task data must be"
+                " downloadable or already in the Hugging Face datasets cache"
+            ) from err
+    return results["results"]
+
+
 def comparison_table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| checkpoint | tokens | loss | perplexity | bits/byte | expert imbalance (max/mean, worst layer) |",
@@ -152,6 +181,8 @@ def evaluate(
     max_batches: int | None = None,
     precision: Literal["bf16-true", "16-true", "32-true"] | None = None,
     out: Path | None = None,
+    tasks: str | None = None,
+    tasks_limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Score one or more checkpoints on the same text and print a comparison table.
 
@@ -164,12 +195,20 @@ def evaluate(
         max_batches: Stop after this many batches (default: all the data).
         precision: Weights' precision; default bf16-true on a CUDA GPU, 32-true on CPU.
         out: Also write the results (including per-layer expert load) to this JSON file.
+        tasks: Also run these lm-eval-harness tasks, comma-separated (e.g. 'hellaswag,arc_easy'); needs lm-eval
+            installed and the task data downloadable or cached.
+        tasks_limit: Evaluate at most this many examples per task.
     """
+    if tasks is not None:
+        require_lm_eval()  # fail before any scoring when it is missing
     dtype = compute_dtype(precision or ("bf16-true" if torch.cuda.is_available() else "32-true"))
     results = [
         evaluate_checkpoint(checkpoint, data_dir, file, seq_length, batch_size, max_batches, dtype)
         for checkpoint in checkpoints
     ]
+    if tasks is not None:
+        for result in results:
+            result["tasks"] = downstream_tasks(Path(result["checkpoint"]), tasks, tasks_limit)
     print(comparison_table(results))
     for result in results:
         for index, layer in enumerate(result["routing"]):
