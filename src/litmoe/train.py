@@ -287,17 +287,19 @@ def build_parser():
         prog="run_train.py",
         description="Pretrain an MoE model with LitGPT. Short flags: "
         + ", ".join([*SWITCHES, *RENAMED])
-        + ", --no-cpu-profile, --config FILE.",
+        + ", --no-cpu-profile, --check-environment, --config FILE.",
     )
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(setup)
     return parser
 
 
-def main(argv: list[str] | None = None) -> PatchSettings:
+def main(argv: list[str] | None = None) -> PatchSettings | None:
+    """Train; or, with --check-environment, only report what this machine can do for training."""
     argv = expand_short_flags(sys.argv[1:] if argv is None else argv)
     argv, config_file = take_flag(argv, "--config", with_value=True)
     argv, no_cpu_profile = take_flag(argv, "--no-cpu-profile")
+    argv, environment_only = take_flag(argv, "--check-environment")
     settings = load_train_config(Path(config_file or DEFAULT_TRAIN_CONFIG))
     cpu_profile = settings.pop(CPU_PROFILE, None)
     if cpu_profile and not no_cpu_profile and not torch.cuda.is_available():
@@ -309,4 +311,9 @@ def main(argv: list[str] | None = None) -> PatchSettings:
     parser = build_parser()
     namespace = parser.instantiate_classes(parser.parse_args(["--config", yaml.safe_dump(settings), *argv]))
     kwargs = {key: value for key, value in vars(namespace).items() if key != "config"}
+    if environment_only:
+        from litmoe.environment import check_environment
+
+        check_environment(Path(kwargs["out_dir"]))
+        return None
     return setup(**kwargs)

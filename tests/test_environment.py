@@ -1,0 +1,26 @@
+import torch
+
+from litmoe.environment import Check, check_environment
+from litmoe.train import main
+
+
+def test_check_environment_reports_without_training(tmp_path, capsys):
+    from conftest import REPO
+
+    out_dir = tmp_path / "runs" / "new"
+    result = main(["--config", str(REPO / "train_config.yaml"), "--out_dir", str(out_dir), "--check-environment"])
+    assert result is None and not out_dir.exists()  # nothing trained, nothing written
+    out = capsys.readouterr().out
+    for name in ("torch", "litgpt", "DeepSpeed", "CPU", f"disk at {out_dir}"):
+        assert f"] {name}" in out
+    assert torch.__version__ in out
+
+
+def test_verdicts_come_with_fixes_where_something_is_missing(tmp_path):
+    checks = {check.name: check for check in check_environment(tmp_path)}
+    assert checks["litgpt"].verdict == "ok" and checks["litgpt"].detail == "0.5.13"
+    if not torch.cuda.is_available():
+        assert checks["CUDA GPUs"].verdict == "warn" and "CUDA_VISIBLE_DEVICES" in checks["CUDA GPUs"].fix
+    missing = [check for check in checks.values() if check.verdict == "missing"]
+    assert all(check.fix for check in missing)
+    assert Check("x", "missing", "gone", "install it").line() == "[missing] x                  gone  -> install it"
