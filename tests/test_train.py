@@ -103,3 +103,12 @@ def test_default_command_prepares_the_default_corpus_and_trains(tmp_path, monkey
     assert (tmp_path / "data" / "default" / "manifest.json").is_file()
     assert (tmp_path / "out" / "moe-tiny" / "final" / "lit_model.pth").is_file()
     assert run.summary.val_loss < run.summary.initial_val_loss - 1.0
+
+
+def test_progress_bar_shows_tokens_of_budget_loss_and_rate(train_args, tmp_path, capsys):
+    main(train_args(tmp_path / "out", max_tokens=256 * 8, extra=("--progress",)))
+    captured = capsys.readouterr()
+    bar = captured.err.replace("\r", "\n")
+    assert "train: 100%" in bar and "2.05k/2.05k" in bar  # 8 iterations x 256 tokens, of a 2048-token budget
+    assert "loss " in bar and "tok/s" in bar
+    assert "Training summary" in captured.out
