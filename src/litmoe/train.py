@@ -287,7 +287,7 @@ def build_parser():
         prog="run_train.py",
         description="Pretrain an MoE model with LitGPT. Short flags: "
         + ", ".join([*SWITCHES, *RENAMED])
-        + ", --no-cpu-profile, --check-environment, --config FILE.",
+        + ", --no-cpu-profile, --check-environment, --estimate, --config FILE.",
     )
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(setup)
@@ -295,11 +295,12 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> PatchSettings | None:
-    """Train; or, with --check-environment, only report what this machine can do for training."""
+    """Train; or only report: what this machine can do (--check-environment), or what the run needs (--estimate)."""
     argv = expand_short_flags(sys.argv[1:] if argv is None else argv)
     argv, config_file = take_flag(argv, "--config", with_value=True)
     argv, no_cpu_profile = take_flag(argv, "--no-cpu-profile")
     argv, environment_only = take_flag(argv, "--check-environment")
+    argv, estimate_only = take_flag(argv, "--estimate")
     settings = load_train_config(Path(config_file or DEFAULT_TRAIN_CONFIG))
     cpu_profile = settings.pop(CPU_PROFILE, None)
     if cpu_profile and not no_cpu_profile and not torch.cuda.is_available():
@@ -316,4 +317,26 @@ def main(argv: list[str] | None = None) -> PatchSettings | None:
 
         check_environment(Path(kwargs["out_dir"]))
         return None
+    if estimate_only:
+        print_estimate(**kwargs)
+        return None
     return setup(**kwargs)
+
+
+def print_estimate(model: str, data_dir: Path, precision: str | None, train: TrainArgs, optimization: OptimizationArgs,
+                   devices: int | str, num_nodes: int, **unused: Any) -> None:  # fmt: skip
+    """Parameters, FLOPs, per-device memory and speed of this run's settings, without allocating the model."""
+    from litgpt.utils import parse_devices
+
+    from litmoe.estimate import describe, estimate_training
+
+    config = resolve_model_config(model)
+    if (Path(data_dir) / MANIFEST).is_file():  # size the vocabulary as training would
+        config = fit_vocabulary(config, load_tokenizer(Path(data_dir) / "tokenizer"))
+    precision = precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    devices = parse_devices(devices)
+    shard_degree = devices if devices * num_nodes > 1 else 1  # LitGPT: FSDP hybrid-sharded within a node
+    seq_len = train.max_seq_length or config.block_size
+    estimate = estimate_training(config, precision, train.micro_batch_size, seq_len, shard_degree)
+    print(describe(estimate, config, precision, optimization.gradient_checkpointing, devices * num_nodes,
+                   shard_degree, float(train.max_tokens)))  # fmt: skip
