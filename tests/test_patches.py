@@ -15,12 +15,13 @@ from litmoe.moe import MoELayer
 from litmoe.patches import PatchSettings, patched_pretrain, prepare_model
 from litmoe.train import deep_merge, expand_short_flags, resolve_resume, take_flag
 
-PATCHED = ("measure_flops", "save_hyperparameters", "choose_logger", "fit")
+PATCHED = ("FSDPStrategy", "measure_flops", "save_hyperparameters", "choose_logger", "fit")
 
 
 def settings(**optimization) -> PatchSettings:
     return PatchSettings(
-        optimization=OptimizationArgs(**optimization), moe=MoEArgs(), precision="32-true", micro_batch_size=2,
+        optimization=OptimizationArgs(**optimization), moe=MoEArgs(), strategy="single", precision="32-true",
+        micro_batch_size=2,
         seq_len=16, token_budget=1000, progress=False, run_config={"model": "MoE-tiny", "train": {"max_tokens": 1000}},
     )  # fmt: skip
 

@@ -5,6 +5,8 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
 
   litgpt.model.LLaMAMoE          -> `litmoe.moe.MoELayer` (unless moe.layer is 'stock'): Block builds its MLP
                                     with `getattr(litgpt.model, config.mlp_class_name)`
+  pretrain.FSDPStrategy          -> `fsdp_stand_in`: more than one device trains with the chosen strategy
+                                    (LitGPT hard-codes FSDP there)
   torch.compile                  -> `prepare_model`: activation checkpointing, then compile only as configured
                                     (LitGPT compiles unconditionally right before `fabric.setup(model)`)
   pretrain.measure_flops         -> `TrainingFlops`: active-expert FLOPs (the meta-device trace fails on MoE)
@@ -36,12 +38,14 @@ from litmoe.attention import compute_dtype
 from litmoe.flops import TrainingFlops
 from litmoe.moe import MoELayer, moe_layers, read_routing_stats, update_expert_bias
 from litmoe.monitoring import Console, RunLogger, RunSummary, make_run_logger
+from litmoe.strategy import StrategyName, fsdp_stand_in
 
 
 @dataclass
 class PatchSettings:
     optimization: OptimizationArgs
     moe: MoEArgs
+    strategy: StrategyName
     precision: str
     micro_batch_size: int
     seq_len: int
@@ -76,6 +80,7 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
         stack.enter_context(
             swapped(torch, "compile", partial(prepare_model, compile_fn=torch.compile, options=settings.optimization))
         )
+        stack.enter_context(swapped(pretrain, "FSDPStrategy", fsdp_stand_in(settings.strategy, pretrain.FSDPStrategy)))
         stack.enter_context(swapped(pretrain, "measure_flops", flops))
         stack.enter_context(
             swapped(pretrain, "save_hyperparameters", partial(save_run_config, run_config=settings.run_config))
@@ -113,6 +118,36 @@ def save_run_config(function: Callable, checkpoint_dir: Path, run_config: dict[s
 def choose_logger(stock_choose_logger: Callable, settings: PatchSettings, logger_name, out_dir, *args, **kwargs):
     stock = stock_choose_logger(logger_name, out_dir, *args, **kwargs)
     return make_run_logger(stock, Path(out_dir), settings.token_budget, settings.progress)
+
+
+class DistinctDataCheck:
+    """The train loader, unchanged, except that after the first batch all ranks compare what they got:
+    data-parallel ranks reading the same batches would only repeat each other's work."""
+
+    def __init__(self, loader, fabric, report: Callable[[str], None]) -> None:
+        self.loader, self.fabric, self.report = loader, fabric, report
+        self.checked = False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if not self.checked:
+                self.checked = True
+                fingerprints = self.fabric.all_gather(batch.flatten()[:4096].double().sum().reshape(1)).flatten()
+                distinct = len(set(fingerprints.tolist())) == len(fingerprints)
+                self.report(f"Data parallel: {len(fingerprints)} ranks read {'different' if distinct else 'THE SAME'}"
+                            f" first batches{'' if distinct else ' (check the data sharding)'}")  # fmt: skip
+            yield batch
+
+
+def replicas_in_sync(fabric, model: nn.Module) -> bool:
+    """Whether every rank holds the same parameters (data parallelism keeps them equal)."""
+    with torch.no_grad():
+        checksum = torch.stack([p.double().sum() for p in model.parameters()]).sum().reshape(1)
+    checksums = fabric.all_gather(checksum).flatten()
+    return bool(torch.allclose(checksums, checksums[0].expand_as(checksums), rtol=1e-12, atol=0))
 
 
 @contextmanager
@@ -163,8 +198,14 @@ def timed_fit(stock_fit: Callable, flops: TrainingFlops, settings: PatchSettings
         )
         if run_logger and moe_layers(state["model"]):
             run_logger.routing, run_logger.echo = partial(read_routing_stats, state["model"]), console.print
+        if fabric.world_size > 1:
+            kwargs["train_dataloader"] = DistinctDataCheck(kwargs["train_dataloader"], fabric, console.print)
         stock_fit(**kwargs)
     seconds = time.perf_counter() - start
+    if fabric.world_size > 1:
+        in_sync = replicas_in_sync(fabric, state["model"])
+        console.print(f"Data parallel: parameters {'identical' if in_sync else 'DIFFERENT'} on all"
+                      f" {fabric.world_size} ranks after training")  # fmt: skip
     initial_val_loss = val_losses[0] if kwargs["eval"].initial_validation and val_losses else None
     if initial_val_loss is not None:
         fabric.log_dict({"val_loss": initial_val_loss, "val_ppl": math.exp(initial_val_loss)}, step=first_iter)

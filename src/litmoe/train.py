@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 import yaml
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
+from litgpt.utils import parse_devices
 
 from litmoe.args import MoEArgs, OptimizationArgs
 from litmoe.attention import attention_kernel_scope, check_attention
@@ -23,6 +24,7 @@ from litmoe.checkpoints import latest_checkpoint, tokenizer_vocab_size
 from litmoe.data import MANIFEST, SPLITS, prepare, read_manifest
 from litmoe.errors import UserError
 from litmoe.patches import PatchSettings, patched_pretrain
+from litmoe.strategy import StrategyName, resolve_strategy
 from litmoe.tokenizer import load_tokenizer
 
 DEFAULT_TRAIN_CONFIG = Path("train_config.yaml")
@@ -60,6 +62,7 @@ def setup(
     optimizer: str | dict = "AdamW",
     optimization: OptimizationArgs = OptimizationArgs(),
     moe: MoEArgs = MoEArgs(),
+    strategy: StrategyName = "auto",
     devices: int | str = "auto",
     num_nodes: int = 1,
     num_workers: int = 2,
@@ -82,6 +85,7 @@ def setup(
         optimizer: A torch optimizer name or config, as in LitGPT.
         optimization: torch.compile, FlashAttention and activation checkpointing switches.
         moe: The MoE layer (litmoe's fast layer or LitGPT's stock one) and its load balancing.
+        strategy: With more than one device: auto (FSDP on CUDA, DDP on CPU), single, ddp or fsdp.
         devices: How many devices to train on ('auto': all GPUs, or one CPU process).
         num_nodes: How many nodes.
         num_workers: Data loader worker processes.
@@ -100,6 +104,8 @@ def setup(
         raise UserError(f"--train.max_seq_length {seq_len} exceeds the model's block_size {config.block_size}")
     check_data_size(data_dir, train.micro_batch_size, seq_len)
     precision = precision or ("bf16-mixed" if cuda else "32-true")
+    strategy, reason = resolve_strategy(strategy, parse_devices(devices) * num_nodes, cuda)
+    print(f"Strategy: {strategy} ({reason})")
     resume = resolve_resume(resume, Path(out_dir))
     check_attention(
         torch.device("cuda" if cuda else "cpu"), precision, config.n_head, config.head_size,
@@ -112,6 +118,7 @@ def setup(
     settings = PatchSettings(
         optimization=optimization,
         moe=moe,
+        strategy=strategy,
         precision=precision,
         micro_batch_size=train.micro_batch_size,
         seq_len=seq_len,
@@ -326,8 +333,6 @@ def main(argv: list[str] | None = None) -> PatchSettings | None:
 def print_estimate(model: str, data_dir: Path, precision: str | None, train: TrainArgs, optimization: OptimizationArgs,
                    devices: int | str, num_nodes: int, **unused: Any) -> None:  # fmt: skip
     """Parameters, FLOPs, per-device memory and speed of this run's settings, without allocating the model."""
-    from litgpt.utils import parse_devices
-
     from litmoe.estimate import describe, estimate_training
 
     config = resolve_model_config(model)
