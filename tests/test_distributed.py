@@ -41,9 +41,13 @@ def test_two_ranks_train_on_different_data_stay_in_sync_and_resume(prepared, tin
 
 
 def test_strategy_choice():
-    assert resolve_strategy("auto", 1, cuda=True) == ("single", "one device")
-    assert resolve_strategy("auto", 8, cuda=True)[0] == "fsdp"
-    assert resolve_strategy("auto", 2, cuda=False)[0] == "ddp"
-    assert resolve_strategy("fsdp", 4, cuda=True) == ("fsdp", "--strategy fsdp")
+    GiB = 2**30
+    assert resolve_strategy("auto", 1, 80 * GiB, 500 * GiB) == ("single", "one device")
+    assert resolve_strategy("auto", 2)[0] == "ddp"  # CPU processes
+    cases = [(80, 30, "ddp"), (80, 71, "ddp"), (80, 73, "fsdp"), (24, 9, "ddp"), (24, 40, "fsdp")]
+    for gpu, needed, expected in cases:
+        assert resolve_strategy("auto", 8, gpu * GiB, needed * GiB)[0] == expected, (gpu, needed)
+    assert "a full replica (30.0 GiB) fits in each GPU's 80 GiB" in resolve_strategy("auto", 8, 80 * GiB, 30 * GiB)[1]
+    assert resolve_strategy("fsdp", 4, 80 * GiB, 1 * GiB) == ("fsdp", "--strategy fsdp")
     with pytest.raises(UserError, match=r"--strategy single trains on one device, but --devices x --num_nodes is 4"):
-        resolve_strategy("single", 4, cuda=True)
+        resolve_strategy("single", 4)

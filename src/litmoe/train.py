@@ -85,7 +85,8 @@ def setup(
         optimizer: A torch optimizer name or config, as in LitGPT.
         optimization: torch.compile, FlashAttention and activation checkpointing switches.
         moe: The MoE layer (litmoe's fast layer or LitGPT's stock one) and its load balancing.
-        strategy: With more than one device: auto (FSDP on CUDA, DDP on CPU), single, ddp or fsdp.
+        strategy: With more than one device: auto (DDP while a full replica fits in a GPU, else FSDP; DDP on
+            CPU), single, ddp or fsdp.
         devices: How many devices to train on ('auto': all GPUs, or one CPU process).
         num_nodes: How many nodes.
         num_workers: Data loader worker processes.
@@ -104,7 +105,15 @@ def setup(
         raise UserError(f"--train.max_seq_length {seq_len} exceeds the model's block_size {config.block_size}")
     check_data_size(data_dir, train.micro_batch_size, seq_len)
     precision = precision or ("bf16-mixed" if cuda else "32-true")
-    strategy, reason = resolve_strategy(strategy, parse_devices(devices) * num_nodes, cuda)
+    world_size = parse_devices(devices) * num_nodes
+    gpu_memory = needed = None
+    if cuda and world_size > 1 and strategy == "auto":
+        from litmoe.estimate import estimate_training
+
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory
+        replica = estimate_training(config, precision, train.micro_batch_size, seq_len)
+        needed = replica.memory(optimization.gradient_checkpointing)
+    strategy, reason = resolve_strategy(strategy, world_size, gpu_memory, needed)
     print(f"Strategy: {strategy} ({reason})")
     resume = resolve_resume(resume, Path(out_dir))
     check_attention(
