@@ -204,10 +204,11 @@ class MoELayer(nn.Module):
         y = torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out.to(tokens.dtype)).view(B, T, C)
         if self.config.n_shared_expert:
             y = y + self.shared_experts(x)
-        if self.training and torch.is_grad_enabled():
-            y = self.add_balancing_gradient(y, tokens_per_expert, logits, probs)
         if self.training or self.record_routing:
-            self.record(tokens_per_expert, logits, probs)
+            aux, z_loss = self.balancing_losses(tokens_per_expert, logits, probs)
+            if self.training and torch.is_grad_enabled():
+                y = self.add_balancing_gradient(y, aux, z_loss)
+            self.record(tokens_per_expert, probs, aux, z_loss)
         return y
 
     def balancing_losses(
@@ -220,19 +221,15 @@ class MoELayer(nn.Module):
         z_loss = torch.logsumexp(logits.float(), dim=-1).square().mean()
         return aux, z_loss
 
-    def add_balancing_gradient(
-        self, y: torch.Tensor, tokens_per_expert: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
-    ) -> torch.Tensor:
+    def add_balancing_gradient(self, y: torch.Tensor, aux: torch.Tensor, z_loss: torch.Tensor) -> torch.Tensor:
         coefs = self.balance
         if coefs.aux_loss_coef == 0 and coefs.z_loss_coef == 0:
             return y
-        aux, z_loss = self.balancing_losses(tokens_per_expert, logits, probs)
         penalty = coefs.aux_loss_coef * aux + coefs.z_loss_coef * z_loss
         return AuxLossGradient.apply(y, penalty, self.loss_scale)
 
     @torch.no_grad()
-    def record(self, tokens_per_expert: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor) -> None:
-        aux, z_loss = self.balancing_losses(tokens_per_expert, logits, probs)
+    def record(self, tokens_per_expert: torch.Tensor, probs: torch.Tensor, aux: torch.Tensor, z_loss: torch.Tensor):
         entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
         for name, value in zip(STATS, (tokens_per_expert, entropy, aux, z_loss, 1), strict=True):
             getattr(self, name).add_(value)
@@ -260,24 +257,33 @@ def update_expert_bias(model: nn.Module, rate: float, all_reduce=None) -> None:
 
 @torch.no_grad()
 def read_routing_stats(model: nn.Module) -> list[dict[str, Any]]:
-    """Per-layer routing statistics averaged since the last read (one host sync), then reset."""
-    stats = []
-    for layer in moe_layers(model):
-        forwards = int(layer.forwards)
-        if forwards == 0:
-            continue
-        load = layer.tokens_per_expert.float() / layer.tokens_per_expert.sum()
+    """Per-layer routing statistics averaged since the last read (one host transfer for all layers), then reset."""
+    layers = moe_layers(model)
+    if not layers:
+        return []
+    rows = []
+    for layer in layers:
+        load = layer.tokens_per_expert.float() / layer.tokens_per_expert.sum().clamp_min(1)
+        forwards = layer.forwards.float().clamp_min(1)
         bias = layer.selection_bias
-        stats.append(
-            {
-                "load": load.tolist(),
-                "imbalance": float(load.max() / load.mean()),
-                "entropy": float(layer.entropy) / forwards,
-                "aux_loss": float(layer.aux_loss) / forwards,
-                "z_loss": float(layer.z_loss) / forwards,
-                "bias_norm": float(bias.norm()) if bias is not None else 0.0,
-            }
-        )
+        bias_norm = bias.float().norm() if bias is not None else load.new_zeros(())
+        averages = torch.stack([layer.entropy, layer.aux_loss, layer.z_loss]).float() / forwards
+        rows.append(torch.cat([layer.forwards.float().reshape(1), averages, bias_norm.reshape(1), load]))
         for name in STATS:
             getattr(layer, name).zero_()
+    stats = []
+    for forwards, entropy, aux, z_loss, bias_norm, *load in torch.stack(rows).tolist():
+        if forwards == 0:
+            continue
+        mean_load = sum(load) / len(load)
+        stats.append(
+            {
+                "load": load,
+                "imbalance": max(load) / mean_load,
+                "entropy": entropy,
+                "aux_loss": aux,
+                "z_loss": z_loss,
+                "bias_norm": bias_norm,
+            }
+        )
     return stats
