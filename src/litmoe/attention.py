@@ -16,6 +16,13 @@ from litmoe.errors import UserError
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
 
 
+def default_precision(training: bool) -> str:
+    """bf16 on a CUDA GPU (mixed for training, true for inference), fp32 on CPU."""
+    if not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if training else "bf16-true"
+
+
 def compute_dtype(precision: str) -> torch.dtype:
     """The dtype attention sees under a Lightning precision setting such as 'bf16-mixed' or '32-true'."""
     return PRECISION_DTYPES[precision.split("-")[0]]

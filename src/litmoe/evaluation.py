@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from litmoe.attention import compute_dtype
+from litmoe.attention import compute_dtype, default_precision
 from litmoe.checkpoints import load_model, resolve_checkpoint_dir
 from litmoe.data import SPLITS, read_jsonl, read_text_file
 from litmoe.errors import UserError
@@ -201,7 +201,7 @@ def evaluate(
     """
     if tasks is not None:
         require_lm_eval()  # fail before any scoring when it is missing
-    dtype = compute_dtype(precision or ("bf16-true" if torch.cuda.is_available() else "32-true"))
+    dtype = compute_dtype(precision or default_precision(training=False))
     results = [
         evaluate_checkpoint(checkpoint, data_dir, file, seq_length, batch_size, max_batches, dtype)
         for checkpoint in checkpoints

@@ -8,7 +8,7 @@ from typing import Literal, TextIO
 
 import torch
 
-from litmoe.attention import compute_dtype
+from litmoe.attention import compute_dtype, default_precision
 from litmoe.checkpoints import load_model, resolve_checkpoint_dir
 from litmoe.errors import UserError
 
@@ -87,11 +87,8 @@ def generate(
     """
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)
     text = read_prompt(prompt, prompt_file)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    model, tokenizer = load_model(
-        checkpoint_dir, device, compute_dtype(precision or ("bf16-true" if cuda else "32-true"))
-    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(checkpoint_dir, device, compute_dtype(precision or default_precision(training=False)))
     encoded = tokenizer.encode(text, bos=True, device=device)
     if encoded.numel() + max_new_tokens > model.config.block_size:
         raise UserError(

@@ -19,7 +19,7 @@ from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.utils import parse_devices
 
 from litmoe.args import MoEArgs, OptimizationArgs
-from litmoe.attention import attention_kernel_scope, check_attention
+from litmoe.attention import attention_kernel_scope, check_attention, default_precision
 from litmoe.checkpoints import latest_checkpoint, tokenizer_vocab_size
 from litmoe.data import MANIFEST, SPLITS, prepare, read_manifest
 from litmoe.errors import UserError
@@ -104,7 +104,7 @@ def setup(
     if seq_len > config.block_size:
         raise UserError(f"--train.max_seq_length {seq_len} exceeds the model's block_size {config.block_size}")
     check_data_size(data_dir, train.micro_batch_size, seq_len)
-    precision = precision or ("bf16-mixed" if cuda else "32-true")
+    precision = precision or default_precision(training=True)
     world_size = parse_devices(devices) * num_nodes
     gpu_memory = needed = None
     if cuda and world_size > 1 and strategy == "auto":
@@ -347,7 +347,7 @@ def print_estimate(model: str, data_dir: Path, precision: str | None, train: Tra
     config = resolve_model_config(model)
     if (Path(data_dir) / MANIFEST).is_file():  # size the vocabulary as training would
         config = fit_vocabulary(config, load_tokenizer(Path(data_dir) / "tokenizer"))
-    precision = precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    precision = precision or default_precision(training=True)
     devices = parse_devices(devices)
     shard_degree = devices if devices * num_nodes > 1 else 1  # LitGPT: FSDP hybrid-sharded within a node
     seq_len = train.max_seq_length or config.block_size
