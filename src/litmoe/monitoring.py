@@ -44,8 +44,8 @@ class RunLogger(Logger):
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         routing = self.routing() if self.routing is not None and "loss" in metrics else []
-        if routing:
-            metrics = {**metrics, **routing_metrics(routing)}
+        routing_scalars = routing_metrics(routing) if routing else {}
+        metrics = {**metrics, **routing_scalars}
         self.last.update({key: float(value) for key, value in metrics.items()})
         for logger in self.loggers:
             logger.log_metrics(metrics, step)
@@ -54,7 +54,7 @@ class RunLogger(Logger):
         if self.progress is not None:
             self.progress.update(metrics)
         if routing:
-            self.echo(routing_summary(routing))
+            self.echo(routing_summary(routing, routing_scalars))
 
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
         for logger in self.loggers:
@@ -90,9 +90,9 @@ def load_heatmap(routing: list[dict[str, Any]], cell: int = 16) -> torch.Tensor:
     return relative.repeat_interleave(cell, dim=0).repeat_interleave(cell, dim=1)
 
 
-def routing_summary(routing: list[dict[str, Any]]) -> str:
+def routing_summary(routing: list[dict[str, Any]], mean: dict[str, float]) -> str:
+    """The console line; `mean` is `routing_metrics(routing)`."""
     worst = max(range(len(routing)), key=lambda index: routing[index]["imbalance"])
-    mean = routing_metrics(routing)
     return (
         f"MoE routing | imbalance max/mean {mean['moe/imbalance']:.2f} (worst layer {worst}:"
         f" {routing[worst]['imbalance']:.2f}) | entropy {mean['moe/entropy']:.3f}"

@@ -177,7 +177,6 @@ def recorded_validate(stock_validate: Callable, losses: list[float], *args: Any,
 
 def timed_fit(stock_fit: Callable, flops: TrainingFlops, settings: PatchSettings, **kwargs: Any) -> None:
     import litgpt.pretrain as pretrain
-    from lightning.fabric.utilities.throughput import get_available_flops
 
     fabric, state = kwargs["fabric"], kwargs["state"]
     run_logger = fabric.logger if isinstance(fabric.logger, RunLogger) else None
@@ -211,18 +210,29 @@ def timed_fit(stock_fit: Callable, flops: TrainingFlops, settings: PatchSettings
         fabric.log_dict({"val_loss": initial_val_loss, "val_ppl": math.exp(initial_val_loss)}, step=first_iter)
     if progress:
         progress.close(state["iter_num"] * tokens_per_iter)
-    iters = (state["iter_num"] - first_iter) * fabric.world_size  # micro-batches, all ranks
-    peak = (
-        get_available_flops(fabric.device, compute_dtype(settings.precision)) if fabric.device.type == "cuda" else None
-    )
-    settings.summary = RunSummary(
-        tokens=(state["iter_num"] - first_iter) * tokens_per_iter,
-        seconds=seconds,
-        flops=iters * flops.per_micro_batch,
-        peak_flops=peak * fabric.world_size if peak else None,
-        initial_val_loss=initial_val_loss,
-        val_loss=val_losses[-1] if val_losses else None,
+    settings.summary = summarize(
+        fabric, settings, flops, state["iter_num"] - first_iter, seconds, initial_val_loss, val_losses
     )
     for line in settings.summary.lines():
         console.print(line)
     console.training_done = True
+
+
+def summarize(
+    fabric, settings: PatchSettings, flops: TrainingFlops, iters: int, seconds: float,
+    initial_val_loss: float | None, val_losses: list[float],
+) -> RunSummary:  # fmt: skip
+    """What this process's part of the run did; `iters` are micro-batches per rank."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    peak = None
+    if fabric.device.type == "cuda":
+        peak = get_available_flops(fabric.device, compute_dtype(settings.precision))
+    return RunSummary(
+        tokens=iters * settings.micro_batch_size * settings.seq_len * fabric.world_size,
+        seconds=seconds,
+        flops=iters * fabric.world_size * flops.per_micro_batch,
+        peak_flops=peak * fabric.world_size if peak else None,
+        initial_val_loss=initial_val_loss,
+        val_loss=val_losses[-1] if val_losses else None,
+    )
