@@ -1,6 +1,7 @@
-"""Settings of ours that LitGPT's pretrain arguments do not have (the `optimization:` section)."""
+"""Settings of ours that LitGPT's pretrain arguments do not have (`optimization:`, `moe:`, `strategy:`)."""
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 
@@ -35,3 +36,29 @@ class MoEArgs:
     bias_update_rate: float = 0.0
     """DeepSeek-V3 auxiliary-loss-free balancing: per-expert selection bias step after each optimizer step
     (about 1e-3 to enable; 0 disables it)."""
+
+
+@dataclass
+class StrategyArgs:
+    """How training spreads over devices and nodes (the `strategy:` section); see litmoe.strategy."""
+
+    name: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = "auto"
+    """auto: decide from the hardware and the model's memory estimate (printed with the reason)."""
+    zero_stage: Literal[1, 2, 3] | None = None
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also weights (default 2). Setting it
+    with name auto means DeepSpeed."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] | None = None
+    """DeepSpeed: keep optimizer state (and the optimizer step) in CPU memory or on NVMe (nvme needs ZeRO-3)."""
+    offload_params: Literal["none", "cpu", "nvme"] | None = None
+    """DeepSpeed ZeRO-3: keep the weights in CPU memory or on NVMe between uses."""
+    nvme_path: Path | None = None
+    """A directory on a fast local NVMe disk, for NVMe offload."""
+    deepspeed_config: Path | None = None
+    """A DeepSpeed JSON config of your own, passed through; litmoe only fills in what LitGPT's loop needs
+    (batch size, clipping, caller-owned gradient accumulation)."""
+
+    @property
+    def asks_for_zero(self) -> bool:
+        """Whether a DeepSpeed-only option was given."""
+        offload = {self.offload_optimizer, self.offload_params} - {None, "none"}
+        return self.zero_stage is not None or bool(offload) or self.deepspeed_config is not None

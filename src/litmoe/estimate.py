@@ -1,9 +1,13 @@
 """`run_train.py --estimate`: parameters, FLOPs and per-device memory of a run, without allocating the model.
 
 Memory per device:
-  weights, gradients, optimizer state  bytes per parameter for the precision (AdamW: two states), divided by
-                                       the sharding degree (LitGPT shards with FSDP across the devices of a
-                                       node when it trains on more than one)
+  weights, gradients, optimizer state  bytes per parameter for the precision (AdamW: two states; DeepSpeed's
+                                       16-bit training keeps an fp32 master copy with them, 2 + 2 + 12 bytes
+                                       as in the ZeRO paper), divided by the ranks that share them:
+                                         FSDP (LitGPT: hybrid, within a node)   all three across a node's GPUs
+                                         ZeRO-1 / ZeRO-2 / ZeRO-3               optimizer / + gradients / + weights
+                                       across all ranks; offloaded parts live in CPU memory or on NVMe instead
+  gathered weights                     ZeRO-3 and FSDP gather one block at a time and prefetch the next
   activations                          what autograd saves per token, counted from the architecture:
       per layer   8 D + 4 n_head head_size              (norms, residuals, q/k/v, attention output)
                 + k (4 F + 3 D) + 2 E                   (routed tokens, fc_1|fc_2 output, SwiGLU, expert out)
@@ -13,35 +17,59 @@ Memory per device:
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from litmoe.attention import compute_dtype
 from litmoe.flops import active_parameters, total_parameters, training_flops_per_token
 
+if TYPE_CHECKING:
+    from litmoe.strategy import StrategyChoice
+
 GiB = 2**30
 
 
-def bytes_per_parameter(precision: str) -> tuple[int, int, int]:
-    """(weights, gradients, AdamW state) bytes per parameter; Lightning's *-mixed keeps fp32 weights."""
-    width = 4 if precision.endswith("-mixed") else torch.finfo(compute_dtype(precision)).bits // 8
+def bytes_per_parameter(precision: str, deepspeed: bool = False) -> tuple[int, int, int]:
+    """(weights, gradients, AdamW state) bytes per parameter.
+
+    Lightning's *-mixed keeps fp32 weights and gradients. DeepSpeed's 16-bit training keeps 16-bit weights and
+    gradients and puts an fp32 master copy next to the two AdamW states (4 + 4 + 4)."""
+    width = torch.finfo(compute_dtype(precision)).bits // 8
+    if deepspeed:
+        return (2, 2, 12) if width == 2 else (4, 4, 8)
+    if precision.endswith("-mixed"):
+        width = 4
     return width, width, 2 * width
 
 
 @dataclass
 class TrainingEstimate:
+    """What a run needs before it is placed on devices."""
+
     total_parameters: int
     active_parameters: int
+    block_parameters: int
     flops_per_token: int
+    activations: float  # bytes per micro-batch
+    activations_checkpointed: float
+
+
+@dataclass
+class DeviceMemory:
+    """One rank's bytes on its device, and what it keeps offloaded."""
+
     weights: float
     gradients: float
     optimizer: float
+    gathered: float
     activations: float
-    activations_checkpointed: float
+    cpu_offload: float = 0.0
+    nvme_offload: float = 0.0
 
-    def memory(self, checkpointing: bool) -> float:
-        activations = self.activations_checkpointed if checkpointing else self.activations
-        return self.weights + self.gradients + self.optimizer + activations
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.gathered + self.activations
 
 
 def activation_bytes_per_token(config, act_bytes: int, checkpointing: bool) -> float:
@@ -53,26 +81,48 @@ def activation_bytes_per_token(config, act_bytes: int, checkpointing: bool) -> f
     return config.n_layer * per_layer * act_bytes + logits
 
 
-def estimate_training(
-    config, precision: str, micro_batch_size: int, seq_len: int, shard_degree: int = 1
-) -> TrainingEstimate:
+def estimate_training(config, precision: str, micro_batch_size: int, seq_len: int) -> TrainingEstimate:
     from litgpt import GPT
 
     with torch.device("meta"):
         model = GPT(config)
-    total = total_parameters(model)
-    weight_bytes, grad_bytes, optimizer_bytes = bytes_per_parameter(precision)
     act_bytes = torch.finfo(compute_dtype(precision)).bits // 8
     tokens = micro_batch_size * seq_len
     return TrainingEstimate(
-        total_parameters=total,
+        total_parameters=total_parameters(model),
         active_parameters=active_parameters(model),
+        block_parameters=total_parameters(model.transformer.h[0]),
         flops_per_token=training_flops_per_token(model, seq_len),
-        weights=total * weight_bytes / shard_degree,
-        gradients=total * grad_bytes / shard_degree,
-        optimizer=total * optimizer_bytes / shard_degree,
         activations=tokens * activation_bytes_per_token(config, act_bytes, checkpointing=False),
         activations_checkpointed=tokens * activation_bytes_per_token(config, act_bytes, checkpointing=True),
+    )
+
+
+def per_device_memory(
+    estimate: TrainingEstimate, precision: str, choice: "StrategyChoice", world_size: int = 1,
+    devices_per_node: int = 1, checkpointing: bool = False,
+) -> DeviceMemory:  # fmt: skip
+    """One rank's memory under a strategy (see the module docstring for what is sharded where)."""
+    weight, gradient, state = bytes_per_parameter(precision, deepspeed=choice.name == "deepspeed")
+    ranks = {"fsdp": devices_per_node, "deepspeed": world_size}.get(choice.name, 1)
+    stage = 3 if choice.name == "fsdp" else choice.zero_stage or 0
+
+    def sharded(nbytes: float, from_stage: int) -> float:
+        return estimate.total_parameters * nbytes / (ranks if stage >= from_stage else 1)
+
+    parts = {"weights": sharded(weight, 3), "gradients": sharded(gradient, 2), "optimizer": sharded(state, 1)}
+    offloaded = {"none": 0.0, "cpu": 0.0, "nvme": 0.0}
+    for part, device in (("optimizer", choice.offload_optimizer), ("weights", choice.offload_params)):
+        if device != "none":
+            offloaded[device] += parts[part]
+            parts[part] = 0.0
+    gathers = stage >= 3 and (ranks > 1 or choice.offload_params != "none")
+    return DeviceMemory(
+        **parts,
+        gathered=2 * estimate.block_parameters * weight if gathers else 0.0,
+        activations=estimate.activations_checkpointed if checkpointing else estimate.activations,
+        cpu_offload=offloaded["cpu"],
+        nvme_offload=offloaded["nvme"],
     )
 
 
@@ -89,26 +139,39 @@ def reference_peak_flops(precision: str) -> tuple[str, float]:
     return "H100 SXM (reference; no GPU here)", 989.5e12 if dtype in (torch.bfloat16, torch.float16) else 494.7e12
 
 
-def describe(estimate: TrainingEstimate, config, precision: str, checkpointing: bool, devices: int,
-             shard_degree: int, max_tokens: float, mfu: float = 0.4) -> str:  # fmt: skip
+def describe(
+    estimate: TrainingEstimate, config, precision: str, choice: "StrategyChoice", memory: DeviceMemory,
+    checkpointing: bool, world_size: int, devices_per_node: int, max_tokens: float, mfu: float = 0.4,
+) -> str:  # fmt: skip
     gpu, peak = reference_peak_flops(precision)
-    tokens_per_sec = mfu * peak * devices / estimate.flops_per_token
+    tokens_per_sec = mfu * peak * world_size / estimate.flops_per_token
     hours = max_tokens / tokens_per_sec / 3600
-    shard = f", sharded {shard_degree} ways (FSDP)" if shard_degree > 1 else ""
     output_head = config.padded_vocab_size * config.n_embd
+    other = estimate.activations if checkpointing else estimate.activations_checkpointed
     lines = [
         f"{config.name}: {estimate.total_parameters:,} parameters in total,"
         f" {estimate.active_parameters - output_head:,} active non-embedding parameters per token",
         f"training FLOPs per token: {estimate.flops_per_token / 1e9:.4f} GFLOP",
-        f"memory per device ({precision}{shard}):",
-        f"  weights          {estimate.weights / GiB:8.2f} GiB",
-        f"  gradients        {estimate.gradients / GiB:8.2f} GiB",
-        f"  optimizer state  {estimate.optimizer / GiB:8.2f} GiB",
-        f"  activations      {estimate.activations / GiB:8.2f} GiB"
-        f" ({estimate.activations_checkpointed / GiB:.2f} GiB with activation checkpointing)",
-        f"  total            {estimate.memory(checkpointing) / GiB:8.2f} GiB"
-        f" ({'with' if checkpointing else 'without'} activation checkpointing)",
-        f"speed at {mfu:.0%} MFU on {devices} x {gpu}: {tokens_per_sec:,.0f} tokens/s,"
-        f" {hours:.1f} h for {max_tokens:,.0f} tokens",
+        f"strategy: {choice.label(world_size, devices_per_node)} ({choice.reason})",
+        f"memory per device ({precision}, micro-batch activations"
+        f" {'with' if checkpointing else 'without'} activation checkpointing):",
+        f"  weights          {memory.weights / GiB:8.2f} GiB",
+        f"  gradients        {memory.gradients / GiB:8.2f} GiB",
+        f"  optimizer state  {memory.optimizer / GiB:8.2f} GiB",
     ]
+    if memory.gathered:
+        lines.append(f"  gathered blocks  {memory.gathered / GiB:8.2f} GiB")
+    lines += [
+        f"  activations      {memory.activations / GiB:8.2f} GiB"
+        f" ({other / GiB:.2f} GiB {'without' if checkpointing else 'with'} activation checkpointing)",
+        f"  total            {memory.total / GiB:8.2f} GiB",
+    ]
+    for where, nbytes in (("CPU memory", memory.cpu_offload), ("NVMe", memory.nvme_offload)):
+        if nbytes:
+            lines.append(f"  offloaded to {where}: {nbytes / GiB:.2f} GiB per rank,"
+                         f" {nbytes * devices_per_node / GiB:.2f} GiB per node")  # fmt: skip
+    lines.append(
+        f"speed at {mfu:.0%} MFU on {world_size} x {gpu}: {tokens_per_sec:,.0f} tokens/s,"
+        f" {hours:.1f} h for {max_tokens:,.0f} tokens"
+    )
     return "\n".join(lines)

@@ -23,6 +23,7 @@ Load balancing (all optional, see `litmoe.args.MoEArgs`):
 """
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -88,7 +89,10 @@ def looped_swiglu(
 
 
 def _to_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    w_in, w_out = state_dict.pop(prefix + "w_in"), state_dict.pop(prefix + "w_out")
+    w_in, w_out = state_dict[prefix + "w_in"], state_dict[prefix + "w_out"]
+    if w_in.dim() != 3:  # ZeRO-3's empty placeholder for a partitioned weight (the weights are in its shards)
+        return
+    del state_dict[prefix + "w_in"], state_dict[prefix + "w_out"]
     for expert in range(w_in.shape[0]):
         fc_1, fc_2 = w_in[expert].split(module.hidden)
         for key, value in zip(STOCK_EXPERT_KEYS, (fc_1, fc_2, w_out[expert]), strict=True):
@@ -138,6 +142,11 @@ class MoELayer(nn.Module):
         self.record_routing = False  # record routing statistics outside training too (evaluation)
         if config.n_expert_groups:
             self.gate = GroupedTopkRouter(config)
+            # LitGPT leaves this weight as `torch.empty` and nothing resets it. The init is attached to the
+            # router itself, so that whoever resets modules one by one (ZeRO-3, gathering each) reaches it.
+            std = math.sqrt(2.0 / 5 / config.n_embd)
+            self.gate.reset_parameters = partial(nn.init.normal_, self.gate.weight, std=std)
+            self.gate.reset_parameters()
         else:
             self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
             if self.balance.bias_update_rate > 0:  # the grouped router has its own e_score_correction_bias
@@ -147,17 +156,11 @@ class MoELayer(nn.Module):
             self.shared_experts = LLaMAMLP(
                 config, intermediate_size=config.moe_intermediate_size * config.n_shared_expert
             )
-        self.reset_parameters()
         # Statistics stay on the device (no host sync in forward) and out of the state dict.
         for name, dtype in STATS.items():
             shape = (config.n_expert,) if name == "tokens_per_expert" else ()
             self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("step_tokens_per_expert", torch.zeros(config.n_expert, dtype=torch.long), persistent=False)
-
-    def reset_parameters(self) -> None:
-        """Initialise the grouped router's weight, which LitGPT leaves as `torch.empty` (nothing resets it)."""
-        if self.config.n_expert_groups:
-            nn.init.normal_(self.gate.weight, std=math.sqrt(2.0 / 5 / self.config.n_embd))
 
     @property
     def selection_bias(self) -> torch.Tensor | None:

@@ -5,8 +5,10 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
 
   litgpt.model.LLaMAMoE          -> `litmoe.moe.MoELayer` (unless moe.layer is 'stock'): Block builds its MLP
                                     with `getattr(litgpt.model, config.mlp_class_name)`
-  pretrain.FSDPStrategy          -> `fsdp_stand_in`: more than one device trains with the chosen strategy
-                                    (LitGPT hard-codes FSDP there)
+  pretrain.L                     -> a namespace whose `Fabric` builds the chosen strategy's Fabric
+                                    (litmoe.strategy.fabric_builder; LitGPT hard-codes FSDP for >1 device)
+  pretrain.reset_parameters      -> under ZeRO-3 only: re-initialise weights that DeepSpeed has already
+                                    partitioned, gathering each module's (litmoe.zero)
   torch.compile                  -> `prepare_model`: activation checkpointing, then compile only as configured
                                     (LitGPT compiles unconditionally right before `fabric.setup(model)`)
   pretrain.measure_flops         -> `TrainingFlops`: active-expert FLOPs (the meta-device trace fails on MoE)
@@ -26,6 +28,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -38,20 +41,22 @@ from litmoe.attention import compute_dtype
 from litmoe.flops import TrainingFlops
 from litmoe.moe import MoELayer, moe_layers, read_routing_stats, update_expert_bias
 from litmoe.monitoring import Console, RunLogger, RunSummary, make_run_logger
-from litmoe.strategy import StrategyName, fsdp_stand_in
+from litmoe.strategy import StrategyChoice, fabric_builder
+from litmoe.zero import client_optimizer, zero3_reset_parameters
 
 
 @dataclass
 class PatchSettings:
     optimization: OptimizationArgs
     moe: MoEArgs
-    strategy: StrategyName
+    strategy: StrategyChoice
     precision: str
     micro_batch_size: int
     seq_len: int
     token_budget: int
     progress: bool
     run_config: dict[str, Any]
+    deepspeed_config: dict[str, Any] | None = None
     summary: RunSummary | None = field(default=None, init=False)  # filled in when training ends
 
 
@@ -80,7 +85,12 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
         stack.enter_context(
             swapped(torch, "compile", partial(prepare_model, compile_fn=torch.compile, options=settings.optimization))
         )
-        stack.enter_context(swapped(pretrain, "FSDPStrategy", fsdp_stand_in(settings.strategy, pretrain.FSDPStrategy)))
+        optimizer = settings.run_config.get("optimizer", "AdamW")
+        build_fabric = fabric_builder(settings.strategy, settings.deepspeed_config, optimizer)
+        stack.enter_context(swapped(pretrain, "L", SimpleNamespace(Fabric=build_fabric)))
+        if settings.strategy.name == "deepspeed" and settings.strategy.zero_stage == 3:
+            reset = partial(zero3_reset_parameters, seed=settings.run_config["seed"])
+            stack.enter_context(swapped(pretrain, "reset_parameters", reset))
         stack.enter_context(swapped(pretrain, "measure_flops", flops))
         stack.enter_context(
             swapped(pretrain, "save_hyperparameters", partial(save_run_config, run_config=settings.run_config))
@@ -142,6 +152,11 @@ class DistinctDataCheck:
             yield batch
 
 
+def replicated(choice: StrategyChoice) -> bool:
+    """Whether every rank holds all parameters (FSDP and ZeRO-3 hold shards)."""
+    return choice.name == "ddp" or (choice.name == "deepspeed" and choice.zero_stage < 3)
+
+
 def replicas_in_sync(fabric, model: nn.Module) -> bool:
     """Whether every rank holds the same parameters (data parallelism keeps them equal)."""
     with torch.no_grad():
@@ -161,7 +176,7 @@ def balanced_routing(fabric, state: dict, moe: MoEArgs, train, devices: int, num
     def after_step(*args: Any) -> None:
         update_expert_bias(model, moe.bias_update_rate, partial(fabric.all_reduce, reduce_op="sum"))
 
-    handle = getattr(optimizer, "optimizer", optimizer).register_step_post_hook(after_step)
+    handle = client_optimizer(optimizer).register_step_post_hook(after_step)
     try:
         yield
     finally:
@@ -201,7 +216,7 @@ def timed_fit(stock_fit: Callable, flops: TrainingFlops, settings: PatchSettings
             kwargs["train_dataloader"] = DistinctDataCheck(kwargs["train_dataloader"], fabric, console.print)
         stock_fit(**kwargs)
     seconds = time.perf_counter() - start
-    if fabric.world_size > 1:
+    if fabric.world_size > 1 and replicated(settings.strategy):
         in_sync = replicas_in_sync(fabric, state["model"])
         console.print(f"Data parallel: parameters {'identical' if in_sync else 'DIFFERENT'} on all"
                       f" {fabric.world_size} ranks after training")  # fmt: skip

@@ -1,58 +1,238 @@
-"""Which Fabric strategy trains on more than one device (LitGPT hard-codes FSDP there).
+"""How training spreads over devices: the decision (`--strategy`), its errors, and the Fabric that runs it.
 
-`--strategy` choices: auto (DDP while a full replica fits in a GPU, else FSDP; DDP on CPU), single (refuses
-more than one device), ddp, fsdp.
-The choice reaches LitGPT through its one construction of a multi-device strategy: `pretrain.FSDPStrategy`
-is swapped for `fsdp_stand_in(...)` by the training patches.
+`--strategy auto` decides from the hardware and the memory estimate (litmoe.estimate), taking the first
+plan that fits in 90% of a GPU (and whose offloaded state fits in 80% of a node's CPU memory):
+  no CUDA GPU      one CPU process; several: DDP over gloo
+  one GPU          single device; DeepSpeed ZeRO-2 with the optimizer in CPU memory (ZeRO-Offload);
+                   ZeRO-3 with weights and optimizer in CPU memory; the same on NVMe (needs --nvme-path)
+  several GPUs     DDP; ZeRO-2; ZeRO-3; ZeRO-3 offloading to CPU memory; to NVMe. GPUs under 16 GB offload
+                   the optimizer to CPU memory from ZeRO-2 on. Without DeepSpeed installed: DDP, else FSDP.
+Giving any DeepSpeed option (--zero-stage, --offload-*, --deepspeed-config) means DeepSpeed.
+
+The choice reaches LitGPT's pretrain loop through its one construction of a Fabric: the training patches
+swap `pretrain.L` for a namespace whose `Fabric` is `fabric_builder(...)`. LitGPT's own strategy argument
+(FSDP, hybrid-sharded within a node, for more than one device; "auto" for one) is kept when it is the choice.
 """
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from litmoe.args import StrategyArgs
 from litmoe.errors import UserError
+from litmoe.estimate import DeviceMemory, GiB
 
-StrategyName = Literal["auto", "single", "ddp", "fsdp"]
+# DeepSpeed on DeepSpeed's CPU accelerator (gloo): slow, but it runs the whole pipeline where there is no
+# GPU, which is how the tests exercise it. Lightning itself allows DeepSpeed on CUDA only.
+DEEPSPEED_ON_CPU = "LITMOE_DEEPSPEED_CPU"
+SMALL_GPU = 16 * 10**9
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    name: Literal["single", "ddp", "fsdp", "deepspeed"]
+    reason: str
+    zero_stage: int | None = None
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+
+    def label(self, world_size: int, devices_per_node: int) -> str:
+        if self.name == "single":
+            return "single device"
+        if self.name == "ddp":
+            return f"DDP across {world_size} ranks"
+        if self.name == "fsdp":
+            return f"FSDP, sharded within each node's {devices_per_node} devices"
+        label = f"DeepSpeed ZeRO-{self.zero_stage} across {world_size} rank{'s' if world_size > 1 else ''}"
+        for what, device in (("optimizer", self.offload_optimizer), ("weights", self.offload_params)):
+            if device != "none":
+                label += f", {what} offloaded to {device.upper() if device == 'nvme' else 'CPU memory'}"
+        return label
+
+
+@dataclass(frozen=True)
+class Hardware:
+    devices_per_node: int
+    num_nodes: int
+    gpu_memory: float | None  # one GPU's bytes; None: no CUDA GPU
+    cpu_memory: float  # one node's bytes
+    deepspeed_installed: bool
+
+    @property
+    def world_size(self) -> int:
+        return self.devices_per_node * self.num_nodes
+
+    @classmethod
+    def here(cls, devices_per_node: int, num_nodes: int) -> "Hardware":
+        import importlib.util
+
+        gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+        cpu = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return cls(devices_per_node, num_nodes, gpu, cpu, importlib.util.find_spec("deepspeed") is not None)
 
 
 def resolve_strategy(
-    name: StrategyName, world_size: int, gpu_memory: float | None = None, needed_unsharded: float | None = None
-) -> tuple[StrategyName, str]:
-    """(strategy, reason) for `world_size` processes; raises for contradictions, before any work starts.
+    args: StrategyArgs, hardware: Hardware, memory_of: Callable[[StrategyChoice], DeviceMemory] | None = None,
+    compile: bool = False,
+) -> StrategyChoice:  # fmt: skip
+    """The strategy to train with, and why; raises for contradictions, before any work starts.
 
-    `gpu_memory` is one GPU's memory in bytes (None: no GPU); `needed_unsharded` what one rank needs without
-    sharding (weights, gradients, optimizer state, activations). `auto` replicates (DDP) while that fits in
-    90% of a GPU, and shards (FSDP) when it does not.
-    """
-    if world_size == 1:
-        return "single", "one device"
-    if name == "single":
+    `memory_of` gives one rank's memory under a choice (only `auto` with a GPU asks)."""
+    if args.name == "auto" and not args.asks_for_zero:
+        return decide(hardware, memory_of, args.nvme_path)
+    choice = requested(args, hardware.world_size)
+    if choice.name == "deepspeed":
+        check_deepspeed(choice, args, hardware, compile)
+    return choice
+
+
+def requested(args: StrategyArgs, world_size: int) -> StrategyChoice:
+    name = "deepspeed" if args.name == "auto" else args.name
+    if args.asks_for_zero and name != "deepspeed":
+        raise UserError(
+            f"--strategy {name}: --zero-stage, --offload-optimizer, --offload-params and --deepspeed-config are"
+            " DeepSpeed options; use --strategy deepspeed or drop them"
+        )
+    if name == "single" and world_size > 1:
         raise UserError(f"--strategy single trains on one device, but --devices x --num_nodes is {world_size}")
-    if name != "auto":
-        return name, f"--strategy {name}"
-    if gpu_memory is None:
-        return "ddp", f"{world_size} CPU processes: DDP over gloo (FSDP needs CUDA)"
-    need, have = f"{needed_unsharded / 2**30:.1f} GiB", f"{gpu_memory / 2**30:.0f} GiB"
-    if needed_unsharded is not None and needed_unsharded <= 0.9 * gpu_memory:
-        return "ddp", f"{world_size} GPUs; a full replica ({need}) fits in each GPU's {have}: DDP"
-    return "fsdp", f"{world_size} GPUs; a full replica ({need}) does not fit in {have}: FSDP sharding"
+    if name in ("ddp", "fsdp") and world_size == 1:
+        return StrategyChoice("single", f"one device (--strategy {name} needs more than one)")
+    if name != "deepspeed":
+        return StrategyChoice(name, f"--strategy {name}")
+    if args.deepspeed_config is not None:
+        if args.zero_stage is not None or {args.offload_optimizer, args.offload_params} - {None, "none"}:
+            raise UserError(
+                f"--deepspeed-config {args.deepspeed_config}: set the ZeRO stage and offload in that file, not"
+                " also with --zero-stage / --offload-*"
+            )
+        from litmoe.zero import read_user_config
+
+        zero = read_user_config(args.deepspeed_config).get("zero_optimization", {})
+        offload = {key: zero.get(key, {}).get("device", "none") for key in ("offload_optimizer", "offload_param")}
+        return StrategyChoice(
+            "deepspeed", f"--deepspeed-config {args.deepspeed_config}", int(zero.get("stage", 0)),
+            offload["offload_optimizer"], offload["offload_param"],
+        )  # fmt: skip
+    return StrategyChoice(
+        "deepspeed", "DeepSpeed requested", args.zero_stage or 2, args.offload_optimizer or "none",
+        args.offload_params or "none",
+    )  # fmt: skip
 
 
-def fsdp_stand_in(name: StrategyName, stock_fsdp: type) -> type:
-    """A stand-in for the name `FSDPStrategy` inside litgpt.pretrain.
+def check_deepspeed(choice: StrategyChoice, args: StrategyArgs, hardware: Hardware, compile: bool) -> None:
+    if not hardware.deepspeed_installed:
+        raise UserError("--strategy deepspeed: DeepSpeed is not installed; install it with `uv sync --extra deepspeed`")
+    if hardware.gpu_memory is None and os.environ.get(DEEPSPEED_ON_CPU) != "1":
+        raise UserError(
+            "--strategy deepspeed needs a CUDA GPU (Lightning runs DeepSpeed on CUDA only); on this machine use"
+            " --strategy ddp or single"
+        )
+    offloads = {choice.offload_optimizer, choice.offload_params}
+    if choice.offload_params != "none" and choice.zero_stage != 3:
+        raise UserError(
+            f"--offload-params {choice.offload_params} needs --zero-stage 3 (ZeRO-{choice.zero_stage} keeps all"
+            " weights on every GPU)"
+        )
+    if "nvme" in offloads and choice.zero_stage != 3:
+        raise UserError(f"NVMe offload needs --zero-stage 3 (ZeRO-Infinity), not {choice.zero_stage}")
+    if "nvme" in offloads:
+        check_nvme_path(args.nvme_path)
+    if choice.zero_stage == 3 and compile:
+        raise UserError(
+            "ZeRO-3 with --compile: torch.compile does not work with ZeRO-3's parameter gathering hooks"
+            " (pytorch/pytorch#115484); pass --no-compile, or use --zero-stage 2"
+        )
 
-    Calling it, as LitGPT does for more than one device, builds the chosen strategy. `isinstance(x, it)`, as
-    LitGPT's weight initialisation asks, still means "x is an FSDPStrategy".
-    """
-    from lightning.fabric.strategies import DDPStrategy
 
-    class ChosenStrategy(type):
-        def __call__(cls, **fsdp_kwargs: Any):
-            if name == "ddp":
-                return DDPStrategy(process_group_backend=None if torch.cuda.is_available() else "gloo")
-            return stock_fsdp(**fsdp_kwargs)
+def check_nvme_path(path: Path | None) -> None:
+    if path is None:
+        raise UserError("NVMe offload: pass --nvme-path DIR, a directory on a fast local NVMe disk")
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".litmoe-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"--nvme-path {path}: not a writable directory ({err.strerror}); pass one on a local NVMe disk"
+        ) from err
 
-        def __instancecheck__(cls, instance: Any) -> bool:
-            return isinstance(instance, stock_fsdp)
 
-    return ChosenStrategy("FSDPStrategy", (), {})
+def decide(
+    hardware: Hardware, memory_of: Callable[[StrategyChoice], DeviceMemory] | None, nvme_path: Path | None
+) -> StrategyChoice:
+    world = hardware.world_size
+    if hardware.gpu_memory is None:
+        if world == 1:
+            return StrategyChoice("single", "no CUDA GPU: one CPU process")
+        return StrategyChoice("ddp", f"{world} CPU processes: DDP over gloo (FSDP and DeepSpeed need CUDA)")
+    plans = candidate_plans(hardware, nvme_path is not None)
+    if memory_of is None:
+        return replace(plans[0], reason=f"{world} GPU(s)")
+    gpu = hardware.gpu_memory
+    needs = {plan: memory_of(plan) for plan in plans}
+
+    def fits(plan: StrategyChoice) -> bool:
+        host = needs[plan].cpu_offload * hardware.devices_per_node
+        return needs[plan].total <= 0.9 * gpu and host <= 0.8 * hardware.cpu_memory
+
+    chosen = next((plan for plan in plans if fits(plan)), plans[-1])
+    first = plans[0]
+    why = f"{world} GPU{'s' if world > 1 else ''} of {gpu / GiB:.0f} GiB"
+    why += f"; {first.label(world, hardware.devices_per_node)} needs {needs[first].total / GiB:.1f} GiB per GPU"
+    if chosen != first:
+        why += f"; {chosen.label(world, hardware.devices_per_node)} needs {needs[chosen].total / GiB:.1f} GiB"
+    if not fits(chosen):
+        why += "; nothing fits by the estimate, trying the smallest plan"
+        if not hardware.deepspeed_installed:
+            why += " (DeepSpeed offload could help: uv sync --extra deepspeed)"
+        elif nvme_path is None:
+            why += " (--nvme-path would allow NVMe offload)"
+    return replace(chosen, reason=why)
+
+
+def candidate_plans(hardware: Hardware, nvme: bool) -> list[StrategyChoice]:
+    """What `auto` tries, in order; the reason is filled in by `decide`."""
+    if hardware.world_size == 1:
+        plans = [StrategyChoice("single", ""), StrategyChoice("deepspeed", "", 2, "cpu")]
+    else:
+        offload = "cpu" if hardware.gpu_memory < SMALL_GPU else "none"
+        plans = [StrategyChoice("ddp", ""), StrategyChoice("deepspeed", "", 2, offload)]
+        plans.append(StrategyChoice("deepspeed", "", 3, offload))
+    plans.append(StrategyChoice("deepspeed", "", 3, "cpu", "cpu"))
+    if nvme:
+        plans.append(StrategyChoice("deepspeed", "", 3, "nvme", "nvme"))
+    if not hardware.deepspeed_installed:
+        plans = [plan for plan in plans if plan.name != "deepspeed"]
+        if hardware.world_size > 1:
+            plans.append(StrategyChoice("fsdp", ""))
+    return plans
+
+
+def fabric_builder(
+    choice: StrategyChoice, deepspeed_config: dict[str, Any] | None = None, optimizer: str | dict = "AdamW"
+) -> Callable[..., Any]:
+    """Builds the Fabric for `choice` from the arguments LitGPT's `pretrain.setup` passes to `L.Fabric`."""
+    import lightning as L
+
+    def build(*, strategy: Any, **kwargs: Any) -> L.Fabric:
+        if choice.name == "deepspeed":
+            from litmoe.zero import LoopDeepSpeedStrategy, ZeroFabric, optimizer_builder
+
+            on_cpu = os.environ.get(DEEPSPEED_ON_CPU) == "1" and not torch.cuda.is_available()
+            deepspeed = LoopDeepSpeedStrategy(config=deepspeed_config, allow_cpu=on_cpu)
+            return ZeroFabric(
+                strategy=deepspeed, build_optimizer=optimizer_builder(optimizer, deepspeed_config), **kwargs
+            )
+        if choice.name == "ddp":
+            from lightning.fabric.strategies import DDPStrategy
+
+            strategy = DDPStrategy(process_group_backend=None if torch.cuda.is_available() else "gloo")
+        return L.Fabric(strategy=strategy, **kwargs)
+
+    return build

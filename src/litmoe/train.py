@@ -18,13 +18,13 @@ import yaml
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 from litgpt.utils import parse_devices
 
-from litmoe.args import MoEArgs, OptimizationArgs
+from litmoe.args import MoEArgs, OptimizationArgs, StrategyArgs
 from litmoe.attention import attention_kernel_scope, check_attention, default_precision
-from litmoe.checkpoints import latest_checkpoint, tokenizer_vocab_size
+from litmoe.checkpoints import is_complete, is_zero_checkpoint, latest_checkpoint, tokenizer_vocab_size
 from litmoe.data import MANIFEST, SPLITS, prepare, read_manifest
 from litmoe.errors import UserError
 from litmoe.patches import PatchSettings, patched_pretrain
-from litmoe.strategy import StrategyName, resolve_strategy
+from litmoe.strategy import Hardware, StrategyChoice, resolve_strategy
 from litmoe.tokenizer import load_tokenizer
 
 DEFAULT_TRAIN_CONFIG = Path("train_config.yaml")
@@ -47,7 +47,16 @@ SWITCHES = {
     "--progress": "--progress=true",
     "--stock-moe": "--moe.layer=stock",
 }
-RENAMED = {"--compile-mode": "--optimization.compile_mode"}
+RENAMED = {
+    "--compile-mode": "--optimization.compile_mode",
+    "--strategy": "--strategy.name",
+    "--zero-stage": "--strategy.zero_stage",
+    "--offload-optimizer": "--strategy.offload_optimizer",
+    "--offload-params": "--strategy.offload_params",
+    "--nvme-path": "--strategy.nvme_path",
+    "--deepspeed-config": "--strategy.deepspeed_config",
+    "--num-nodes": "--num_nodes",
+}
 
 
 def setup(
@@ -62,7 +71,7 @@ def setup(
     optimizer: str | dict = "AdamW",
     optimization: OptimizationArgs = OptimizationArgs(),
     moe: MoEArgs = MoEArgs(),
-    strategy: StrategyName = "auto",
+    strategy: StrategyArgs = StrategyArgs(),
     devices: int | str = "auto",
     num_nodes: int = 1,
     num_workers: int = 2,
@@ -85,8 +94,8 @@ def setup(
         optimizer: A torch optimizer name or config, as in LitGPT.
         optimization: torch.compile, FlashAttention and activation checkpointing switches.
         moe: The MoE layer (litmoe's fast layer or LitGPT's stock one) and its load balancing.
-        strategy: With more than one device: auto (DDP while a full replica fits in a GPU, else FSDP; DDP on
-            CPU), single, ddp or fsdp.
+        strategy: single, ddp, fsdp or deepspeed (ZeRO stage, offload), or auto: decided from the hardware and
+            the memory estimate, and printed with the reason.
         devices: How many devices to train on ('auto': all GPUs, or one CPU process).
         num_nodes: How many nodes.
         num_workers: Data loader worker processes.
@@ -105,17 +114,10 @@ def setup(
         raise UserError(f"--train.max_seq_length {seq_len} exceeds the model's block_size {config.block_size}")
     check_data_size(data_dir, train.micro_batch_size, seq_len)
     precision = precision or default_precision(training=True)
-    world_size = parse_devices(devices) * num_nodes
-    gpu_memory = needed = None
-    if cuda and world_size > 1 and strategy == "auto":
-        from litmoe.estimate import estimate_training
-
-        gpu_memory = torch.cuda.get_device_properties(0).total_memory
-        replica = estimate_training(config, precision, train.micro_batch_size, seq_len)
-        needed = replica.memory(optimization.gradient_checkpointing)
-    strategy, reason = resolve_strategy(strategy, world_size, gpu_memory, needed)
-    print(f"Strategy: {strategy} ({reason})")
-    resume = resolve_resume(resume, Path(out_dir))
+    hardware = Hardware.here(parse_devices(devices), num_nodes)
+    choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization)
+    print(f"Strategy: {choice.label(hardware.world_size, hardware.devices_per_node)} ({choice.reason})")
+    resume = resolve_resume(resume, Path(out_dir), deepspeed=choice.name == "deepspeed")
     check_attention(
         torch.device("cuda" if cuda else "cpu"), precision, config.n_head, config.head_size,
         optimization.flash_attention, optimization.flash_attention_force,
@@ -127,7 +129,8 @@ def setup(
     settings = PatchSettings(
         optimization=optimization,
         moe=moe,
-        strategy=strategy,
+        strategy=choice,
+        deepspeed_config=deepspeed_config(choice, strategy, train) if choice.name == "deepspeed" else None,
         precision=precision,
         micro_batch_size=train.micro_batch_size,
         seq_len=seq_len,
@@ -145,6 +148,35 @@ def setup(
             tokenizer_dir=tokenizer_dir, logger_name=logger_name, seed=seed,
         )  # fmt: skip
     return settings
+
+
+def choose_strategy(
+    args: StrategyArgs, hardware: Hardware, config, precision: str, train: TrainArgs, seq_len: int,
+    optimization: OptimizationArgs,
+) -> StrategyChoice:  # fmt: skip
+    memory_of = None
+    if hardware.gpu_memory is not None and args.name == "auto":
+        from functools import partial
+
+        from litmoe.estimate import estimate_training, per_device_memory
+
+        estimate = estimate_training(config, precision, train.micro_batch_size, seq_len)
+        memory_of = partial(
+            per_device_memory, estimate, precision, world_size=hardware.world_size,
+            devices_per_node=hardware.devices_per_node, checkpointing=optimization.gradient_checkpointing,
+        )  # fmt: skip
+    return resolve_strategy(args, hardware, memory_of, compile=optimization.compile)
+
+
+def deepspeed_config(choice: StrategyChoice, args: StrategyArgs, train: TrainArgs) -> dict[str, Any]:
+    from litmoe import zero
+
+    if args.deepspeed_config is not None:
+        return zero.user_deepspeed_config(args.deepspeed_config, train.micro_batch_size, train.max_norm)
+    return zero.deepspeed_config(
+        choice.zero_stage, choice.offload_optimizer, choice.offload_params, args.nvme_path, train.micro_batch_size,
+        train.max_norm,
+    )  # fmt: skip
 
 
 def plain(value: Any) -> Any:
@@ -208,8 +240,9 @@ def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int) -> None
             )
 
 
-def resolve_resume(resume: bool | str | Path, out_dir: Path) -> bool | Path:
-    """What to pass LitGPT as `resume`; refuses to start a fresh run over existing checkpoints."""
+def resolve_resume(resume: bool | str | Path, out_dir: Path, deepspeed: bool = False) -> bool | Path:
+    """What to pass LitGPT as `resume`; refuses to start a fresh run over existing checkpoints, and to resume
+    DeepSpeed shards without DeepSpeed (or a single-file checkpoint with it)."""
     if resume == "auto" or resume is True:
         found = latest_checkpoint(out_dir)
         if found is None and resume is True:
@@ -217,15 +250,18 @@ def resolve_resume(resume: bool | str | Path, out_dir: Path) -> bool | Path:
                 f"--resume: no checkpoint in {out_dir}; use --resume auto to start fresh when there is none"
             )
         if found is not None:
+            check_resumable(found, deepspeed)
             print(f"Resuming from {found}")
         return found or False
     if resume:
         path = Path(resume)
-        path = path / "lit_model.pth" if path.is_dir() else path
-        if not path.is_file():
+        if path.is_dir() and not is_zero_checkpoint(path):
+            path = path / "lit_model.pth"
+        if not is_complete(path):
             raise UserError(
                 f"--resume {resume}: no checkpoint there (expected a step-*/ or final/ dir with lit_model.pth)"
             )
+        check_resumable(path, deepspeed)
         return path
     if (existing := latest_checkpoint(out_dir)) is not None:
         raise UserError(
@@ -233,6 +269,19 @@ def resolve_resume(resume: bool | str | Path, out_dir: Path) -> bool | Path:
             " or choose another --out_dir"
         )
     return False
+
+
+def check_resumable(checkpoint: Path, deepspeed: bool) -> None:
+    if is_zero_checkpoint(checkpoint) and not deepspeed:
+        raise UserError(
+            f"{checkpoint}: DeepSpeed shards; resume with the --strategy deepspeed settings that wrote them"
+            " (generate.py and evaluate.py read them as they are)"
+        )
+    if deepspeed and not is_zero_checkpoint(checkpoint):
+        raise UserError(
+            f"{checkpoint}: a single-file checkpoint; DeepSpeed resumes only its own shard directories, so resume"
+            " with the strategy that wrote it"
+        )
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -276,6 +325,8 @@ def load_train_config(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a mapping of settings at the top level")
+    if isinstance(config.get("strategy"), str):  # `strategy: deepspeed` for `strategy: {name: deepspeed}`
+        config["strategy"] = {"name": config["strategy"]}
     return config
 
 
@@ -340,17 +391,27 @@ def main(argv: list[str] | None = None) -> PatchSettings | None:
 
 
 def print_estimate(model: str, data_dir: Path, precision: str | None, train: TrainArgs, optimization: OptimizationArgs,
-                   devices: int | str, num_nodes: int, **unused: Any) -> None:  # fmt: skip
-    """Parameters, FLOPs, per-device memory and speed of this run's settings, without allocating the model."""
-    from litmoe.estimate import describe, estimate_training
+                   strategy: StrategyArgs, devices: int | str, num_nodes: int, **unused: Any) -> None:  # fmt: skip
+    """Parameters, FLOPs, per-device memory and speed of this run's settings, without allocating the model.
+
+    An explicit --strategy (with --devices and --num_nodes) is estimated even where it could not run, so that a
+    run can be planned on another machine; `auto` decides for this machine's hardware."""
+    from litmoe.estimate import describe, estimate_training, per_device_memory
+    from litmoe.strategy import requested
 
     config = resolve_model_config(model)
     if (Path(data_dir) / MANIFEST).is_file():  # size the vocabulary as training would
         config = fit_vocabulary(config, load_tokenizer(Path(data_dir) / "tokenizer"))
     precision = precision or default_precision(training=True)
-    devices = parse_devices(devices)
-    shard_degree = devices if devices * num_nodes > 1 else 1  # LitGPT: FSDP hybrid-sharded within a node
+    hardware = Hardware.here(parse_devices(devices), num_nodes)
     seq_len = train.max_seq_length or config.block_size
-    estimate = estimate_training(config, precision, train.micro_batch_size, seq_len, shard_degree)
-    print(describe(estimate, config, precision, optimization.gradient_checkpointing, devices * num_nodes,
-                   shard_degree, float(train.max_tokens)))  # fmt: skip
+    if strategy.name == "auto" and not strategy.asks_for_zero:
+        choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization)
+    else:
+        choice = requested(strategy, hardware.world_size)
+    estimate = estimate_training(config, precision, train.micro_batch_size, seq_len)
+    checkpointing = optimization.gradient_checkpointing
+    placement = dict(world_size=hardware.world_size, devices_per_node=hardware.devices_per_node)
+    memory = per_device_memory(estimate, precision, choice, **placement, checkpointing=checkpointing)
+    print(describe(estimate, config, precision, choice, memory, checkpointing, **placement,
+                   max_tokens=float(train.max_tokens)))  # fmt: skip
