@@ -14,6 +14,7 @@ def test_check_environment_reports_without_training(tmp_path, capsys):
     for name in ("torch", "litgpt", "DeepSpeed", "CPU", f"disk at {out_dir}"):
         assert f"] {name}" in out
     assert torch.__version__ in out
+    assert "cpu_adam: can" in out and "(for optimizer offload)" in out and "async_io: can" in out
 
 
 def test_verdicts_come_with_fixes_where_something_is_missing(tmp_path):
@@ -23,4 +24,6 @@ def test_verdicts_come_with_fixes_where_something_is_missing(tmp_path):
         assert checks["CUDA GPUs"].verdict == "warn" and "CUDA_VISIBLE_DEVICES" in checks["CUDA GPUs"].fix
     missing = [check for check in checks.values() if check.verdict == "missing"]
     assert all(check.fix for check in missing)
+    ops = [check for check in check_environment(tmp_path) if check.name == "DeepSpeed op"]
+    assert len(ops) == 2 and all(check.fix for check in ops if check.verdict != "ok")
     assert Check("x", "missing", "gone", "install it").line() == "[missing] x                  gone  -> install it"

@@ -3,10 +3,13 @@ import torch
 from litgpt import GPT, Config
 from litgpt.utils import chunked_cross_entropy
 
-from litmoe.estimate import bytes_per_parameter, estimate_training
+from litmoe.estimate import TrainingEstimate, bytes_per_parameter, estimate_training, per_device_memory
 from litmoe.moe import MoELayer
 from litmoe.patches import checkpoint_blocks, swapped
+from litmoe.strategy import StrategyChoice
 from litmoe.train import main
+
+SINGLE = StrategyChoice("single", "")
 
 
 def saved_bytes(run, exclude: set[int]) -> int:
@@ -62,27 +65,42 @@ def test_memory_estimate_within_15_percent_of_measured(checkpointing):
     config = Config.from_name("MoE-tiny", vocab_size=512, padding_multiple=64)
     measured = measured_training_bytes(config, batch=4, seq_len=128, checkpointing=checkpointing)
     estimate = estimate_training(config, "32-true", micro_batch_size=4, seq_len=128)
-    assert estimate.weights == measured["weights"]
-    assert estimate.gradients == measured["gradients"]
-    assert estimate.optimizer == measured["optimizer"]
-    activations = estimate.activations_checkpointed if checkpointing else estimate.activations
-    assert activations == pytest.approx(measured["activations"], rel=0.15)
-    total = sum(measured.values())
-    assert estimate.memory(checkpointing) == pytest.approx(total, rel=0.15)
+    memory = per_device_memory(estimate, "32-true", SINGLE, checkpointing=checkpointing)
+    assert memory.weights == measured["weights"]
+    assert memory.gradients == measured["gradients"]
+    assert memory.optimizer == measured["optimizer"]
+    assert memory.activations == pytest.approx(measured["activations"], rel=0.15)
+    assert memory.total == pytest.approx(sum(measured.values()), rel=0.15)
 
 
 def test_bytes_per_parameter():
     assert bytes_per_parameter("32-true") == (4, 4, 8)
     assert bytes_per_parameter("bf16-mixed") == (4, 4, 8)
     assert bytes_per_parameter("bf16-true") == (2, 2, 4)
+    assert bytes_per_parameter("bf16-mixed", deepspeed=True) == (2, 2, 12)  # fp32 master + 2 AdamW states
+    assert bytes_per_parameter("32-true", deepspeed=True) == (4, 4, 8)
 
 
-def test_sharding_divides_the_states():
-    config = Config.from_name("MoE-200M")
-    single = estimate_training(config, "bf16-mixed", 8, 2048)
-    sharded = estimate_training(config, "bf16-mixed", 8, 2048, shard_degree=8)
-    assert sharded.optimizer == single.optimizer / 8 and sharded.activations == single.activations
-    assert single.weights == 549_808_896 * 4
+def test_memory_per_device_under_each_strategy():
+    """Hand-computed: 1,000 parameters (block of 100), 64 bytes of activations, bf16-mixed, 2 nodes x 4 GPUs."""
+    estimate = TrainingEstimate(1000, 500, 100, 6000, activations=64.0, activations_checkpointed=16.0)
+    placement = {"world_size": 8, "devices_per_node": 4}
+
+    def memory(choice, **kwargs):
+        got = per_device_memory(estimate, "bf16-mixed", choice, **placement, **kwargs)
+        return (got.weights, got.gradients, got.optimizer, got.gathered, got.activations, got.cpu_offload,
+                got.nvme_offload)  # fmt: skip
+
+    assert memory(SINGLE) == (4000, 4000, 8000, 0, 64, 0, 0)
+    assert memory(StrategyChoice("ddp", "")) == (4000, 4000, 8000, 0, 64, 0, 0)
+    assert memory(StrategyChoice("ddp", ""), checkpointing=True)[4] == 16
+    assert memory(StrategyChoice("fsdp", "")) == (1000, 1000, 2000, 2 * 100 * 4, 64, 0, 0)  # within a node
+    assert memory(StrategyChoice("deepspeed", "", 1)) == (2000, 2000, 1500, 0, 64, 0, 0)
+    assert memory(StrategyChoice("deepspeed", "", 2)) == (2000, 250, 1500, 0, 64, 0, 0)
+    assert memory(StrategyChoice("deepspeed", "", 3)) == (250, 250, 1500, 2 * 100 * 2, 64, 0, 0)
+    assert memory(StrategyChoice("deepspeed", "", 2, "cpu")) == (2000, 250, 0, 0, 64, 1500, 0)
+    assert memory(StrategyChoice("deepspeed", "", 3, "cpu", "cpu")) == (0, 250, 0, 400, 64, 1750, 0)
+    assert memory(StrategyChoice("deepspeed", "", 3, "nvme", "nvme")) == (0, 250, 0, 400, 64, 0, 1750)
 
 
 def test_estimate_command_for_moe_200m(capsys, tmp_path):
@@ -95,3 +113,11 @@ def test_estimate_command_for_moe_200m(capsys, tmp_path):
     assert "549,808,896 parameters in total, 132,213,504 active non-embedding parameters per token" in out
     assert "training FLOPs per token: 1.2533 GFLOP" in out
     assert "optimizer state      4.10 GiB" in out and "tokens/s" in out
+
+    main(["--config", str(REPO / "train_config.yaml"), "--no-cpu-profile", "--estimate", "--data_dir",
+          str(tmp_path / "none"), "--precision", "bf16-mixed", "--strategy", "deepspeed", "--zero-stage", "3",
+          "--offload-optimizer", "cpu", "--devices", "8", "--num-nodes", "2"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "strategy: DeepSpeed ZeRO-3 across 16 ranks, optimizer offloaded to CPU memory" in out
+    per_rank = 549_808_896 * 12 / 16 / 2**30
+    assert f"offloaded to CPU memory: {per_rank:.2f} GiB per rank, {8 * per_rank:.2f} GiB per node" in out

@@ -1,3 +1,4 @@
+import re
 import sys
 
 import litgpt.pretrain as pretrain
@@ -13,14 +14,16 @@ from litmoe.errors import UserError
 from litmoe.flops import TrainingFlops
 from litmoe.moe import MoELayer
 from litmoe.patches import PatchSettings, patched_pretrain, prepare_model
+from litmoe.strategy import StrategyChoice
 from litmoe.train import deep_merge, expand_short_flags, resolve_resume, take_flag
 
-PATCHED = ("FSDPStrategy", "measure_flops", "save_hyperparameters", "choose_logger", "fit")
+PATCHED = ("L", "measure_flops", "save_hyperparameters", "choose_logger", "fit")
 
 
 def settings(**optimization) -> PatchSettings:
     return PatchSettings(
-        optimization=OptimizationArgs(**optimization), moe=MoEArgs(), strategy="single", precision="32-true",
+        optimization=OptimizationArgs(**optimization), moe=MoEArgs(), strategy=StrategyChoice("single", "test"),
+        precision="32-true",
         micro_batch_size=2,
         seq_len=16, token_budget=1000, progress=False, run_config={"model": "MoE-tiny", "train": {"max_tokens": 1000}},
     )  # fmt: skip
@@ -69,6 +72,9 @@ def test_pretrain_still_calls_what_we_patch():
     assert "measured_flops = measure_flops(meta_model, model_fwd, model_loss)" in source
     assert "save_hyperparameters(setup, checkpoint_file.parent)" in source
     assert "logger = choose_logger(" in source
+    assert "fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy," in source
+    assert set(re.findall(r"\bL\.(\w+)", source)) == {"Fabric"}  # pretrain.L is swapped for a Fabric namespace
+    assert "reset_parameters(model)" in inspect.getsource(pretrain.initialize_weights)
     assert "    fit(\n        fabric=fabric," in source
 
 
@@ -176,6 +182,16 @@ def test_resume_rules(tmp_path):
     assert resolve_resume(out / "step-00000004", out) == out / "step-00000004" / "lit_model.pth"
     with pytest.raises(UserError, match=r"already holds checkpoints \(step-00000008/\); pass --resume auto"):
         resolve_resume(False, out)
+
+    shards = out / "step-00000012" / "lit_model.pth"  # DeepSpeed writes a directory of shards
+    (shards / "checkpoint").mkdir(parents=True)
+    assert resolve_resume("auto", out) == out / "step-00000008" / "lit_model.pth"  # no `latest` yet: incomplete
+    (shards / "latest").write_text("checkpoint")
+    assert resolve_resume("auto", out, deepspeed=True) == shards
+    with pytest.raises(UserError, match=r"step-00000012/lit_model.pth: DeepSpeed shards; resume with the --strategy"):
+        resolve_resume("auto", out)
+    with pytest.raises(UserError, match=r"a single-file checkpoint; DeepSpeed resumes only its own shard directories"):
+        resolve_resume(out / "step-00000004", out, deepspeed=True)
 
 
 def test_cli_prints_one_line_and_exits_2(capsys):

@@ -81,12 +81,28 @@ def gpu_checks() -> list[Check]:
     return checks
 
 
-def deepspeed_check() -> Check:
+DEEPSPEED_OPS = (
+    ("CPUAdamBuilder", "cpu_adam", "optimizer offload", "needs a C++ compiler (g++) and ninja"),
+    ("AsyncIOBuilder", "async_io", "NVMe offload", "install libaio (apt install libaio-dev)"),
+)
+
+
+def deepspeed_checks() -> list[Check]:
     version = package_version("deepspeed")
     if version is None:
-        return Check("DeepSpeed", "missing", "not installed (needed for ZeRO and offload)", "uv sync --extra deepspeed")
+        return [
+            Check("DeepSpeed", "missing", "not installed (needed for ZeRO and offload)", "uv sync --extra deepspeed")
+        ]
     ops = "CUDA GPU present" if torch.cuda.is_available() else "no CUDA GPU: DeepSpeed cannot train here"
-    return Check("DeepSpeed", "ok" if torch.cuda.is_available() else "warn", f"{version}; {ops}")
+    checks = [Check("DeepSpeed", "ok" if torch.cuda.is_available() else "warn", f"{version}; {ops}")]
+    from deepspeed.accelerator import get_accelerator
+
+    for builder_name, op, used_for, fix in DEEPSPEED_OPS:
+        builder = get_accelerator().create_op_builder(builder_name)
+        usable = builder is not None and builder.is_compatible(verbose=False)
+        detail = f"{op}: {'can be built' if usable else 'cannot be built'} (for {used_for})"
+        checks.append(Check("DeepSpeed op", "ok" if usable else "warn", detail, "" if usable else fix))
+    return checks
 
 
 def host_checks(out_dir: Path) -> list[Check]:
@@ -104,7 +120,7 @@ def host_checks(out_dir: Path) -> list[Check]:
 
 
 def check_environment(out_dir: Path) -> list[Check]:
-    checks = [*software_checks(), *gpu_checks(), deepspeed_check(), *host_checks(Path(out_dir))]
+    checks = [*software_checks(), *gpu_checks(), *deepspeed_checks(), *host_checks(Path(out_dir))]
     for check in checks:
         print(check.line())
     return checks

@@ -214,6 +214,13 @@ def candidate_plans(hardware: Hardware, nvme: bool) -> list[StrategyChoice]:
     return plans
 
 
+def adopt_launcher_node_rank(environ: dict[str, str] = os.environ) -> None:
+    """The DeepSpeed launcher names the node rank CROSS_RANK; Lightning reads NODE_RANK (else every node would
+    count itself node 0)."""
+    if "CROSS_RANK" in environ and "NODE_RANK" not in environ:
+        environ["NODE_RANK"] = environ["CROSS_RANK"]
+
+
 def fabric_builder(
     choice: StrategyChoice, deepspeed_config: dict[str, Any] | None = None, optimizer: str | dict = "AdamW"
 ) -> Callable[..., Any]:

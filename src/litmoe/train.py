@@ -24,7 +24,7 @@ from litmoe.checkpoints import is_complete, is_zero_checkpoint, latest_checkpoin
 from litmoe.data import MANIFEST, SPLITS, prepare, read_manifest
 from litmoe.errors import UserError
 from litmoe.patches import PatchSettings, patched_pretrain
-from litmoe.strategy import Hardware, StrategyChoice, resolve_strategy
+from litmoe.strategy import Hardware, StrategyChoice, adopt_launcher_node_rank, resolve_strategy
 from litmoe.tokenizer import load_tokenizer
 
 DEFAULT_TRAIN_CONFIG = Path("train_config.yaml")
@@ -114,6 +114,7 @@ def setup(
         raise UserError(f"--train.max_seq_length {seq_len} exceeds the model's block_size {config.block_size}")
     check_data_size(data_dir, train.micro_batch_size, seq_len)
     precision = precision or default_precision(training=True)
+    adopt_launcher_node_rank()
     hardware = Hardware.here(parse_devices(devices), num_nodes)
     choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization)
     print(f"Strategy: {choice.label(hardware.world_size, hardware.devices_per_node)} ({choice.reason})")

@@ -1,0 +1,83 @@
+"""LitGPT's pretrain loop under DeepSpeed ZeRO, run for real on DeepSpeed's CPU accelerator (gloo).
+
+Lightning allows DeepSpeed on CUDA only; LITMOE_DEEPSPEED_CPU=1 lifts that, so everything between LitGPT's
+loop and the DeepSpeed engine (joint setup, caller-owned accumulation, clipping, ZeRO-3 init, shard
+checkpoints, resume, consolidation) runs here. Each run is its own process: DeepSpeed initialises
+torch.distributed, which must not leak into the other tests.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, tiny_run_args
+from test_train import logged
+
+from litmoe.checkpoints import resolve_checkpoint_dir
+from litmoe.strategy import DEEPSPEED_ON_CPU
+from litmoe.train import main
+
+pytest.importorskip("deepspeed")
+
+# 8 optimizer steps of 2 accumulated micro-batches (4 x 64 tokens), clipped at 1.0, checkpoints every 4 steps
+BUDGET = 16 * 4 * 64
+EXTRA = ("--train.global_batch_size", "8", "--train.max_norm", "1.0", "--eval.interval", "100")
+
+
+def run_deepspeed(args: list[str]) -> str:
+    env = {**os.environ, DEEPSPEED_ON_CPU: "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "run_train.py", *args, "--strategy", "deepspeed", "--num_workers", "0"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def single_device(prepared, tiny_model_file, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("single")
+    main(tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, (*EXTRA, "--strategy", "single")))
+    return out_dir
+
+
+def final_weights(out_dir) -> dict[str, torch.Tensor]:
+    state = torch.load(resolve_checkpoint_dir(out_dir / "final") / "lit_model.pth", weights_only=False)
+    return state["model"]
+
+
+def test_zero3_trains_as_one_device_resumes_and_consolidates(prepared, tiny_model_file, tmp_path, single_device):
+    out_dir = tmp_path / "zero3"
+    out = run_deepspeed(tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, (*EXTRA, "--zero-stage", "3")))
+    assert "Strategy: DeepSpeed ZeRO-3 across 1 rank (DeepSpeed requested)" in out
+    expected = logged(single_device, "loss")
+    got = logged(out_dir, "loss")
+    assert sorted(got) == sorted(expected) and len(got) == 8  # logged at each optimizer step
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in got)
+    shards = out_dir / "step-00000004" / "lit_model.pth"
+    assert (shards / "latest").is_file() and list((shards / "checkpoint").glob("*optim_states.pt"))
+
+    # the shards consolidate to the single-device run's weights, under stock LitGPT keys
+    ours, reference = final_weights(out_dir), final_weights(single_device)
+    assert ours.keys() == reference.keys() and "transformer.h.0.mlp.experts.3.fc_2.weight" in ours
+    assert all(torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-5) for key in ours)
+
+    resumed = tmp_path / "resumed"  # interrupted after its fourth optimizer step
+    shutil.copytree(out_dir / "step-00000004", resumed / "step-00000004")
+    extra = (*EXTRA, "--zero-stage", "3", "--resume", "auto")
+    out = run_deepspeed(tiny_run_args(prepared, tiny_model_file, resumed, BUDGET, extra))
+    assert "Resuming from" in out and "step-00000004" in out
+    got = logged(resumed, "loss")
+    assert sorted(got) == [9, 11, 13, 15]
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in got)
+
+
+def test_zero2_with_optimizer_offload_trains_as_one_device(prepared, tiny_model_file, tmp_path, single_device):
+    out_dir = tmp_path / "zero2"
+    extra = (*EXTRA, "--zero-stage", "2", "--offload-optimizer", "cpu")
+    out = run_deepspeed(tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, extra))
+    assert "DeepSpeed ZeRO-2 across 1 rank, optimizer offloaded to CPU memory" in out
+    expected, got = logged(single_device, "loss"), logged(out_dir, "loss")
+    assert sorted(got) == sorted(expected)
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in got)
