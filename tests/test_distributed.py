@@ -1,28 +1,40 @@
-"""A real 2-process data-parallel run on CPU (DDP over gloo), launched as users launch it."""
+"""Real 2-process data-parallel runs on CPU (DDP over gloo, and DeepSpeed ZeRO-3 on DeepSpeed's CPU
+accelerator), launched as users launch them."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO, tiny_run_args
 from test_train import logged
 
+from litmoe.checkpoints import resolve_checkpoint_dir
+from litmoe.strategy import DEEPSPEED_ON_CPU
 
-def run_two_ranks(args: list[str]) -> str:
-    command = [sys.executable, "run_train.py", *args, "--devices", "2", "--strategy", "ddp", "--num_workers", "0"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+BUDGET = 2 * 4 * 64 * 6  # 6 iterations of micro-batch 4 x 64 tokens on each of 2 ranks
+EXTRA = ("--train.global_batch_size", "8", "--train.save_interval", "2", "--eval.interval", "100")
+
+
+def run_two_ranks(args: list[str], strategy: tuple[str, ...] = ("--strategy", "ddp")) -> str:
+    command = [sys.executable, "run_train.py", *args, "--devices", "2", *strategy, "--num_workers", "0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", DEEPSPEED_ON_CPU: "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
-def test_two_ranks_train_on_different_data_stay_in_sync_and_resume(prepared, tiny_model_file, tmp_path):
-    budget = 2 * 4 * 64 * 6  # 6 iterations of micro-batch 4 x 64 tokens on each of 2 ranks
-    extra = ("--train.global_batch_size", "8", "--train.save_interval", "2", "--eval.interval", "100")
-    full = tmp_path / "full"
-    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, full, budget, extra))
+@pytest.fixture(scope="module")
+def ddp_run(prepared, tiny_model_file, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ddp")
+    return out_dir, run_two_ranks(tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, EXTRA))
+
+
+def test_two_ranks_train_on_different_data_stay_in_sync_and_resume(prepared, tiny_model_file, tmp_path, ddp_run):
+    full, out = ddp_run
     assert "Strategy: DDP across 2 ranks (--strategy ddp)" in out
     assert "Data parallel: 2 ranks read different first batches" in out
     assert "Data parallel: parameters identical on all 2 ranks after training" in out
@@ -30,8 +42,35 @@ def test_two_ranks_train_on_different_data_stay_in_sync_and_resume(prepared, tin
 
     resumed = tmp_path / "resumed"  # interrupted after its second checkpoint
     shutil.copytree(full / "step-00000004", resumed / "step-00000004")
-    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, resumed, budget, (*extra, "--resume", "auto")))
+    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, resumed, BUDGET, (*EXTRA, "--resume", "auto")))
     assert "Resuming from" in out and "step-00000004" in out
     expected, got = logged(full, "loss"), logged(resumed, "loss")
     assert sorted(got) == [4, 5]
     assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in got)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (uv sync)")
+def test_zero3_across_two_ranks_trains_as_ddp(prepared, tiny_model_file, tmp_path, ddp_run):
+    """Each rank holds half of every weight, gradient and optimizer state; the result must not change."""
+    ddp, _ = ddp_run
+    out_dir = tmp_path / "zero3"
+    strategy = ("--strategy", "deepspeed", "--zero-stage", "3")
+    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, EXTRA), strategy)
+    assert "Strategy: DeepSpeed ZeRO-3 across 2 ranks" in out
+    assert "Data parallel: 2 ranks read different first batches" in out
+    expected, got = logged(ddp, "loss"), logged(out_dir, "loss")
+    assert sorted(got) == sorted(expected)
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in got)
+
+    shards = sorted(path.name for path in (out_dir / "final" / "lit_model.pth" / "checkpoint").iterdir())
+    assert shards == [
+        f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1) for kind in ("model", "optim")
+    ]
+    weights = {
+        name: torch.load(resolve_checkpoint_dir(run / "final") / "lit_model.pth", weights_only=False)["model"]
+        for name, run in (("zero3", out_dir), ("ddp", ddp))
+    }
+    assert weights["zero3"].keys() == weights["ddp"].keys()
+    assert all(
+        torch.allclose(weights["zero3"][key], weights["ddp"][key], rtol=1e-4, atol=1e-5) for key in weights["ddp"]
+    )
