@@ -6,6 +6,9 @@ same active FLOPs, at MoE-200M layer sizes (n_embd 768, 8 experts of 2048, top-2
 
 The variants are timed interleaved (one call of each per round), so a slow patch of the machine hits all of
 them alike. Each figure is the median over rounds after warm-up, and every ratio comes from the same run.
+
+"expert GEMMs alone" is the floor for any MoE layer: only the six matrix products per expert that forward
+and backward need (tokens split evenly over the experts), without routing, permutation or activations.
 """
 
 import argparse
@@ -34,26 +37,51 @@ def build_layers(device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn
     return {name: layer.to(device=device, dtype=dtype) for name, layer in layers.items()}
 
 
-def step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+def layer_step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     layer.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
-    if x.is_cuda:
+    layer(x.detach().requires_grad_()).backward(grad)
+
+
+def expert_gemms(config, tokens: int, device: torch.device, dtype: torch.dtype):
+    """The forward and backward matrix products of the experts, and nothing else."""
+    E, D, F = config.n_expert, config.n_embd, config.moe_intermediate_size
+    rows = tokens * config.n_expert_per_token // E
+    w_in, w_out = torch.randn(E, 2 * F, D, device=device, dtype=dtype), torch.randn(E, D, F, device=device, dtype=dtype)
+    x, h = torch.randn(rows, D, device=device, dtype=dtype), torch.randn(rows, F, device=device, dtype=dtype)
+    grad_h, grad_y = torch.randn(rows, 2 * F, device=device, dtype=dtype), torch.randn_like(x)
+
+    def run() -> None:
+        for expert in range(E):
+            x @ w_in[expert].T, h @ w_out[expert].T  # forward
+            grad_h @ w_in[expert], grad_y @ w_out[expert]  # gradients of the inputs
+            grad_h.T @ x, grad_y.T @ h  # gradients of the weights
+
+    return run
+
+
+def timed(function) -> float:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    layer(x).backward(grad)
-    if x.is_cuda:
+    function()
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
 def run(tokens: int, rounds: int, warmup: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    layers = build_layers(device, dtype)
+    from functools import partial
+
+    from litgpt import Config
+
     x = torch.randn(1, tokens, 768, device=device, dtype=dtype)
     grad = torch.randn_like(x)
-    times: dict[str, list[float]] = {name: [] for name in layers}
+    variants = {name: partial(layer_step, layer, x, grad) for name, layer in build_layers(device, dtype).items()}
+    variants["expert GEMMs alone (floor)"] = expert_gemms(Config.from_name("MoE-200M"), tokens, device, dtype)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(warmup + rounds):
-        for name, layer in layers.items():
-            seconds = step(layer, x, grad)
+        for name, function in variants.items():
+            seconds = timed(function)
             if round_index >= warmup:
                 times[name].append(seconds)
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
@@ -64,11 +92,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--system-malloc", action="store_true", help="CPU: leave glibc's defaults, as before")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
+    kept = False
+    if not cuda and not args.system_malloc:  # as run_train.py trains on the CPU (litmoe.host_memory)
+        from litmoe.host_memory import keep_freed_host_memory
+
+        kept = keep_freed_host_memory()
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# {name}, {dtype}, torch {torch.__version__}, median of {args.rounds} interleaved rounds")
+    memory = ", freed host memory kept" if kept else ""
+    print(f"# {name}, {dtype}, torch {torch.__version__}{memory}, median of {args.rounds} interleaved rounds")
     print("| tokens | variant | fwd+bwd ms | vs dense | vs stock |")
     print("| ---: | --- | ---: | ---: | ---: |")
     for tokens in args.tokens:

@@ -21,6 +21,9 @@ class OptimizationArgs:
     """Refuse to start without FlashAttention, and pin attention to it so it cannot silently fall back."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (non-reentrant): less memory, ~30% more compute."""
+    keep_host_memory: bool = True
+    """On the CPU: keep freed memory in the process for the next step instead of returning it to the OS, which
+    costs a page fault per 4 KiB on every reuse (litmoe.host_memory; glibc only)."""
 
 
 @dataclass

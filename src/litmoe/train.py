@@ -124,6 +124,11 @@ def setup(
         optimization.flash_attention, optimization.flash_attention_force,
     )  # fmt: skip
 
+    if not cuda and optimization.keep_host_memory:
+        from litmoe.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
+
     from litgpt import pretrain
     from litgpt.data import LitData
 
