@@ -1,6 +1,9 @@
 """The strategy decision, its errors, and the DeepSpeed configs the flags produce (no GPU needed)."""
 
 import json
+import os
+import subprocess
+import sys
 from functools import partial
 
 import pytest
@@ -172,3 +175,43 @@ def test_deepspeed_launcher_node_rank_reaches_lightning(monkeypatch):
     monkeypatch.setenv("NODE_RANK", "3")
     adopt_launcher_node_rank()
     assert LightningEnvironment().node_rank() == 3  # an explicit NODE_RANK wins
+
+
+def test_strategy_section_and_flags_reach_the_run(tmp_path, capsys, monkeypatch):
+    from conftest import REPO
+
+    from litmoe.train import main
+
+    monkeypatch.delenv(DEEPSPEED_ON_CPU, raising=False)
+    config = tmp_path / "train.yaml"
+    config.write_text((REPO / "train_config.yaml").read_text().replace("  name: auto ", "  name: deepspeed "))
+    common = ["--config", str(config), "--no-cpu-profile", "--data_dir", str(tmp_path / "none"), "--estimate"]
+    main(common)
+    assert "strategy: DeepSpeed ZeRO-2 across 1 rank (DeepSpeed requested)" in capsys.readouterr().out
+    main([*common, "--strategy", "single"])  # the flag wins over the file
+    assert "strategy: single device (--strategy single)" in capsys.readouterr().out
+    config.write_text("strategy: fsdp\n")  # the short form of the section
+    main([*common, "--devices", "4"])
+    assert "strategy: FSDP, sharded within each node's 4 devices (--strategy fsdp)" in capsys.readouterr().out
+
+
+def test_deepspeed_without_cuda_is_one_line_before_any_work(monkeypatch, tmp_path):
+    from conftest import REPO
+
+    if torch_cuda_available():
+        pytest.skip("this machine has CUDA")
+    env = {key: value for key, value in os.environ.items() if key != DEEPSPEED_ON_CPU}
+    command = [sys.executable, "run_train.py", "--strategy", "deepspeed", "--out_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --strategy deepspeed needs a CUDA GPU (Lightning runs DeepSpeed on CUDA only); on this machine use"
+        " --strategy ddp or single"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -141,11 +141,10 @@ def reference_peak_flops(precision: str) -> tuple[str, float]:
 
 def describe(
     estimate: TrainingEstimate, config, precision: str, choice: "StrategyChoice", memory: DeviceMemory,
-    checkpointing: bool, world_size: int, devices_per_node: int, max_tokens: float, mfu: float = 0.4,
+    checkpointing: bool, world_size: int, devices_per_node: int, max_tokens: float | None, mfu: float = 0.4,
 ) -> str:  # fmt: skip
     gpu, peak = reference_peak_flops(precision)
     tokens_per_sec = mfu * peak * world_size / estimate.flops_per_token
-    hours = max_tokens / tokens_per_sec / 3600
     output_head = config.padded_vocab_size * config.n_embd
     other = estimate.activations if checkpointing else estimate.activations_checkpointed
     lines = [
@@ -170,8 +169,6 @@ def describe(
         if nbytes:
             lines.append(f"  offloaded to {where}: {nbytes / GiB:.2f} GiB per rank,"
                          f" {nbytes * devices_per_node / GiB:.2f} GiB per node")  # fmt: skip
-    lines.append(
-        f"speed at {mfu:.0%} MFU on {world_size} x {gpu}: {tokens_per_sec:,.0f} tokens/s,"
-        f" {hours:.1f} h for {max_tokens:,.0f} tokens"
-    )
+    budget = f", {max_tokens / tokens_per_sec / 3600:.1f} h for {max_tokens:,.0f} tokens" if max_tokens else ""
+    lines.append(f"speed at {mfu:.0%} MFU on {world_size} x {gpu}: {tokens_per_sec:,.0f} tokens/s{budget}")
     return "\n".join(lines)

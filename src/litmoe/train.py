@@ -420,4 +420,4 @@ def print_estimate(model: str, data_dir: Path, precision: str | None, train: Tra
     placement = dict(world_size=hardware.world_size, devices_per_node=hardware.devices_per_node)
     memory = per_device_memory(estimate, precision, choice, **placement, checkpointing=checkpointing)
     print(describe(estimate, config, precision, choice, memory, checkpointing, **placement,
-                   max_tokens=float(train.max_tokens)))  # fmt: skip
+                   max_tokens=train.max_tokens and float(train.max_tokens)))  # fmt: skip
