@@ -13,10 +13,7 @@ NODES=${NODES:-2}
 DEVICES=${DEVICES:-$(nvidia-smi --list-gpus | wc -l)}
 MAIN_PORT=${MAIN_PORT:-29500}
 
-export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-^lo,docker}
-export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-export PYTORCH_ALLOC_CONF=expandable_segments:True
+source scripts/nccl_env.sh  # NCCL settings; set NCCL_SOCKET_IFNAME to the interface your nodes talk over
 
 uv run torchrun --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$DEVICES" \
   --master_addr "$MAIN_ADDR" --master_port "$MAIN_PORT" \

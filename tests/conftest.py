@@ -1,4 +1,7 @@
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +92,16 @@ def tiny_run_args(prepared: Path, model_file: Path, out_dir: Path, max_tokens: i
         "--optimizer.init_args.lr", "0.01",
         *extra,
     ]  # fmt: skip
+
+
+def run_train_process(args: list[str], **env: str) -> str:
+    """run_train.py in its own process, as users launch it (needed where torch.distributed gets initialised);
+    returns its stdout and fails the test with its output's tail when it fails."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    command = [sys.executable, "run_train.py", *args, "--num_workers", "0"]
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 @pytest.fixture

@@ -6,14 +6,11 @@ checkpoints, resume, consolidation) runs here. Each run is its own process: Deep
 torch.distributed, which must not leak into the other tests.
 """
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_run_args
+from conftest import run_train_process, tiny_run_args
 from test_train import logged
 
 from litmoe.checkpoints import resolve_checkpoint_dir
@@ -28,11 +25,7 @@ EXTRA = ("--train.global_batch_size", "8", "--train.max_norm", "1.0", "--eval.in
 
 
 def run_deepspeed(args: list[str]) -> str:
-    env = {**os.environ, DEEPSPEED_ON_CPU: "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "run_train.py", *args, "--strategy", "deepspeed", "--num_workers", "0"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    return run_train_process([*args, "--strategy", "deepspeed"], **{DEEPSPEED_ON_CPU: "1"})
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,11 @@
 accelerator), launched as users launch them."""
 
 import importlib.util
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_run_args
+from conftest import run_train_process, tiny_run_args
 from test_train import logged
 
 from litmoe.checkpoints import resolve_checkpoint_dir
@@ -20,11 +17,7 @@ EXTRA = ("--train.global_batch_size", "8", "--train.save_interval", "2", "--eval
 
 
 def run_two_ranks(args: list[str], strategy: tuple[str, ...] = ("--strategy", "ddp")) -> str:
-    command = [sys.executable, "run_train.py", *args, "--devices", "2", *strategy, "--num_workers", "0"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", DEEPSPEED_ON_CPU: "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    return run_train_process([*args, "--devices", "2", *strategy], **{DEEPSPEED_ON_CPU: "1"})
 
 
 @pytest.fixture(scope="module")

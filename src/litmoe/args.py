@@ -61,6 +61,11 @@ class StrategyArgs:
     (batch size, clipping, caller-owned gradient accumulation)."""
 
     @property
+    def decided_by_auto(self) -> bool:
+        """Whether litmoe.strategy chooses (name auto and no DeepSpeed-only option)."""
+        return self.name == "auto" and not self.asks_for_zero
+
+    @property
     def asks_for_zero(self) -> bool:
         """Whether a DeepSpeed-only option was given."""
         offload = {self.offload_optimizer, self.offload_params} - {None, "none"}

@@ -44,8 +44,7 @@ def resolve_checkpoint_dir(path: Path) -> Path:
         path = path.parent
     if not (path / "lit_model.pth").exists() and (newest := latest_checkpoint(path)) is not None:
         path = newest.parent
-    missing = [name for name in CHECKPOINT_FILES if not (name == "lit_model.pth" and is_zero_checkpoint(path / name))]
-    missing = [name for name in missing if not (path / name).is_file()]
+    missing = [name for name in CHECKPOINT_FILES if not is_complete(path / name)]
     if missing:
         raise UserError(
             f"{path}: not a complete checkpoint (missing {', '.join(missing)}); pass a final/ or step-*/ dir"

@@ -81,8 +81,8 @@ def resolve_strategy(
 ) -> StrategyChoice:  # fmt: skip
     """The strategy to train with, and why; raises for contradictions, before any work starts.
 
-    `memory_of` gives one rank's memory under a choice (only `auto` with a GPU asks)."""
-    if args.name == "auto" and not args.asks_for_zero:
+    `memory_of` gives one rank's memory under a choice; `auto` with a GPU needs it."""
+    if args.decided_by_auto:
         return decide(hardware, memory_of, args.nvme_path)
     choice = requested(args, hardware.world_size)
     if choice.name == "deepspeed":
@@ -109,13 +109,13 @@ def requested(args: StrategyArgs, world_size: int) -> StrategyChoice:
                 f"--deepspeed-config {args.deepspeed_config}: set the ZeRO stage and offload in that file, not"
                 " also with --zero-stage / --offload-*"
             )
-        from litmoe.zero import read_user_config
+        from litmoe.zero import offload_device, read_user_config
 
-        zero = read_user_config(args.deepspeed_config).get("zero_optimization", {})
-        offload = {key: zero.get(key, {}).get("device", "none") for key in ("offload_optimizer", "offload_param")}
+        config = read_user_config(args.deepspeed_config)
         return StrategyChoice(
-            "deepspeed", f"--deepspeed-config {args.deepspeed_config}", int(zero.get("stage", 0)),
-            offload["offload_optimizer"], offload["offload_param"],
+            "deepspeed", f"--deepspeed-config {args.deepspeed_config}",
+            int(config.get("zero_optimization", {}).get("stage", 0)),
+            offload_device(config, "offload_optimizer"), offload_device(config, "offload_param"),
         )  # fmt: skip
     return StrategyChoice(
         "deepspeed", "DeepSpeed requested", args.zero_stage or 2, args.offload_optimizer or "none",
@@ -164,7 +164,7 @@ def check_nvme_path(path: Path | None) -> None:
 
 
 def decide(
-    hardware: Hardware, memory_of: Callable[[StrategyChoice], DeviceMemory] | None, nvme_path: Path | None
+    hardware: Hardware, memory_of: Callable[[StrategyChoice], DeviceMemory], nvme_path: Path | None
 ) -> StrategyChoice:
     world = hardware.world_size
     if hardware.gpu_memory is None:
@@ -172,8 +172,6 @@ def decide(
             return StrategyChoice("single", "no CUDA GPU: one CPU process")
         return StrategyChoice("ddp", f"{world} CPU processes: DDP over gloo (FSDP and DeepSpeed need CUDA)")
     plans = candidate_plans(hardware, nvme_path is not None)
-    if memory_of is None:
-        return replace(plans[0], reason=f"{world} GPU(s)")
     gpu = hardware.gpu_memory
     needs = {plan: memory_of(plan) for plan in plans}
 

@@ -161,17 +161,24 @@ def choose_strategy(
     optimization: OptimizationArgs,
 ) -> StrategyChoice:  # fmt: skip
     memory_of = None
-    if hardware.gpu_memory is not None and args.name == "auto":
-        from functools import partial
-
-        from litmoe.estimate import estimate_training, per_device_memory
+    if hardware.gpu_memory is not None and args.decided_by_auto:  # only auto, on GPUs, weighs memory
+        from litmoe.estimate import estimate_training
 
         estimate = estimate_training(config, precision, train.micro_batch_size, seq_len)
-        memory_of = partial(
-            per_device_memory, estimate, precision, world_size=hardware.world_size,
-            devices_per_node=hardware.devices_per_node, checkpointing=optimization.gradient_checkpointing,
-        )  # fmt: skip
+        memory_of = memory_per_device(estimate, precision, hardware, optimization)
     return resolve_strategy(args, hardware, memory_of, compile=optimization.compile)
+
+
+def memory_per_device(estimate, precision: str, hardware: Hardware, optimization: OptimizationArgs):
+    """One rank's memory under a strategy choice, for this hardware and these settings."""
+    from functools import partial
+
+    from litmoe.estimate import per_device_memory
+
+    return partial(
+        per_device_memory, estimate, precision, world_size=hardware.world_size,
+        devices_per_node=hardware.devices_per_node, checkpointing=optimization.gradient_checkpointing,
+    )  # fmt: skip
 
 
 def deepspeed_config(choice: StrategyChoice, args: StrategyArgs, train: TrainArgs) -> dict[str, Any]:
@@ -402,7 +409,7 @@ def print_estimate(model: str, data_dir: Path, precision: str | None, train: Tra
 
     An explicit --strategy (with --devices and --num_nodes) is estimated even where it could not run, so that a
     run can be planned on another machine; `auto` decides for this machine's hardware."""
-    from litmoe.estimate import describe, estimate_training, per_device_memory
+    from litmoe.estimate import describe, estimate_training
     from litmoe.strategy import requested
 
     config = resolve_model_config(model)
@@ -411,13 +418,12 @@ def print_estimate(model: str, data_dir: Path, precision: str | None, train: Tra
     precision = precision or default_precision(training=True)
     hardware = Hardware.here(parse_devices(devices), num_nodes)
     seq_len = train.max_seq_length or config.block_size
-    if strategy.name == "auto" and not strategy.asks_for_zero:
-        choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization)
+    estimate = estimate_training(config, precision, train.micro_batch_size, seq_len)
+    memory_of = memory_per_device(estimate, precision, hardware, optimization)
+    if strategy.decided_by_auto:
+        choice = resolve_strategy(strategy, hardware, memory_of, compile=optimization.compile)
     else:
         choice = requested(strategy, hardware.world_size)
-    estimate = estimate_training(config, precision, train.micro_batch_size, seq_len)
-    checkpointing = optimization.gradient_checkpointing
-    placement = dict(world_size=hardware.world_size, devices_per_node=hardware.devices_per_node)
-    memory = per_device_memory(estimate, precision, choice, **placement, checkpointing=checkpointing)
-    print(describe(estimate, config, precision, choice, memory, checkpointing, **placement,
+    print(describe(estimate, config, precision, choice, memory_of(choice), optimization.gradient_checkpointing,
+                   hardware.world_size, hardware.devices_per_node,
                    max_tokens=train.max_tokens and float(train.max_tokens)))  # fmt: skip

@@ -23,6 +23,7 @@ A DeepSpeed checkpoint is a directory (`step-*/lit_model.pth/` holding `checkpoi
 import json
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,14 @@ from lightning.fabric.strategies import DeepSpeedStrategy
 
 from litmoe.errors import UserError
 
-# What LitGPT's loop needs from any DeepSpeed config (see the table above).
-LOOP_KEYS = ("train_micro_batch_size_per_gpu", "gradient_clipping", "managed_gradient_accumulation")
+
+def loop_settings(micro_batch_size: int, max_norm: float | None) -> dict[str, Any]:
+    """What LitGPT's loop needs from any DeepSpeed config (see the table above)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_clipping": max_norm or 0.0,
+        "managed_gradient_accumulation": False,
+    }
 
 
 def deepspeed_config(
@@ -54,9 +61,7 @@ def deepspeed_config(
             if device == "nvme":
                 zero[key]["nvme_path"] = str(nvme_path)
     return {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_clipping": max_norm or 0.0,
-        "managed_gradient_accumulation": False,
+        **loop_settings(micro_batch_size, max_norm),
         "zero_allow_untested_optimizer": True,  # LitGPT's torch.optim optimizers
         "zero_optimization": zero,
     }
@@ -78,8 +83,8 @@ def user_deepspeed_config(path: Path, micro_batch_size: int, max_norm: float | N
     """A user's JSON config, passed through with the keys LitGPT's loop needs filled in (or refused when they
     contradict the run)."""
     config = read_user_config(path)
-    run = deepspeed_config(2, "none", "none", None, micro_batch_size, max_norm)
-    for key in LOOP_KEYS:
+    run = loop_settings(micro_batch_size, max_norm)
+    for key in run:
         if config.get(key, run[key]) != run[key]:
             raise UserError(
                 f"{path}: {key} is {config[key]!r} but this run needs {run[key]!r}; remove the key (litmoe sets it"
@@ -90,12 +95,12 @@ def user_deepspeed_config(path: Path, micro_batch_size: int, max_norm: float | N
             raise UserError(
                 f"{path}: remove {key}; LitGPT's loop accumulates gradients itself (set train.global_batch_size)"
             )
-    return {**config, **{key: run[key] for key in LOOP_KEYS}, "zero_allow_untested_optimizer": True}
+    return {**config, **run, "zero_allow_untested_optimizer": True}
 
 
-def offloads_optimizer(config: dict[str, Any]) -> bool:
-    offload = config.get("zero_optimization", {}).get("offload_optimizer", {})
-    return offload.get("device", "none") != "none"
+def offload_device(config: dict[str, Any], key: str) -> str:
+    """Where a DeepSpeed config offloads `key` (offload_optimizer, offload_param): none, cpu or nvme."""
+    return config.get("zero_optimization", {}).get(key, {}).get("device", "none")
 
 
 class LoopDeepSpeedStrategy(DeepSpeedStrategy):
@@ -165,11 +170,9 @@ def client_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 def optimizer_builder(optimizer: str | dict, config: dict[str, Any]) -> Callable[[Iterable[nn.Parameter]], Any]:
     """How LitGPT would build the optimizer; with optimizer offload, DeepSpeed's CPU Adam with the same settings
     (DeepSpeed refuses a torch optimizer there)."""
-    from functools import partial
-
     from litgpt.utils import instantiate_torch_optimizer
 
-    if not offloads_optimizer(config):
+    if offload_device(config, "offload_optimizer") == "none":
         return partial(instantiate_torch_optimizer, optimizer, fused=torch.cuda.is_available())
     name = optimizer if isinstance(optimizer, str) else optimizer.get("class_path", "")
     if name.rsplit(".", 1)[-1] not in ("Adam", "AdamW"):
