@@ -96,10 +96,11 @@ def tiny_run_args(prepared: Path, model_file: Path, out_dir: Path, max_tokens: i
 
 def run_train_process(args: list[str], **env: str) -> str:
     """run_train.py in its own process, as users launch it (needed where torch.distributed gets initialised);
-    returns its stdout and fails the test with its output's tail when it fails."""
+    returns its stdout and fails the test with its output's tail when it fails. A run here takes 30-90 s; the
+    timeout turns a hang into a failure before it eats the CI budget."""
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     command = [sys.executable, "run_train.py", *args, "--num_workers", "0"]
-    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
