@@ -4,7 +4,7 @@ estimate, and the first losses next to the single-device run's.
 Each plan runs run_train.py in its own process (DeepSpeed initialises torch.distributed), one after the
 other, with the same config, data and seed.
 
-    uv run python benchmarks/zero_strategies.py -- --no-cpu-profile --train.max_tokens 2e6 --no-compile
+    uv run python benchmarks/zero_strategies.py -- --no-cpu-profile --train.max_tokens 1e6 --no-compile
     LITMOE_DEEPSPEED_CPU=1 uv run python benchmarks/zero_strategies.py   # CPU: the pipeline, not the speed
 
 Arguments after `--` go to every run as they are.

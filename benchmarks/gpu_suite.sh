@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in steps that each fit in one 10-minute call on a lent GPU machine.
+#
+#   bash benchmarks/gpu_suite.sh environment tests layer     # one call
+#   bash benchmarks/gpu_suite.sh throughput                  # another
+#   bash benchmarks/gpu_suite.sh zero                        # and another
+#
+# Run from the repository root. Each step's output is also written to $OUT/STEP.txt (./gpu-results without
+# $OUT). On a machine without a package index, first run the install line that ../shared/gpu/wheels.sh
+# prints, then set PYTHON=python3; elsewhere PYTHON defaults to "uv run python".
+set -uo pipefail
+PYTHON=${PYTHON:-uv run python}
+results=${OUT:-gpu-results}
+mkdir -p "$results"
+
+run_step() {
+  case $1 in
+    environment) $PYTHON run_train.py --check-environment ;;
+    tests) $PYTHON -m pytest -q -rs tests/test_cuda.py ;;
+    layer) $PYTHON benchmarks/moe_layer.py ;;
+    throughput) $PYTHON benchmarks/train_throughput.py --tokens 2000000 -- --no-cpu-profile ;;
+    zero) $PYTHON benchmarks/zero_strategies.py -- --no-cpu-profile --train.max_tokens 1e6 --no-compile \
+      --eval.initial_validation false --eval.final_validation false ;;
+    *) echo "unknown step '$1'; the steps are: environment tests layer throughput zero" >&2; return 2 ;;
+  esac
+}
+
+status=0
+for step in "$@"; do
+  echo "== $step"
+  run_step "$step" 2>&1 | tee "$results/$step.txt" || status=1
+done
+exit $status

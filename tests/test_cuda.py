@@ -1,0 +1,93 @@
+"""What only a CUDA GPU can show: the bf16 grouped-GEMM layer, FlashAttention, a compiled bf16 training run.
+
+Skipped without a GPU (CI has none). On a GPU machine: `python3 -m pytest tests/test_cuda.py`.
+"""
+
+import pytest
+import torch
+from litgpt import Config
+from litgpt.model import LLaMAMoE
+
+from litmoe.moe import MoELayer, _to_stock_keys
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = torch.device("cuda")
+
+
+def outputs_and_gradients(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The layer's output and every gradient, in fp32 and under stock LitGPT's parameter names."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    output = layer(x)
+    output.backward(grad)
+    results = {name: p.grad.float() for name, p in layer.named_parameters()}
+    if isinstance(layer, MoELayer):
+        _to_stock_keys(layer.experts, results, "experts.", {})
+    return {"output": output.detach().float(), "input grad": x.grad.float(), **results}
+
+
+def relative_errors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> dict[str, float]:
+    assert expected.keys() == actual.keys()
+    return {name: float((expected[name] - actual[name]).norm() / expected[name].norm()) for name in expected}
+
+
+def moe_200m_layers(dtype: torch.dtype) -> tuple[LLaMAMoE, MoELayer]:
+    torch.manual_seed(0)
+    stock = LLaMAMoE(Config.from_name("MoE-200M")).to(DEVICE)
+    ours = MoELayer(stock.config).to(DEVICE)
+    ours.load_state_dict(stock.state_dict())
+    return stock.to(dtype), ours.to(dtype)
+
+
+def test_bf16_grouped_gemm_layer_is_as_close_to_fp32_as_stock_bf16():
+    """bf16 rounds differently in each layer, so both are held against fp32: ours may not stray further."""
+    x = torch.randn(2, 1024, 768, device=DEVICE)
+    grad = torch.randn_like(x)
+    reference = outputs_and_gradients(moe_200m_layers(torch.float32)[0], x, grad)
+    stock, ours = moe_200m_layers(torch.bfloat16)
+    stock_errors = relative_errors(reference, outputs_and_gradients(stock, x.bfloat16(), grad.bfloat16()))
+    ours_errors = relative_errors(reference, outputs_and_gradients(ours, x.bfloat16(), grad.bfloat16()))
+    for name, error in ours_errors.items():
+        assert error < 1.5 * stock_errors[name] + 1e-3, (name, error, stock_errors[name])
+
+
+def test_fp32_on_cuda_matches_stock():
+    """fp32 on CUDA runs the experts one at a time (CUDA's grouped GEMMs are bf16-only). TF32 is off by default."""
+    x = torch.randn(2, 256, 768, device=DEVICE)
+    grad = torch.randn_like(x)
+    stock, ours = moe_200m_layers(torch.float32)
+    errors = relative_errors(outputs_and_gradients(stock, x, grad), outputs_and_gradients(ours, x, grad))
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_bf16_layer_compiles_without_graph_breaks():
+    _, ours = moe_200m_layers(torch.bfloat16)
+    ours.train()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(ours)(torch.randn(2, 512, 768, device=DEVICE, dtype=torch.bfloat16))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8, reason="FlashAttention needs sm80+"
+)
+def test_moe_200m_attention_runs_on_flash_attention_in_bf16():
+    from torch.nn.attention import SDPBackend
+
+    from litmoe.attention import chosen_backend, flash_blockers
+
+    config = Config.from_name("MoE-200M")
+    assert flash_blockers(DEVICE, torch.bfloat16, config.head_size) == []
+    assert chosen_backend(DEVICE, torch.bfloat16, config.n_head, config.head_size) == SDPBackend.FLASH_ATTENTION
+
+
+def test_compiled_bf16_training_run_learns_and_reports_mfu(train_args, tmp_path):
+    from litmoe.train import main
+
+    out_dir = tmp_path / "run"
+    extra = ("--compile", "--flash-attention-force", "--eval.interval", "100")
+    run = main(train_args(out_dir, max_tokens=256 * 24, extra=extra))
+    assert run.summary.val_loss < 0.75 * run.summary.initial_val_loss
+    assert run.summary.peak_flops, "no MFU: Lightning does not know this GPU's peak FLOP/s"
+    assert 0 < run.summary.flops / run.summary.seconds < run.summary.peak_flops
+    assert (out_dir / "final" / "lit_model.pth").is_file()
