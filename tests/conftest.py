@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import litmoe  # noqa: F401  (registers the MoE configs with LitGPT)
+from litmoe.checkpoints import resolve_checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,6 +105,11 @@ def run_train_process(args: list[str], **env: str) -> str:
     result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+def final_weights(out_dir: Path) -> dict:
+    """The model weights of a run's final checkpoint (DeepSpeed shards are consolidated first)."""
+    return torch.load(resolve_checkpoint_dir(out_dir / "final") / "lit_model.pth", weights_only=False)["model"]
 
 
 @pytest.fixture

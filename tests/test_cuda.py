@@ -7,6 +7,7 @@ import pytest
 import torch
 from litgpt import Config
 from litgpt.model import LLaMAMoE
+from test_moe import relative_error
 
 from litmoe.moe import MoELayer, _to_stock_keys
 
@@ -28,7 +29,7 @@ def outputs_and_gradients(layer: torch.nn.Module, x: torch.Tensor, grad: torch.T
 
 def relative_errors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> dict[str, float]:
     assert expected.keys() == actual.keys()
-    return {name: float((expected[name] - actual[name]).norm() / expected[name].norm()) for name in expected}
+    return {name: relative_error(expected[name], actual[name]) for name in expected}
 
 
 def moe_200m_layers(dtype: torch.dtype) -> tuple[LLaMAMoE, MoELayer]:

@@ -10,10 +10,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_train_process, tiny_run_args
+from conftest import final_weights, run_train_process, tiny_run_args
 from test_train import logged
 
-from litmoe.checkpoints import resolve_checkpoint_dir
 from litmoe.strategy import DEEPSPEED_ON_CPU
 from litmoe.train import main
 
@@ -33,11 +32,6 @@ def single_device(prepared, tiny_model_file, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("single")
     main(tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, (*EXTRA, "--strategy", "single")))
     return out_dir
-
-
-def final_weights(out_dir) -> dict[str, torch.Tensor]:
-    state = torch.load(resolve_checkpoint_dir(out_dir / "final") / "lit_model.pth", weights_only=False)
-    return state["model"]
 
 
 def test_zero3_trains_as_one_device_resumes_and_consolidates(prepared, tiny_model_file, tmp_path, single_device):

@@ -6,10 +6,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_train_process, tiny_run_args
+from conftest import final_weights, run_train_process, tiny_run_args
 from test_train import logged
 
-from litmoe.checkpoints import resolve_checkpoint_dir
 from litmoe.strategy import DEEPSPEED_ON_CPU
 
 BUDGET = 2 * 4 * 64 * 6  # 6 iterations of micro-batch 4 x 64 tokens on each of 2 ranks
@@ -59,11 +58,6 @@ def test_zero3_across_two_ranks_trains_as_ddp(prepared, tiny_model_file, tmp_pat
     assert shards == [
         f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1) for kind in ("model", "optim")
     ]
-    weights = {
-        name: torch.load(resolve_checkpoint_dir(run / "final") / "lit_model.pth", weights_only=False)["model"]
-        for name, run in (("zero3", out_dir), ("ddp", ddp))
-    }
-    assert weights["zero3"].keys() == weights["ddp"].keys()
-    assert all(
-        torch.allclose(weights["zero3"][key], weights["ddp"][key], rtol=1e-4, atol=1e-5) for key in weights["ddp"]
-    )
+    ours, reference = final_weights(out_dir), final_weights(ddp)
+    assert ours.keys() == reference.keys()
+    assert all(torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-5) for key in reference)

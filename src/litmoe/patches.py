@@ -59,6 +59,10 @@ class PatchSettings:
     deepspeed_config: dict[str, Any] | None = None
     summary: RunSummary | None = field(default=None, init=False)  # filled in when training ends
 
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        return self.micro_batch_size * self.seq_len
+
 
 @contextmanager
 def swapped(owner: object, name: str, replacement: Any) -> Iterator[None]:
@@ -198,7 +202,7 @@ def timed_fit(stock_fit: Callable, flops: TrainingFlops, settings: PatchSettings
     progress = run_logger.progress if run_logger else None
     console = Console(fabric, progress)
     fabric.print = console.print  # this Fabric object lives for this run only
-    tokens_per_iter = settings.micro_batch_size * settings.seq_len * fabric.world_size
+    tokens_per_iter = settings.tokens_per_micro_batch * fabric.world_size
     first_iter, start = state["iter_num"], time.perf_counter()
     if progress and fabric.is_global_zero:
         progress.start(first_iter * tokens_per_iter)
@@ -244,7 +248,7 @@ def summarize(
     if fabric.device.type == "cuda":
         peak = get_available_flops(fabric.device, compute_dtype(settings.precision))
     return RunSummary(
-        tokens=iters * settings.micro_batch_size * settings.seq_len * fabric.world_size,
+        tokens=iters * fabric.world_size * settings.tokens_per_micro_batch,
         seconds=seconds,
         flops=iters * fabric.world_size * flops.per_micro_batch,
         peak_flops=peak * fabric.world_size if peak else None,

@@ -131,15 +131,14 @@ def check_deepspeed(choice: StrategyChoice, args: StrategyArgs, hardware: Hardwa
             "--strategy deepspeed needs a CUDA GPU (Lightning runs DeepSpeed on CUDA only); on this machine use"
             " --strategy ddp or single"
         )
-    offloads = {choice.offload_optimizer, choice.offload_params}
     if choice.offload_params != "none" and choice.zero_stage != 3:
         raise UserError(
             f"--offload-params {choice.offload_params} needs --zero-stage 3 (ZeRO-{choice.zero_stage} keeps all"
             " weights on every GPU)"
         )
-    if "nvme" in offloads and choice.zero_stage != 3:
-        raise UserError(f"NVMe offload needs --zero-stage 3 (ZeRO-Infinity), not {choice.zero_stage}")
-    if "nvme" in offloads:
+    if "nvme" in (choice.offload_optimizer, choice.offload_params):
+        if choice.zero_stage != 3:
+            raise UserError(f"NVMe offload needs --zero-stage 3 (ZeRO-Infinity), not {choice.zero_stage}")
         check_nvme_path(args.nvme_path)
     if choice.zero_stage == 3 and compile:
         raise UserError(

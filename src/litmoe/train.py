@@ -10,6 +10,7 @@ that finish in minutes); `--no-cpu-profile` turns that off.
 import dataclasses
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,8 +172,6 @@ def choose_strategy(
 
 def memory_per_device(estimate, precision: str, hardware: Hardware, optimization: OptimizationArgs):
     """One rank's memory under a strategy choice, for this hardware and these settings."""
-    from functools import partial
-
     from litmoe.estimate import per_device_memory
 
     return partial(

@@ -222,7 +222,8 @@ def consolidate(shards: Path, model: nn.Module) -> dict[str, torch.Tensor]:
         ) from None
     tag = (shards / "latest").read_text().strip()
     weights = get_fp32_state_dict_from_zero_checkpoint(str(shards), tag=tag)
-    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    parameters = dict(model.named_parameters())
+    named = parameters | dict(model.named_buffers())
     loaded = set()
     with torch.no_grad():
         for name, tensor in weights.items():
@@ -230,7 +231,7 @@ def consolidate(shards: Path, model: nn.Module) -> dict[str, torch.Tensor]:
             if name in named:
                 named[name].copy_(tensor)
                 loaded.add(name)
-    missing = sorted(set(dict(model.named_parameters())) - loaded)
+    missing = sorted(set(parameters) - loaded)
     if missing:
         raise UserError(f"{shards}: the DeepSpeed checkpoint lacks {missing[:3]}...; it is not this model's")
     return model.state_dict()
