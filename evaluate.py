@@ -5,9 +5,7 @@ uv run python evaluate.py --checkpoints [out/a/final,out/b/final] --file held_ou
 """
 
 if __name__ == "__main__":  # litdata starts worker processes with spawn: keep this guard
-    from jsonargparse import CLI
-
-    from litmoe.cli import run_cli
+    from litmoe.cli import run_cli, run_function
     from litmoe.evaluation import evaluate
 
-    run_cli(lambda: CLI(evaluate, as_positional=False))
+    run_cli(lambda: run_function(evaluate))

@@ -5,9 +5,7 @@ uv run python generate.py --checkpoint out/moe-tiny --temperature 0 --max_new_to
 """
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    from litmoe.cli import run_cli
+    from litmoe.cli import run_cli, run_function
     from litmoe.generation import generate
 
-    run_cli(lambda: CLI(generate, as_positional=False))
+    run_cli(lambda: run_function(generate))

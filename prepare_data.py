@@ -7,9 +7,7 @@ uv run python prepare_data.py --source tinystories --out_dir data/tinystories
 """
 
 if __name__ == "__main__":  # litdata and torch start worker processes with spawn: keep this guard
-    from jsonargparse import CLI
-
-    from litmoe.cli import run_cli
+    from litmoe.cli import run_cli, run_function
     from litmoe.data import prepare
 
-    run_cli(lambda: CLI(prepare, as_positional=False))
+    run_cli(lambda: run_function(prepare))

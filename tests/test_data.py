@@ -9,6 +9,8 @@ from litdata.streaming import StreamingDataset, TokensLoader
 
 from litmoe.data import (
     MANIFEST,
+    encode_documents,
+    pieces,
     prepare,
     python_docs_source,
     read_jsonl,
@@ -17,7 +19,7 @@ from litmoe.data import (
     tinystories_source,
 )
 from litmoe.errors import UserError
-from litmoe.tokenizer import BOS_TOKEN, EOS_TOKEN
+from litmoe.tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
 
 
 def read_tokens(split_dir: Path) -> torch.Tensor:
@@ -103,29 +105,23 @@ def test_render_chat_rejects_bad_messages():
         render_chat([{"role": "user"}], "f.jsonl:3")
 
 
-@pytest.mark.parametrize(
-    ("make_source", "message"),
-    [
-        (lambda d: d / "missing", r"missing: no such file or folder"),
-        (lambda d: d, r": no \.txt files found"),
-        (lambda d: _write(d / "bad.txt", b"caf\xe9 au lait"), r"bad\.txt: not UTF-8 text .* at byte 3"),
-        (lambda d: _write(d / "a.jsonl", b'{"text": "ok"}\n{"text": oops}\n'), r"a\.jsonl:2: not valid JSON"),
-        (lambda d: _write(d / "a.jsonl", b'{"text": "ok"}\n{"body": "x"}\n'), r"a\.jsonl:2: record has no 'text'"),
-        (lambda d: _write(d / "a.csv", b"x"), r"unsupported file type '\.csv'"),
-    ],
-)
-def test_bad_input_is_one_clear_line(tmp_path, make_source, message):
-    source_dir = tmp_path / "src"
-    source_dir.mkdir()
-    with pytest.raises(UserError, match=message) as error:
-        prepare(source=str(make_source(source_dir)), out_dir=tmp_path / "out")
-    assert "\n" not in str(error.value)
-    assert not (tmp_path / "out").exists()
+def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(prepared, monkeypatch):
+    import litmoe.data
 
-
-def _write(path: Path, content: bytes) -> Path:
-    path.write_bytes(content)
-    return path
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    long = " ".join(make_documents(count=40, sentences=20, seed=4)) + "  two  spaces.\n\n  Indented, after lines"
+    documents = [("train", long), ("val", "The cat sees a red ball today."), ("train", "x" * 2500)]
+    lengths: list[int] = []
+    encode_texts = litmoe.data.encode_texts
+    monkeypatch.setattr(
+        litmoe.data, "encode_texts", lambda tok, texts: lengths.extend(map(len, texts)) or encode_texts(tok, texts)
+    )
+    encoded = list(encode_documents(tokenizer, documents, piece_chars=1000, batch_chars=3000))
+    assert max(lengths) <= 1000 and len(lengths) > len(long) // 1000  # no text longer than a piece reached it
+    for (split, document), (got_split, ids) in zip(documents, encoded, strict=True):
+        whole = tokenizer.processor.encode(document, add_special_tokens=False).ids
+        assert got_split == split and ids.tolist() == [tokenizer.bos_id, *whole, tokenizer.eos_id]
+    assert "".join(pieces(long, 1000)) == long and "".join(pieces("y" * 2500, 1000)) == "y" * 2500
 
 
 def test_other_tokenizer_refused_and_data_kept(tmp_path, prepared, text_folder):

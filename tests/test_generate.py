@@ -1,11 +1,8 @@
 import io
-import shutil
 
-import pytest
 import torch
 
 from litmoe.checkpoints import load_model, resolve_checkpoint_dir
-from litmoe.errors import UserError
 from litmoe.generation import generate, generate_tokens, stream_text
 
 
@@ -51,29 +48,3 @@ def test_stream_text_waits_for_complete_characters(trained):
 
 def test_newest_checkpoint_of_an_output_dir(trained):
     assert resolve_checkpoint_dir(trained) == trained / "final"
-
-
-@pytest.mark.parametrize(
-    ("breakage", "message"),
-    [
-        (lambda d: (d / "lit_model.pth").unlink(), r"not a complete checkpoint \(missing lit_model\.pth\)"),
-        (lambda d: (d / "lit_model.pth").write_bytes(b"PK\x03\x04 half"), r"lit_model\.pth: incomplete or corrupt"),
-        (
-            lambda d: (d / "model_config.yaml").write_text(
-                (d / "model_config.yaml").read_text().replace("padded_vocab_size: 320", "padded_vocab_size: 128")
-            ),
-            r"the tokenizer has 300 tokens but the model only 128 embeddings",
-        ),
-    ],
-)
-def test_bad_checkpoints_are_clear_errors(trained, tmp_path, breakage, message):
-    broken = tmp_path / "broken"
-    shutil.copytree(trained / "final", broken)
-    breakage(broken)
-    with pytest.raises(UserError, match=message):
-        generate(broken, prompt="The cat")
-
-
-def test_prompt_longer_than_block_size(trained):
-    with pytest.raises(UserError, match=r"exceeds the model's block size of 64"):
-        generate(trained, prompt="The cat sees a red ball today. " * 20, max_new_tokens=5)

@@ -177,7 +177,7 @@ def test_resume_rules(tmp_path):
         resolve_resume("out/nope", out)
     for name in ("step-00000004", "step-00000008"):
         (out / name).mkdir(parents=True)
-        (out / name / "lit_model.pth").write_bytes(b"x")
+        torch.save({"model": {}, "iter_num": 4}, out / name / "lit_model.pth")
     assert resolve_resume("auto", out) == out / "step-00000008" / "lit_model.pth"
     assert resolve_resume(out / "step-00000004", out) == out / "step-00000004" / "lit_model.pth"
     with pytest.raises(UserError, match=r"already holds checkpoints \(step-00000008/\); pass --resume auto"):
@@ -185,6 +185,7 @@ def test_resume_rules(tmp_path):
 
     shards = out / "step-00000012" / "lit_model.pth"  # DeepSpeed writes a directory of shards
     (shards / "checkpoint").mkdir(parents=True)
+    torch.save({"module": {}}, shards / "checkpoint" / "mp_rank_00_model_states.pt")
     assert resolve_resume("auto", out) == out / "step-00000008" / "lit_model.pth"  # no `latest` yet: incomplete
     (shards / "latest").write_text("checkpoint")
     assert resolve_resume("auto", out, deepspeed=True) == shards

@@ -5,7 +5,11 @@ Under DeepSpeed, `lit_model.pth` is itself a directory of shards; generate, eval
 through a consolidated copy, `consolidated/` next to it, made on first use.
 """
 
+import pickle
 import shutil
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,9 +17,13 @@ import torch
 from litmoe.errors import UserError
 
 CHECKPOINT_FILES = ("lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json")
-
-
 CONSOLIDATED = "consolidated"
+# The only classes DeepSpeed pickles into its shards besides tensors and plain values.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
 
 
 def is_zero_checkpoint(path: Path) -> bool:
@@ -27,11 +35,90 @@ def is_complete(weights: Path) -> bool:
     return weights.is_file() or is_zero_checkpoint(weights)
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete training checkpoint (step-*/ or final/) in out_dir: its lit_model.pth."""
+def checkpoints_newest_first(out_dir: Path) -> list[Path]:
+    """The complete training checkpoints (step-*/ or final/) in out_dir, newest first: their lit_model.pth."""
     candidates = [*out_dir.glob("step-*/lit_model.pth"), *out_dir.glob("final/lit_model.pth")]
     candidates = [path for path in candidates if is_complete(path)]
-    return max(candidates, key=lambda path: path.stat().st_mtime_ns, default=None)
+    return sorted(candidates, key=lambda path: path.stat().st_mtime_ns, reverse=True)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete training checkpoint (step-*/ or final/) in out_dir: its lit_model.pth."""
+    return next(iter(checkpoints_newest_first(out_dir)), None)
+
+
+def latest_sound_checkpoint(out_dir: Path) -> Path | None:
+    """The newest checkpoint in out_dir that loads safely; each newer one that does not is reported and skipped."""
+    for weights in checkpoints_newest_first(out_dir):
+        if (problem := checkpoint_problem(weights)) is None:
+            return weights
+        print(f"Skipping {weights.parent}: {problem}")
+    return None
+
+
+def checkpoint_problem(weights: Path) -> str | None:
+    """Why `lit_model.pth` (a file, or DeepSpeed's shard directory) cannot be loaded safely, found without reading
+    its tensors: truncated or corrupt, or pickling objects that loading would construct (code a crafted file
+    runs). None when it is sound."""
+    weights = Path(weights)
+    files, allowed = (
+        ([weights], set()) if weights.is_file() else (sorted(weights.rglob("*.pt")), set(DEEPSPEED_GLOBALS))
+    )
+    if not files:
+        return "no checkpoint file"
+    for path in files:
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
+        except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+            return f"{path.name} is incomplete or corrupt ({first_line(err)})"
+        if unsafe:
+            return (
+                f"{path.name} is refused: loading it would construct {', '.join(sorted(unsafe)[:2])}, which a crafted"
+                " file uses to run code; load only checkpoints that run_train.py or LitGPT wrote"
+            )
+    return None
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:limit]
+
+
+def load_state(weights: Path) -> dict:
+    """The contents of a `lit_model.pth` file, loaded with weights_only (no code in it can run); problems are
+    one-line errors."""
+    if (problem := checkpoint_problem(weights)) is not None:
+        raise UserError(f"{weights}: {problem}")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        raise UserError(f"{weights}: incomplete or corrupt ({first_line(err)})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{weights}: not a LitGPT checkpoint (expected a dict of weights or with a 'model' entry)")
+    return state
+
+
+@contextmanager
+def weights_only_deepspeed_loads() -> Iterator[None]:
+    """DeepSpeed loads its shards with `weights_only=False`; within this scope it loads them with weights_only,
+    allowing the few DeepSpeed classes its shards hold, so that a crafted shard cannot run code."""
+    import importlib
+
+    from litmoe.patches import swapped
+
+    allowed = []
+    for name in DEEPSPEED_GLOBALS:
+        module, _, attribute = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attribute))
+    stock_load = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return stock_load(*args, **kwargs)
+
+    with swapped(torch, "load", load):
+        yield
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:
@@ -63,6 +150,8 @@ def consolidated(checkpoint_dir: Path) -> Path:
         return target
     from litmoe.zero import consolidate
 
+    if (problem := checkpoint_problem(shards)) is not None:
+        raise UserError(f"{shards}: {problem}")
     print(f"Consolidating the DeepSpeed checkpoint {shards} into {target} ...")
     state = consolidate(shards, build_model(checkpoint_dir))
     target.mkdir(exist_ok=True)
@@ -106,10 +195,7 @@ def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype):
             f"{checkpoint_dir}: the tokenizer has {vocab:,} tokens but the model only {config.padded_vocab_size:,}"
             " embeddings; use the tokenizer the model was trained with"
         )
-    try:
-        state = torch.load(checkpoint_dir / "lit_model.pth", map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"{checkpoint_dir / 'lit_model.pth'}: incomplete or corrupt ({err})") from err
+    state = load_state(checkpoint_dir / "lit_model.pth")
     model = build_model(checkpoint_dir)
     model.load_state_dict(state.get("model", state))
     model = model.to(device=device, dtype=dtype).eval()

@@ -1,10 +1,19 @@
-"""The MoE model configs this project trains, registered in LitGPT's config registry.
+"""The MoE model configs this project trains, registered in LitGPT's config registry, and model configs read
+from files, checked as a whole before any model is built.
 
 After `import litmoe`, `litgpt.Config.from_name("MoE-200M")` works, and so do LitGPT's own tools that look
 a config up by name.
 """
 
+import types
+import typing
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from litmoe.cli import describe_type
+from litmoe.errors import UserError
 
 # Shared by every config here: a LLaMA-style decoder (pre-norm RMSNorm, full RoPE, SwiGLU experts).
 _LLAMA_MOE = dict(
@@ -62,3 +71,114 @@ def register_configs() -> None:
         if conf["name"] not in litgpt_config.name_to_config:
             litgpt_config.configs.append(conf)
         litgpt_config.name_to_config[conf["name"]] = conf
+
+
+# ------------------------------------------------------------------------------------- loading and checks
+
+POSITIVE_FIELDS = ("block_size", "n_layer", "n_embd", "vocab_size", "padding_multiple", "n_head")
+POSITIVE_IF_SET = ("n_query_groups", "head_size", "intermediate_size", "moe_intermediate_size", "padded_vocab_size")
+
+
+def load_model_config(model: str):
+    """A LitGPT `Config` from a YAML file or a registered name, checked as a whole before anything is built."""
+    from litgpt import Config
+    from litgpt.config import name_to_config
+
+    path = Path(model)
+    if path.is_file():
+        fields, where = read_config_file(path), str(path)
+    elif model in name_to_config:
+        fields, where = dict(name_to_config[model]), f"--model {model}"
+    else:
+        raise UserError(
+            f"--model {model}: neither a config file nor a registered config; try model_config.yaml or one of"
+            f" {', '.join(conf['name'] for conf in MOE_CONFIGS)}"
+        )
+    check_model_fields(fields, where)
+    return Config(**fields)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        fields = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML{line} ({getattr(err, 'problem', None) or err})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read the model config ({err})") from None
+    if not isinstance(fields, dict):
+        raise UserError(f"{path}: expected a mapping of litgpt.Config fields (name: MoE-200M, n_layer: 12, ...)")
+    return fields
+
+
+def check_model_fields(fields: dict[str, Any], where: str) -> None:
+    """Every key a Config field of the right type, and a shape the model can be built with."""
+    import dataclasses
+
+    from litgpt import Config
+
+    types = {field.name: field.type for field in dataclasses.fields(Config)}
+    for key, value in fields.items():
+        if key not in types:
+            raise UserError(f"{where}: unknown key {key!r}; keys must be fields of litgpt.Config")
+        if not conforms(value, types[key]):
+            raise UserError(f"{where}: {key} is {value!r}, expected {describe_type(types[key])}")
+    config = {field.name: field.default for field in dataclasses.fields(Config)} | fields
+    for key in POSITIVE_FIELDS + POSITIVE_IF_SET:
+        if config.get(key) is not None and config[key] < 1:
+            raise UserError(f"{where}: {key} is {config[key]}; it must be a positive integer")
+    check_shape(config, where)
+
+
+def check_shape(config: dict[str, Any], where: str) -> None:
+    n_embd, n_head = config["n_embd"], config["n_head"]
+    if config["head_size"] is None and n_embd % n_head:
+        divisors = [n for n in range(1, min(n_embd, 64) + 1) if n_embd % n == 0]
+        raise UserError(f"{where}: n_head {n_head} does not divide n_embd {n_embd}; use one of {divisors[-6:]}")
+    if config["n_query_groups"] is not None and n_head % config["n_query_groups"]:
+        raise UserError(
+            f"{where}: n_query_groups {config['n_query_groups']} does not divide n_head {n_head}; each query"
+            " group must hold the same number of heads"
+        )
+    head_size = config["head_size"] or n_embd // n_head
+    if not 0 < config["rotary_percentage"] <= 1 or int(config["rotary_percentage"] * head_size) % 2:
+        raise UserError(
+            f"{where}: rotary_percentage {config['rotary_percentage']} of head size {head_size} must give an even"
+            " number of rotary dimensions (1.0 with an even head size always does)"
+        )
+    if config["mlp_class_name"] == "LLaMAMoE":
+        check_experts(config, where)
+
+
+def check_experts(config: dict[str, Any], where: str) -> None:
+    n_expert, top_k = config["n_expert"], config["n_expert_per_token"]
+    if n_expert < 1 or not 1 <= top_k <= n_expert:
+        raise UserError(
+            f"{where}: n_expert_per_token {top_k} with n_expert {n_expert}; an MoE layer routes each token to"
+            " between 1 and n_expert experts"
+        )
+    if config["moe_intermediate_size"] is None:
+        raise UserError(f"{where}: LLaMAMoE needs moe_intermediate_size (each expert's hidden size)")
+    groups = config["n_expert_groups"]
+    if groups is not None and (n_expert % groups or not 1 <= (config["n_topk_groups"] or 0) <= groups):
+        raise UserError(
+            f"{where}: n_expert_groups {groups} must divide n_expert {n_expert}, and n_topk_groups"
+            f" ({config['n_topk_groups']}) must be between 1 and n_expert_groups"
+        )
+
+
+def conforms(value: Any, annotation: Any) -> bool:
+    """Whether a YAML value fits a Config field's annotation (int, float, bool, str, Literal, list, dict, X | None)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or annotation)

@@ -14,12 +14,15 @@ interrupted run never leaves a half-written `out_dir` or destroys one that was t
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from litmoe.errors import UserError
 from litmoe.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
@@ -30,6 +33,8 @@ TINYSTORIES_FILES = ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.t
 TINYSTORIES_SEPARATOR = "<|endoftext|>"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+PREPARED_ENTRIES = {MANIFEST, "tokenizer", *SPLITS}  # all a prepared directory holds; --force replaces only these
+MIN_VOCAB_SIZE = 258
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,12 @@ def render_chat(messages: list, where: str) -> str:
     for message in messages:
         if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
             raise UserError(f"{where}: each message needs 'role' and 'content', got {message!r:.80}")
-        parts.append(f"<|{message['role']}|>\n{message['content']}\n")
+        role, content = message["role"], message["content"]
+        if not (isinstance(role, str) and role.strip() and isinstance(content, str)):
+            raise UserError(
+                f"{where}: a message's role must be a non-empty string and its content a string, got {message!r:.80}"
+            )
+        parts.append(f"<|{role}|>\n{content}\n")
     return "".join(parts)
 
 
@@ -108,6 +118,23 @@ def read_text_file(path: Path) -> str:
             f"{path}: not UTF-8 text ({err.reason} at byte {err.start});"
             f" re-encode it (iconv -f <encoding> -t utf-8) or remove it"
         ) from err
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror}); fix its permissions or remove it") from None
+
+
+def text_files(folder: Path) -> list[Path]:
+    """Every .txt file under `folder`, sorted; an unreadable folder or file is an error, not skipped."""
+
+    def unreadable(err: OSError) -> None:
+        raise UserError(f"{err.filename}: cannot read this folder ({err.strerror}); fix its permissions") from None
+
+    files = []
+    for root, _, names in os.walk(folder, onerror=unreadable):
+        files += [Path(root) / name for name in names if name.endswith(".txt")]
+    for path in files:
+        if path.is_file() and not os.access(path, os.R_OK):
+            raise UserError(f"{path}: cannot read it (permission denied); fix its permissions or remove it")
+    return sorted(path for path in files if path.is_file())
 
 
 def _file_fingerprint(paths: list[Path]) -> str:
@@ -119,7 +146,7 @@ def _file_fingerprint(paths: list[Path]) -> str:
 
 
 def folder_source(folder: Path) -> Source:
-    files = sorted(path for path in folder.rglob("*.txt") if path.is_file())
+    files = text_files(folder)
     if not files:
         raise UserError(f"{folder}: no .txt files found; put one document per .txt file in this folder")
     documents = lambda: (read_text_file(f) for f in files)  # noqa: E731
@@ -128,6 +155,18 @@ def folder_source(folder: Path) -> Source:
 
 def jsonl_source(path: Path) -> Source:
     return Source(f"jsonl:{path}", _file_fingerprint([path]), lambda: read_jsonl(path))
+
+
+def split_text(text: str) -> Iterator[str]:
+    """The documents of one text file: separated by `<|endoftext|>` where the file uses it (as TinyStories
+    does), else by blank lines."""
+    separator = TINYSTORIES_SEPARATOR if TINYSTORIES_SEPARATOR in text else re.compile(r"\n[ \t]*\n")
+    parts = text.split(separator) if isinstance(separator, str) else separator.split(text)
+    return (part.strip() for part in parts if part.strip())
+
+
+def text_file_source(path: Path) -> Source:
+    return Source(f"text:{path}", _file_fingerprint([path]), lambda: split_text(read_text_file(path)))
 
 
 _SKIPPED_STDLIB = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
@@ -165,12 +204,6 @@ def python_docs_source() -> Source:
     return Source(f"python-docs:{version}", fingerprint, lambda: iter(documents), count=len(documents))
 
 
-def split_tinystories(text: str) -> Iterator[str]:
-    for story in text.split(TINYSTORIES_SEPARATOR):
-        if story := story.strip():
-            yield story
-
-
 def download(url: str, destination: Path) -> None:
     """Download to `destination` through a temporary file, so an interrupted download leaves nothing."""
     import urllib.request
@@ -203,7 +236,7 @@ def tinystories_source(cache_dir: Path) -> Source:
 
     def documents() -> Iterator[str]:
         for path in files:
-            yield from split_tinystories(read_text_file(path))
+            yield from split_text(read_text_file(path))
 
     return Source("tinystories", _file_fingerprint(files), documents)
 
@@ -224,7 +257,7 @@ def resolve_source(source: str, cache_dir: Path) -> Source:
     if path.suffix in (".jsonl", ".json"):
         return jsonl_source(path)
     if path.suffix == ".txt":
-        return Source(f"text:{path}", _file_fingerprint([path]), lambda: iter([read_text_file(path)]), count=1)
+        return text_file_source(path)
     raise UserError(f"--source {source}: unsupported file type {path.suffix!r}; use a .jsonl or .txt file or a folder")
 
 
@@ -246,30 +279,65 @@ def split_documents(documents: Iterable[str], val_fraction: float) -> Iterator[t
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _encode_batches(tokenizer, documents: Iterable[str], batch_size: int = 512) -> Iterator[list[int]]:
-    """Token ids of each document, framed BOS ... EOS."""
-    bos, eos = [tokenizer.bos_id], [tokenizer.eos_id]
+PIECE_CHARS = 1 << 18  # a long document goes through the tokenizer in pieces of at most this many characters
+BATCH_CHARS = 1 << 22  # characters per tokenizer call (its threads share them)
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in pieces of at most `size` characters, each cut before a space that starts a word. Byte-level BPE
+    pre-tokenizers (GPT-2's, ours) split there anyway, so the pieces encode exactly as the whole text does;
+    a text without such a space is cut at `size`."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1 : cut + 2].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    if tokenizer.backend == "huggingface":
+        encodings = tokenizer.processor.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+    return [tokenizer.encode(text, bos=False, eos=False).numpy().astype(np.int32) for text in texts]
+
+
+def encode_documents(
+    tokenizer, documents: Iterable[tuple[str, str]], piece_chars: int = PIECE_CHARS, batch_chars: int = BATCH_CHARS
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(split, token ids framed BOS ... EOS) for each (split, document). Documents are cut into pieces and the
+    pieces batched by characters, so memory follows the largest document, not the corpus or the batch count."""
+    framing = np.asarray([tokenizer.bos_id], dtype=np.int32), np.asarray([tokenizer.eos_id], dtype=np.int32)
     batch: list[str] = []
+    owners: list[tuple[str, bool]] = []  # each piece's split, and whether it ends its document
+    done: list[np.ndarray] = []  # encoded pieces of the document being assembled
 
-    def flush() -> Iterator[list[int]]:
-        if tokenizer.backend == "huggingface":
-            encodings = tokenizer.processor.encode_batch(batch, add_special_tokens=False)
-            ids = [encoding.ids for encoding in encodings]
-        else:
-            ids = [tokenizer.encode(text, bos=False, eos=False).tolist() for text in batch]
-        for document_ids in ids:
-            yield bos + document_ids + eos
+    def flush() -> Iterator[tuple[str, np.ndarray]]:
+        for ids, (split, last) in zip(encode_texts(tokenizer, batch), owners, strict=True):
+            done.append(ids)
+            if last:
+                yield split, np.concatenate([framing[0], *done, framing[1]])
+                done.clear()
         batch.clear()
+        owners.clear()
 
-    for document in documents:
-        batch.append(document)
-        if len(batch) == batch_size:
-            yield from flush()
-    if batch:
-        yield from flush()
+    size = 0
+    for split, document in documents:
+        parts = list(pieces(document, piece_chars))
+        for index, piece in enumerate(parts):
+            batch.append(piece)
+            owners.append((split, index == len(parts) - 1))
+            size += len(piece)
+            if size >= batch_chars:
+                yield from flush()
+                size = 0
+    yield from flush()
 
 
-def write_chunks(split_docs: Iterable[tuple[str, str]], tokenizer, out_dir: Path, total: int | None) -> tuple:
+def write_chunks(split_docs: Iterable[tuple[str, str]], tokenizer, out_dir: Path, source: "Source") -> tuple:
     """Tokenize and write each split as litdata chunks. Returns ({split: documents}, {split: tokens})."""
     import torch
     from litdata.streaming import TokensLoader
@@ -281,21 +349,19 @@ def write_chunks(split_docs: Iterable[tuple[str, str]], tokenizer, out_dir: Path
     }
     documents = dict.fromkeys(SPLITS, 0)
     tokens = dict.fromkeys(SPLITS, 0)
-    splits: list[str] = []
-
-    def texts() -> Iterator[str]:
-        for split, text in split_docs:
-            splits.append(split)
-            yield text
-
-    progress = tqdm(total=total, unit="doc", desc="tokenizing", disable=None)
-    for index, ids in enumerate(_encode_batches(tokenizer, texts())):
-        split = splits[index]
-        writers[split].add_item(documents[split], torch.tensor(ids, dtype=torch.int32))
+    progress = tqdm(total=source.count, unit="doc", desc="tokenizing", disable=None)
+    for split, ids in encode_documents(tokenizer, split_docs):
+        writers[split].add_item(documents[split], torch.from_numpy(ids))
         documents[split] += 1
         tokens[split] += len(ids)
         progress.update()
     progress.close()
+    for split, count in documents.items():
+        if count == 0:  # litdata's writer would wait forever for the index of an empty split
+            raise UserError(
+                f"{source.name}: no document fell into the {split} split ({documents}); give more documents"
+                " (a .txt file is split at blank lines) or change --val_fraction"
+            )
     for writer in writers.values():
         writer.done()
         writer.merge()
@@ -309,17 +375,43 @@ def read_manifest(out_dir: Path) -> Manifest | None:
     path = out_dir / MANIFEST
     if not path.is_file():
         return None
-    return Manifest(**json.loads(path.read_text()))
+    try:
+        return Manifest(**json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, OSError) as err:
+        raise UserError(f"{path}: not a manifest prepare_data.py can read ({err}); prepare the data again") from None
+
+
+def check_output_dir(out_dir: Path, source: str) -> None:
+    """Refuse an --out_dir whose replacement could delete what the user owns, with or without --force: only a
+    directory holding nothing but prepared data is ever replaced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file; give a directory for the prepared data")
+    if Path(source).exists():
+        source_path, out_path = Path(source).resolve(), out_dir.resolve()
+        if out_path == source_path or source_path in out_path.parents:
+            raise UserError(
+                f"--out_dir {out_dir} is inside --source {source}; it would be read as input: choose a directory"
+                " outside the source"
+            )
+        if out_path in source_path.parents:
+            raise UserError(
+                f"--source {source} is inside --out_dir {out_dir}; replacing the output would delete it: choose"
+                " another --out_dir"
+            )
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in PREPARED_ENTRIES)
+        if foreign or read_manifest(out_dir) is None:
+            what = ", ".join(foreign[:3]) if foreign else f"no {MANIFEST}"
+            raise UserError(
+                f"--out_dir {out_dir} holds files that are not prepared data ({what}); prepare_data.py replaces only"
+                " what it made, even with --force: move them or choose another --out_dir"
+            )
 
 
 def _check_existing(out_dir: Path, wanted_tokenizer: str | None, source: Source, val_fraction: float) -> bool:
-    """True when `out_dir` already holds exactly this preparation; raises when it holds something else."""
-    if not out_dir.exists():
-        return False
+    """True when `out_dir` already holds exactly this preparation; raises when it holds other prepared data."""
     existing = read_manifest(out_dir)
     if existing is None:
-        if any(out_dir.iterdir()):
-            raise UserError(f"{out_dir} exists and is not prepared data (no {MANIFEST}); choose another --out_dir")
         return False
     if wanted_tokenizer is not None and existing.tokenizer_fingerprint != wanted_tokenizer:
         raise UserError(
@@ -354,12 +446,19 @@ def prepare(
             `vocab_size` tokens is trained on the training split.
         vocab_size: Size of the tokenizer trained when no `tokenizer_dir` is given.
         val_fraction: Fraction of documents held out for validation (split by content hash, deterministic).
-        force: Rebuild even if `out_dir` already holds data, replacing it once the new data is complete.
+        force: Rebuild even if `out_dir` already holds prepared data, replacing it once the new data is complete
+            (a directory holding anything else is never replaced).
         cache_dir: Where downloaded sources are kept.
     """
     if not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction {val_fraction}: must be between 0 and 1 (e.g. 0.05)")
+    if tokenizer_dir is None and vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(
+            f"--vocab_size {vocab_size}: a byte-level BPE tokenizer needs at least {MIN_VOCAB_SIZE} tokens (256 bytes,"
+            " BOS and EOS); 8192 suits small corpora"
+        )
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, source)
     src = resolve_source(source, Path(cache_dir))
     wanted_tokenizer = None
     if tokenizer_dir is not None:
@@ -387,18 +486,13 @@ def _build(src: Source, scratch: Path, tokenizer_dir: Path | None, vocab_size: i
     tokenizer_out = scratch / "tokenizer"
     if tokenizer_dir is None:
         print(f"Training a byte-level BPE tokenizer ({vocab_size} tokens) on the training split ...")
-        train_texts = (doc for split, doc in split_documents(src.documents(), val_fraction) if split == "train")
+        documents = split_documents(src.documents(), val_fraction)
+        train_texts = (piece for split, doc in documents if split == "train" for piece in pieces(doc))
         train_bpe_tokenizer(train_texts, vocab_size, tokenizer_out)
     else:
         copy_tokenizer(Path(tokenizer_dir), tokenizer_out)
     tokenizer = load_tokenizer(tokenizer_out)
-    documents, tokens = write_chunks(split_documents(src.documents(), val_fraction), tokenizer, scratch, src.count)
-    for split, count in documents.items():
-        if count == 0:
-            raise UserError(
-                f"{src.name}: no document fell into the {split} split ({documents}); give more documents"
-                " or change --val_fraction"
-            )
+    documents, tokens = write_chunks(split_documents(src.documents(), val_fraction), tokenizer, scratch, src)
     manifest = Manifest(
         src.name, src.fingerprint, tokenizer_fingerprint(tokenizer_out), val_fraction, documents, tokens
     )

@@ -16,9 +16,10 @@ import yaml
 
 from litmoe.attention import compute_dtype, default_precision
 from litmoe.checkpoints import load_model, resolve_checkpoint_dir
-from litmoe.data import SPLITS, read_jsonl, read_text_file
+from litmoe.data import MANIFEST, SPLITS, read_jsonl, read_manifest, read_text_file
 from litmoe.errors import UserError
 from litmoe.moe import moe_layers, read_routing_stats
+from litmoe.tokenizer import tokenizer_fingerprint
 
 
 def prepared_windows(data_dir: Path, seq_length: int) -> Iterator[torch.Tensor]:
@@ -120,6 +121,7 @@ def evaluate_checkpoint(
         data_dir = data_dir or training_data_dir(checkpoint_dir)
         if data_dir is None:
             raise UserError(f"{checkpoint_dir}: which data? pass --data_dir (prepared data) or --file (text)")
+        check_same_tokenizer(Path(data_dir), checkpoint_dir)
         windows, source = prepared_windows(Path(data_dir), length), f"{data_dir} (val)"
     for layer in moe_layers(model):
         layer.record_routing = True
@@ -127,6 +129,33 @@ def evaluate_checkpoint(
     result.update(score(model, tokenizer, windows, batch_size, max_batches))
     result["routing"] = read_routing_stats(model)
     return result
+
+
+def check_evaluation(
+    checkpoints: list[Path], seq_length: int | None, batch_size: int, max_batches: int | None, out: Path | None,
+    tasks_limit: int | None,
+) -> None:  # fmt: skip
+    """Settings in range before any checkpoint is loaded."""
+    if not checkpoints:
+        raise UserError("--checkpoints is empty; give one or more checkpoint dirs, e.g. [out/moe-tiny/final]")
+    counts = {"--seq_length": seq_length, "--batch_size": batch_size, "--max_batches": max_batches}
+    for flag, value in (counts | {"--tasks_limit": tasks_limit}).items():
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if out is not None and (Path(out).is_dir() or not Path(out).parent.is_dir()):
+        raise UserError(f"--out {out}: give a file path in an existing directory")
+
+
+def check_same_tokenizer(data_dir: Path, checkpoint_dir: Path) -> None:
+    """Scoring tokens from another tokenizer would give a number, and a meaningless one."""
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        raise UserError(f"{data_dir}: no {MANIFEST}; pass data made by prepare_data.py, or a text file with --file")
+    if manifest.tokenizer_fingerprint != tokenizer_fingerprint(checkpoint_dir):
+        raise UserError(
+            f"{data_dir}: prepared with another tokenizer than {checkpoint_dir} uses; score it with --file on raw"
+            " text, or prepare the data with --tokenizer_dir pointing at the checkpoint"
+        )
 
 
 def require_lm_eval():
@@ -199,6 +228,7 @@ def evaluate(
             installed and the task data downloadable or cached.
         tasks_limit: Evaluate at most this many examples per task.
     """
+    check_evaluation(checkpoints, seq_length, batch_size, max_batches, out, tasks_limit)
     if tasks is not None:
         require_lm_eval()  # fail before any scoring when it is missing
     dtype = compute_dtype(precision or default_precision(training=False))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from litmoe.checkpoints import resolve_checkpoint_dir
+from litmoe.checkpoints import load_state, resolve_checkpoint_dir
 from litmoe.errors import UserError
 from litmoe.tokenizer import TOKENIZER_FILES
 
@@ -74,10 +74,12 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
 
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file; give a new directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out_dir {out_dir} is not empty; choose a new directory")
     config = Config.from_file(checkpoint_dir / "model_config.yaml")
-    state = torch.load(checkpoint_dir / "lit_model.pth", map_location="cpu", weights_only=False, mmap=True)
+    state = load_state(checkpoint_dir / "lit_model.pth")
     check_exportable(config, state.get("model", state), checkpoint_dir)
 
     convert_lit_checkpoint(checkpoint_dir, out_dir)  # writes out_dir/model.pth with Hugging Face names

@@ -22,6 +22,7 @@ def generate_tokens(
     total = prompt.numel() + max_new_tokens
     model.max_seq_length = total
     model.set_kv_cache(batch_size=1, device=prompt.device)
+    top_k = None if top_k is None else min(top_k, model.config.padded_vocab_size)
     tokens = generate_fn(
         model, prompt, total, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_tokens=([eos_id],), include_prompt=False, include_eos=False,
@@ -43,6 +44,20 @@ def stream_text(tokenizer, token_ids: Iterator[int], out: TextIO) -> list[int]:
             out.flush()
             written = text
     return ids
+
+
+def check_sampling(num_samples: int, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float) -> None:
+    """Sampling settings in range, before the model is loaded or anything is printed."""
+    if num_samples < 1:
+        raise UserError(f"--num_samples {num_samples}: must be at least 1")
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens {max_new_tokens}: must be at least 1")
+    if not temperature >= 0:
+        raise UserError(f"--temperature {temperature}: must be 0 (greedy decoding) or more; 0.8 is usual")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top_k {top_k}: must be at least 1 (null samples from every token)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top_p {top_p}: must be above 0 and at most 1 (1 keeps every token)")
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -85,6 +100,7 @@ def generate(
         seed: Random seed for sampling.
         precision: Weights' precision; default bf16-true on a CUDA GPU, 32-true on CPU.
     """
+    check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p)
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)
     text = read_prompt(prompt, prompt_file)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -17,14 +17,31 @@ from typing import Any, Literal
 import torch
 import yaml
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
-from litgpt.utils import parse_devices
 
 from litmoe.args import MoEArgs, OptimizationArgs, StrategyArgs
 from litmoe.attention import attention_kernel_scope, check_attention, default_precision
-from litmoe.checkpoints import is_complete, is_zero_checkpoint, latest_checkpoint, tokenizer_vocab_size
+from litmoe.checkpoints import (
+    checkpoint_problem,
+    is_complete,
+    is_zero_checkpoint,
+    latest_checkpoint,
+    latest_sound_checkpoint,
+    tokenizer_vocab_size,
+)
+from litmoe.cli import flag_types, function_parser, normalize_flags, normalize_settings, parse_arguments, read_yaml
+from litmoe.configs import load_model_config
 from litmoe.data import MANIFEST, SPLITS, prepare, read_manifest
 from litmoe.errors import UserError
 from litmoe.patches import PatchSettings, patched_pretrain
+from litmoe.settings import (
+    check_devices,
+    check_training,
+    device_count,
+    learning_rate,
+    resolve_optimizer,
+    sequence_length,
+    take_optimizer_flags,
+)
 from litmoe.strategy import Hardware, StrategyChoice, adopt_launcher_node_rank, resolve_strategy
 from litmoe.tokenizer import load_tokenizer
 
@@ -32,9 +49,14 @@ DEFAULT_TRAIN_CONFIG = Path("train_config.yaml")
 DEFAULT_DATA_DIR = Path("data/default")
 CPU_PROFILE = "cpu_profile"
 
-# Noise from pinned dependencies, said once per data loader: litdata asks PyPI for a newer version of itself
-# (we pin it deliberately) and LitData pins memory even when there is no accelerator to pin it for.
-KNOWN_WARNINGS = ("A newer version of litdata is available", "'pin_memory' argument is set as true")
+# Noise from pinned dependencies: litdata asks PyPI for a newer version of itself (we pin it deliberately),
+# LitData pins memory even when there is no accelerator to pin it for, and LitGPT's TrainArgs warns about
+# max_steps, which its pretrain loop ignores (and litmoe.settings refuses).
+KNOWN_WARNINGS = (
+    "A newer version of litdata is available",
+    "'pin_memory' argument is set as true",
+    "`--train.lr_warmup_steps` should be less than `--train.max_steps`",
+)
 
 # Short flags users know, rewritten to the jsonargparse keys they stand for.
 SWITCHES = {
@@ -106,17 +128,18 @@ def setup(
     """
     run_config = {name: plain(value) for name, value in locals().items()}
     cuda = torch.cuda.is_available()
-    config = resolve_model_config(model)
+    config = load_model_config(model)
+    seq_len = sequence_length(train, config.block_size)
+    precision = precision or default_precision(training=True)
+    devices_per_node = check_devices(devices, num_nodes, num_workers, precision)
+    optimizer = resolve_optimizer(optimizer, [])
+    check_training(train, eval, devices_per_node * num_nodes, seq_len, learning_rate(optimizer))
     data_dir = ensure_prepared(Path(data_dir))
     tokenizer_dir = data_dir / "tokenizer"
     config = fit_vocabulary(config, load_tokenizer(tokenizer_dir))
-    seq_len = train.max_seq_length or config.block_size
-    if seq_len > config.block_size:
-        raise UserError(f"--train.max_seq_length {seq_len} exceeds the model's block_size {config.block_size}")
     check_data_size(data_dir, train.micro_batch_size, seq_len)
-    precision = precision or default_precision(training=True)
     adopt_launcher_node_rank()
-    hardware = Hardware.here(parse_devices(devices), num_nodes)
+    hardware = Hardware.here(devices_per_node, num_nodes)
     choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization)
     print(f"Strategy: {choice.label(hardware.world_size, hardware.devices_per_node)} ({choice.reason})")
     resume = resolve_resume(resume, Path(out_dir), deepspeed=choice.name == "deepspeed")
@@ -145,8 +168,6 @@ def setup(
         progress=progress,
         run_config=run_config,
     )
-    for message in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
     data = LitData(data_path=data_dir, split_names=SPLITS, num_workers=num_workers, seed=seed)
     with patched_pretrain(settings), attention_kernel_scope(optimization.flash_attention_force):
         pretrain.setup(
@@ -200,24 +221,6 @@ def plain(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
-def resolve_model_config(model: str):
-    """`model` is a LitGPT config YAML file or a registered config name."""
-    from litgpt import Config
-    from litgpt.config import name_to_config
-
-    path = Path(model)
-    if path.is_file():
-        try:
-            return Config.from_file(path)
-        except TypeError as err:  # an unknown key in the file
-            raise UserError(f"{path}: {err}; keys must be fields of litgpt.Config") from err
-    if model in name_to_config:
-        return Config.from_name(model)
-    raise UserError(
-        f"--model {model}: neither a config file nor a registered config; try model_config.yaml or MoE-tiny"
-    )
-
-
 def fit_vocabulary(config, tokenizer):
     """Size the embedding for the tokenizer the data was made with, padded as LitGPT pads."""
     vocab_size = tokenizer_vocab_size(tokenizer)
@@ -256,7 +259,12 @@ def resolve_resume(resume: bool | str | Path, out_dir: Path, deepspeed: bool = F
     """What to pass LitGPT as `resume`; refuses to start a fresh run over existing checkpoints, and to resume
     DeepSpeed shards without DeepSpeed (or a single-file checkpoint with it)."""
     if resume == "auto" or resume is True:
-        found = latest_checkpoint(out_dir)
+        found = latest_sound_checkpoint(out_dir)
+        if found is None and latest_checkpoint(out_dir) is not None:
+            raise UserError(
+                f"--resume {resume}: no checkpoint in {out_dir} can be loaded (see above); move them aside to start"
+                " fresh, or choose another --out_dir"
+            )
         if found is None and resume is True:
             raise UserError(
                 f"--resume: no checkpoint in {out_dir}; use --resume auto to start fresh when there is none"
@@ -273,6 +281,8 @@ def resolve_resume(resume: bool | str | Path, out_dir: Path, deepspeed: bool = F
             raise UserError(
                 f"--resume {resume}: no checkpoint there (expected a step-*/ or final/ dir with lit_model.pth)"
             )
+        if (problem := checkpoint_problem(path)) is not None:
+            raise UserError(f"--resume {path}: {problem}")
         check_resumable(path, deepspeed)
         return path
     if (existing := latest_checkpoint(out_dir)) is not None:
@@ -332,9 +342,9 @@ def load_train_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: train config not found; pass --config FILE or restore train_config.yaml")
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        config = read_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a mapping of settings at the top level")
     if isinstance(config.get("strategy"), str):  # `strategy: deepspeed` for `strategy: {name: deepspeed}`
@@ -359,38 +369,40 @@ def describe_cpu_profile(profile: dict[str, Any]) -> str:
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
-
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs of the *Args dataclasses
-    parser = ArgumentParser(
+    return function_parser(
+        setup,
         prog="run_train.py",
         description="Pretrain an MoE model with LitGPT. Short flags: "
         + ", ".join([*SWITCHES, *RENAMED])
         + ", --no-cpu-profile, --check-environment, --estimate, --config FILE.",
     )
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(setup)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> PatchSettings | None:
     """Train; or only report: what this machine can do (--check-environment), or what the run needs (--estimate)."""
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     argv = expand_short_flags(sys.argv[1:] if argv is None else argv)
     argv, config_file = take_flag(argv, "--config", with_value=True)
     argv, no_cpu_profile = take_flag(argv, "--no-cpu-profile")
     argv, environment_only = take_flag(argv, "--check-environment")
     argv, estimate_only = take_flag(argv, "--estimate")
+    argv, optimizer_flags = take_optimizer_flags(argv)
     settings = load_train_config(Path(config_file or DEFAULT_TRAIN_CONFIG))
     cpu_profile = settings.pop(CPU_PROFILE, None)
-    if cpu_profile and not no_cpu_profile and not torch.cuda.is_available():
+    use_cpu_profile = cpu_profile and not no_cpu_profile and not torch.cuda.is_available()
+    if use_cpu_profile:
         settings = deep_merge(settings, cpu_profile)
+    settings["optimizer"] = resolve_optimizer(settings.get("optimizer"), optimizer_flags)
+    types = flag_types(setup)
+    arguments = ["--config", yaml.safe_dump(normalize_settings(settings, types)), *normalize_flags(argv, types)]
+    namespace = parse_arguments(build_parser(), arguments, types)
+    kwargs = {key: value for key, value in vars(namespace).items() if key != "config"}
+    if use_cpu_profile:
         print(
             f"No CUDA GPU: using the CPU profile of the train config ({describe_cpu_profile(cpu_profile)})."
             " Command-line settings still apply; --no-cpu-profile runs the full recipe on the CPU."
         )
-    parser = build_parser()
-    namespace = parser.instantiate_classes(parser.parse_args(["--config", yaml.safe_dump(settings), *argv]))
-    kwargs = {key: value for key, value in vars(namespace).items() if key != "config"}
     if environment_only:
         from litmoe.environment import check_environment
 
@@ -411,12 +423,12 @@ def print_estimate(model: str, data_dir: Path, precision: str | None, train: Tra
     from litmoe.estimate import describe, estimate_training
     from litmoe.strategy import requested
 
-    config = resolve_model_config(model)
+    config = load_model_config(model)
     if (Path(data_dir) / MANIFEST).is_file():  # size the vocabulary as training would
         config = fit_vocabulary(config, load_tokenizer(Path(data_dir) / "tokenizer"))
     precision = precision or default_precision(training=True)
-    hardware = Hardware.here(parse_devices(devices), num_nodes)
-    seq_len = train.max_seq_length or config.block_size
+    hardware = Hardware.here(device_count(devices), num_nodes)
+    seq_len = sequence_length(train, config.block_size)
     estimate = estimate_training(config, precision, train.micro_batch_size, seq_len)
     memory_of = memory_per_device(estimate, precision, hardware, optimization)
     if strategy.decided_by_auto:

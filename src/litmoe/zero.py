@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 from lightning.fabric.strategies import DeepSpeedStrategy
 
+from litmoe.checkpoints import weights_only_deepspeed_loads
 from litmoe.errors import UserError
 
 
@@ -122,6 +123,10 @@ class LoopDeepSpeedStrategy(DeepSpeedStrategy):
             super(DeepSpeedStrategy, self).setup_environment()
         else:
             super().setup_environment()
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        with weights_only_deepspeed_loads():  # DeepSpeed itself would unpickle anything
+            return super().load_checkpoint(*args, **kwargs)
 
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         """The engine's step, not the ZeRO optimizer's: with caller-owned accumulation, the engine reduces the
@@ -221,7 +226,8 @@ def consolidate(shards: Path, model: nn.Module) -> dict[str, torch.Tensor]:
             f"{shards}: a DeepSpeed checkpoint; consolidating it needs DeepSpeed: `uv sync --extra deepspeed`"
         ) from None
     tag = (shards / "latest").read_text().strip()
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(shards), tag=tag)
+    with weights_only_deepspeed_loads():
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(shards), tag=tag)
     parameters = dict(model.named_parameters())
     named = parameters | dict(model.named_buffers())
     loaded = set()

@@ -1,0 +1,321 @@
+"""Bad input to the five command lines: each case is one line on stderr naming what is wrong, exit status 2, no
+traceback, and nothing on disk changed (data, checkpoints, a user's own files, no half-made output).
+
+The commands run in this process, as their scripts (`runpy`, `__name__ == "__main__"`), so that the table of
+cases costs one import of LitGPT instead of one per case. `test_unreadable_files_*` runs a real process.
+"""
+
+import hashlib
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_MODEL, make_documents
+
+RUN = [
+    "--config", "{train_config}", "--model", "{model}", "--data_dir", "{prepared}", "--out_dir", "{out}",
+    "--train.max_tokens", "2048", "--train.micro_batch_size", "4", "--train.global_batch_size", "4",
+    "--train.max_seq_length", "64", "--num_workers", "0",
+]  # fmt: skip
+PREPARE = ["--out_dir", "{out}", "--vocab_size", "300", "--val_fraction", "0.2"]
+GENERATE = ["--checkpoint", "{checkpoint}", "--prompt", "The cat", "--max_new_tokens", "3"]
+EVALUATE = ["--checkpoints", "[{checkpoint}]", "--max_batches", "1"]
+EXPORT = ["--checkpoint", "{checkpoint}", "--out_dir", "{out}"]
+
+CASES = [
+    # run_train.py: batch arithmetic and budget
+    ("run_train.py", RUN + ["--train.micro_batch_size", "0"], "--train.micro_batch_size 0: must be at least 1"),
+    ("run_train.py", RUN + ["--train.micro_batch_size", "-4"], "--train.micro_batch_size -4: must be at least 1"),
+    ("run_train.py", RUN + ["--train.global_batch_size", "12", "--train.micro_batch_size", "8"],
+     "--train.global_batch_size 12 is not a multiple of --train.micro_batch_size 8; use 8 or 16"),
+    ("run_train.py", RUN + ["--train.global_batch_size", "4", "--train.micro_batch_size", "8"],
+     "--train.global_batch_size 4 is not a multiple of --train.micro_batch_size 8"),
+    ("run_train.py", RUN + ["--train.global_batch_size", "0"], "--train.global_batch_size 0: must be at least 1"),
+    ("run_train.py", RUN + ["--train.max_tokens", "0"], "--train.max_tokens 0: less than one optimizer step"),
+    ("run_train.py", RUN + ["--train.max_tokens", "100"], "(4 sequences x 64 tokens = 256)"),
+    ("run_train.py", RUN + ["--train.max_tokens", "null"], "--train.max_tokens None: less than one optimizer step"),
+    ("run_train.py", RUN + ["--train.max_tokens", "lots"], "--train.max_tokens lots: expected int or null"),
+    ("run_train.py", RUN + ["--train.max_tokens", "2.5e3x"], "--train.max_tokens 2.5e3x: expected int or null"),
+    ("run_train.py", RUN + ["--train.max_tokens", "2.55e1"], "--train.max_tokens 25.5: expected int or null"),
+    ("run_train.py", RUN + ["--train.max_norm", "null"], "--train.max_norm None: LitGPT's loop clips gradients"),
+    ("run_train.py", RUN + ["--train.max_norm", "-1"], "--train.max_norm -1.0: LitGPT's loop clips gradients"),
+    ("run_train.py", RUN + ["--train.max_seq_length", "0"], "--train.max_seq_length 0: must be between 1 and"),
+    ("run_train.py", RUN + ["--train.max_seq_length", "65"], "--train.max_seq_length 65: must be between 1 and"),
+    ("run_train.py", RUN + ["--train.log_interval", "0"], "--train.log_interval 0: must be at least 1"),
+    ("run_train.py", RUN + ["--train.save_interval", "0"], "--train.save_interval 0: must be at least 1"),
+    ("run_train.py", RUN + ["--train.lr_warmup_steps", "-1"], "--train.lr_warmup_steps -1: must be 0 or more"),
+    ("run_train.py", RUN + ["--train.min_lr", "1.0"], "--train.min_lr 1.0: must be between 0 and the optimizer's lr"),
+    ("run_train.py", RUN + ["--train.epochs", "2"], "--train.epochs: LitGPT's pretrain loop does not use it"),
+    ("run_train.py", RUN + ["--train.max_steps", "10"], "--train.max_steps: LitGPT's pretrain loop does not use it"),
+    ("run_train.py", RUN + ["--train.lr_warmup_fraction", "0.1"], "Can't provide both `--train.lr_warmup_fraction`"),
+    ("run_train.py", RUN + ["--eval.interval", "0"], "--eval.interval 0: must be at least 1"),
+    ("run_train.py", RUN + ["--eval.max_iters", "0"], "--eval.max_iters 0: must be at least 1"),
+    # run_train.py: devices, precision, unknown flags
+    ("run_train.py", RUN + ["--devices", "0"], "--devices 0: give a positive number of devices per node, or auto"),
+    ("run_train.py", RUN + ["--devices", "many"], "--devices many: give a positive number of devices per node"),
+    ("run_train.py", RUN + ["--num_nodes", "0"], "--num_nodes 0: must be at least 1"),
+    ("run_train.py", RUN + ["--num_workers", "-1"], "--num_workers -1: must be 0"),
+    ("run_train.py", RUN + ["--precision", "16-mixed"], "--precision 16-mixed: fp16 needs a CUDA GPU"),
+    ("run_train.py", RUN + ["--precision", "fp8"], "--precision fp8: expected one of bf16-true, bf16-mixed, 16-mixed"),
+    ("run_train.py", RUN + ["--trian.max_tokens", "10"], "Unrecognized arguments: --trian.max_tokens 10; see --help"),
+    ("run_train.py", RUN + ["--config", "{missing}"], "missing.yaml: train config not found"),
+    ("run_train.py", RUN + ["--config", "{broken_yaml}"], "broken.yaml: not valid YAML"),
+    # run_train.py: the optimizer
+    ("run_train.py", RUN + ["--optimizer.init_args.lr", "-1"], "AdamW refuses them (Invalid learning rate: -1"),
+    ("run_train.py", RUN + ["--optimizer.lrr", "0.1"], "--optimizer.init_args.lrr: AdamW has no such argument"),
+    ("run_train.py", RUN + ["--optimizer", "Adamm"], "--optimizer torch.optim.Adamm: no such torch optimizer"),
+    ("run_train.py", RUN + ["--optimizer", '{{"class_path": "AdamW", "init_args": {{"betas": [1.5, 0.9]}}}}'],
+     "Invalid beta parameter at index 0: 1.5"),
+    ("run_train.py", RUN + ["--optimizer", "[1, 2]"], "--optimizer [1, 2]: expected an optimizer name or mapping"),
+    ("run_train.py", RUN + ["--optimizer.init_args.lr"], "--optimizer.init_args.lr needs a value"),
+    # run_train.py: the model config
+    ("run_train.py", RUN + ["--model", "{model_broken_yaml}"], "model_broken_yaml.yaml: not valid YAML at line"),
+    ("run_train.py", RUN + ["--model", "{model_heads}"], "model_heads.yaml: n_head 5 does not divide n_embd 64"),
+    ("run_train.py", RUN + ["--model", "{model_groups}"], "n_query_groups 3 does not divide n_head 4"),
+    ("run_train.py", RUN + ["--model", "{model_topk}"], "n_expert_per_token 5 with n_expert 4; an MoE layer routes"),
+    ("run_train.py", RUN + ["--model", "{model_unknown_key}"], "unknown key 'n_experts'; keys must be fields"),
+    ("run_train.py", RUN + ["--model", "{model_type}"], "n_layer is 'two', expected int"),
+    ("run_train.py", RUN + ["--model", "{model_zero}"], "vocab_size is 0; it must be a positive integer"),
+    ("run_train.py", RUN + ["--model", "Mixtral-9000"], "--model Mixtral-9000: neither a config file nor a registered"),
+    # run_train.py: data and checkpoints
+    ("run_train.py", RUN + ["--data_dir", "{nowhere}"], "nowhere/manifest.json not found: prepare the data first"),
+    ("run_train.py", RUN + ["--resume", "{corrupt}"], "lit_model.pth is incomplete or corrupt"),
+    ("run_train.py", RUN + ["--resume", "{crafted}"], "lit_model.pth is refused: loading it would construct"),
+    ("run_train.py", RUN + ["--resume", "auto", "--out_dir", "{corrupt_run}"], "--resume auto: no checkpoint in"),
+    ("run_train.py", RUN + ["--out_dir", "{trained}"], "already holds checkpoints (final/); pass --resume auto"),
+    ("run_train.py", RUN + ["--strategy", "deepspeed"], "--strategy deepspeed needs a CUDA GPU"),
+    ("run_train.py", RUN + ["--flash-attention-force"], "--flash-attention-force: FlashAttention cannot run here"),
+    # prepare_data.py: nothing a user owns is replaced, even with --force
+    ("prepare_data.py", ["--source", "{texts}", "--out_dir", "{user_dir}", "--force"],
+     "holds files that are not prepared data (notes.txt); prepare_data.py replaces only what it made"),
+    ("prepare_data.py", ["--source", "{texts}", "--out_dir", "{user_dir}"], "holds files that are not prepared data"),
+    ("prepare_data.py", ["--source", "{texts}", "--out_dir", "{texts}", "--force"], "is inside --source"),
+    ("prepare_data.py", ["--source", "{texts}", "--out_dir", "{texts}/prepared", "--force"], "is inside --source"),
+    ("prepare_data.py", ["--source", "{prepared_with_source}/corpus.jsonl", "--out_dir", "{prepared_with_source}",
+                         "--force"], "is inside --out_dir"),
+    ("prepare_data.py", ["--source", "{texts}", "--out_dir", "{texts}/doc000.txt"], "doc000.txt is a file"),
+    # prepare_data.py: sources
+    ("prepare_data.py", ["--source", "{nowhere}", *PREPARE], "nowhere: no such file or folder"),
+    ("prepare_data.py", ["--source", "{empty_dir}", *PREPARE], "empty_dir: no .txt files found"),
+    ("prepare_data.py", ["--source", "{latin1}", *PREPARE], "latin1.txt: not UTF-8 text (invalid continuation byte"),
+    ("prepare_data.py", ["--source", "{bad_json}", *PREPARE], "bad_json.jsonl:2: not valid JSON"),
+    ("prepare_data.py", ["--source", "{no_text}", *PREPARE], "no_text.jsonl:2: record has no 'text' string"),
+    ("prepare_data.py", ["--source", "{bad_chat}", *PREPARE], "bad_chat.jsonl:1: a message's role must be a non-empty"),
+    ("prepare_data.py", ["--source", "{empty_jsonl}", *PREPARE], "no document fell into the train split"),
+    ("prepare_data.py", ["--source", "{one_paragraph}", *PREPARE], "no document fell into the val split"),
+    ("prepare_data.py", ["--source", "{csv}", *PREPARE], "unsupported file type '.csv'"),
+    ("prepare_data.py", ["--source", "{texts}", *PREPARE, "--val_fraction", "0"], "--val_fraction 0.0: must be"),
+    ("prepare_data.py", ["--source", "{texts}", *PREPARE, "--vocab_size", "100"], "--vocab_size 100: a byte-level BPE"),
+    ("prepare_data.py", ["--source", "{texts}", *PREPARE, "--tokenizer_dir", "{nowhere}"], "does not exist"),
+    ("prepare_data.py", ["--source", "{texts}", *PREPARE, "--force", "maybe"], "--force maybe: expected bool"),
+    # generate.py
+    ("generate.py", GENERATE + ["--num_samples", "0"], "--num_samples 0: must be at least 1"),
+    ("generate.py", GENERATE + ["--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
+    ("generate.py", GENERATE + ["--max_new_tokens", "-5"], "--max_new_tokens -5: must be at least 1"),
+    ("generate.py", GENERATE + ["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy decoding) or more"),
+    ("generate.py", GENERATE + ["--temperature", "nan"], "--temperature nan: expected float"),
+    ("generate.py", GENERATE + ["--top_p", "1.5"], "--top_p 1.5: must be above 0 and at most 1"),
+    ("generate.py", GENERATE + ["--top_p", "0"], "--top_p 0.0: must be above 0"),
+    ("generate.py", GENERATE + ["--top_k", "0"], "--top_k 0: must be at least 1"),
+    ("generate.py", GENERATE + ["--checkpoint", "{nowhere}"], "nowhere: no such checkpoint directory"),
+    ("generate.py", GENERATE + ["--checkpoint", "{corrupt}"], "lit_model.pth is incomplete or corrupt"),
+    ("generate.py", GENERATE + ["--checkpoint", "{crafted}"], "lit_model.pth is refused: loading it would construct"),
+    ("generate.py", GENERATE + ["--checkpoint", "{no_config}"], "not a complete checkpoint (missing model_config"),
+    ("generate.py", GENERATE + ["--checkpoint", "{small_vocab}"], "tokenizer has 300 tokens but the model only 128"),
+    ("generate.py", GENERATE + ["--prompt_file", "{nowhere}"], "give either --prompt or --prompt_file, not both"),
+    ("generate.py", GENERATE[:2] + ["--prompt_file", "{nowhere}"], "--prompt_file {nowhere}: no such file"),
+    ("generate.py", GENERATE + ["--prompt", "The cat sees a red ball. " * 20], "exceeds the model's block size of 64"),
+    ("generate.py", GENERATE + ["--precision", "fp8"], "--precision fp8: expected one of bf16-true, 16-true, 32-true"),
+    # evaluate.py
+    ("evaluate.py", EVALUATE + ["--data_dir", "{other_prepared}"], "prepared with another tokenizer than"),
+    ("evaluate.py", EVALUATE + ["--data_dir", "{nowhere}"], "nowhere: no manifest.json; pass data made by"),
+    ("evaluate.py", EVALUATE + ["--checkpoints", "[{nowhere}]"], "nowhere: no such checkpoint directory"),
+    ("evaluate.py", EVALUATE + ["--checkpoints", "[{crafted}]"], "lit_model.pth is refused"),
+    ("evaluate.py", EVALUATE + ["--checkpoints", "[]"], "--checkpoints is empty"),
+    ("evaluate.py", EVALUATE + ["--file", "{nowhere}"], "--file {nowhere}: no such file"),
+    ("evaluate.py", EVALUATE + ["--file", "{empty_jsonl}"], "no text to evaluate"),
+    ("evaluate.py", EVALUATE + ["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    ("evaluate.py", EVALUATE + ["--seq_length", "-3"], "--seq_length -3: must be at least 1"),
+    ("evaluate.py", EVALUATE + ["--max_batches", "0"], "--max_batches 0: must be at least 1"),
+    ("evaluate.py", EVALUATE + ["--out", "{nowhere}/results.json"], "results.json: give a file path in an existing"),
+    ("evaluate.py", EVALUATE + ["--tasks", "hellaswag"], "--tasks needs lm-eval-harness"),
+    # export_hf.py
+    ("export_hf.py", EXPORT + ["--checkpoint", "{corrupt}"], "lit_model.pth is incomplete or corrupt"),
+    ("export_hf.py", EXPORT + ["--checkpoint", "{crafted}"], "lit_model.pth is refused"),
+    ("export_hf.py", EXPORT + ["--checkpoint", "{nowhere}"], "nowhere: no such checkpoint directory"),
+    ("export_hf.py", EXPORT + ["--out_dir", "{user_dir}"], "user_dir is not empty; choose a new directory"),
+    ("export_hf.py", EXPORT + ["--out_dir", "{user_dir}/notes.txt"], "notes.txt is a file; give a new directory"),
+    ("export_hf.py", EXPORT + ["--out_dirr", "x"], "Unrecognized arguments: --out_dirr x"),
+]  # fmt: skip
+
+
+class Crafted:
+    """What a malicious checkpoint pickles: unpickling it calls os.mkdir (any function would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def model_file(folder: Path, name: str, **changes: object) -> Path:
+    lines = [line for line in TINY_MODEL.splitlines() if line.split(":")[0] not in changes]
+    lines += [f"{key}: {value}" for key, value in changes.items()]
+    return write(folder / f"{name}.yaml", "\n".join(lines) + "\n")
+
+
+def checkpoint_copy(trained: Path, target: Path, weights: bytes | None = None) -> Path:
+    shutil.copytree(trained / "final", target)
+    if weights is not None:
+        (target / "lit_model.pth").write_bytes(weights)
+    return target
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> dict[str, Path]:
+    """Everything the cases point at: good data and checkpoints, and each kind of bad input."""
+    from litmoe.data import prepare
+
+    root = tmp_path_factory.mktemp("world")
+    paths = {"train_config": REPO / "train_config.yaml", "model": tiny_model_file, "prepared": prepared,
+             "texts": text_folder, "trained": trained, "checkpoint": trained / "final", "out": root / "out",
+             "nowhere": root / "nowhere", "missing": root / "missing.yaml"}  # fmt: skip
+    paths["broken_yaml"] = write(root / "broken.yaml", "train: [unclosed\n")
+    models = root / "models"
+    paths["model_broken_yaml"] = write(models / "model_broken_yaml.yaml", "name: x\nn_layer: [2\n")
+    paths["model_heads"] = model_file(models, "model_heads", n_head=5, n_query_groups=5)
+    paths["model_groups"] = model_file(models, "model_groups", n_query_groups=3)
+    paths["model_topk"] = model_file(models, "model_topk", n_expert_per_token=5)
+    paths["model_unknown_key"] = model_file(models, "model_unknown_key", n_experts=4)
+    paths["model_type"] = model_file(models, "model_type", n_layer="two")
+    paths["model_zero"] = model_file(models, "model_zero", vocab_size=0)
+
+    paths["user_dir"] = write(root / "user_dir" / "notes.txt", "my own notes, not prepared data\n").parent
+    paths["prepared_with_source"] = root / "prepared_with_source"
+    shutil.copytree(prepared, paths["prepared_with_source"])
+    write(paths["prepared_with_source"] / "corpus.jsonl", '{"text": "mine"}\n')
+    paths["empty_dir"] = root / "empty_dir"
+    paths["empty_dir"].mkdir()
+    paths["latin1"] = write(root / "latin1.txt", "café au lait".encode("latin-1"))
+    paths["bad_json"] = write(root / "bad_json.jsonl", '{"text": "ok"}\n{"text": oops}\n')
+    paths["no_text"] = write(root / "no_text.jsonl", '{"text": "ok"}\n{"body": "x"}\n')
+    paths["bad_chat"] = write(root / "bad_chat.jsonl", json.dumps({"messages": [{"role": 5, "content": None}]}))
+    paths["empty_jsonl"] = write(root / "empty_jsonl.jsonl", "\n")
+    paths["one_paragraph"] = write(root / "one_paragraph.txt", make_documents(1, 30, seed=5)[0])
+    paths["csv"] = write(root / "table.csv", "a,b\n")
+    paths["other_prepared"] = root / "other_prepared"
+    prepare(source=str(text_folder), out_dir=paths["other_prepared"], vocab_size=280, val_fraction=0.2)
+
+    checkpoint = (trained / "final" / "lit_model.pth").read_bytes()
+    paths["corrupt"] = checkpoint_copy(trained, root / "corrupt", weights=checkpoint[: len(checkpoint) // 2])
+    paths["crafted"] = checkpoint_copy(trained, root / "crafted")
+    torch.save({"model": Crafted(root / "crafted-code-ran")}, paths["crafted"] / "lit_model.pth")
+    paths["no_config"] = checkpoint_copy(trained, root / "no_config")
+    (paths["no_config"] / "model_config.yaml").unlink()
+    paths["small_vocab"] = checkpoint_copy(trained, root / "small_vocab")
+    config = paths["small_vocab"] / "model_config.yaml"
+    config.write_text(config.read_text().replace("padded_vocab_size: 320", "padded_vocab_size: 128"))
+    paths["corrupt_run"] = root / "corrupt_run"
+    checkpoint_copy(trained, paths["corrupt_run"] / "step-00000004", weights=checkpoint[:1000])
+    return paths
+
+
+def snapshot(roots: list[Path]) -> dict[str, tuple]:
+    """Every file and directory under the roots, with size, modification time and content hash."""
+    state = {}
+    for root in roots:
+        for path in [root, *root.rglob("*")] if root.exists() else []:
+            if path.is_file():
+                stat = path.stat()
+                state[str(path)] = (stat.st_size, stat.st_mtime_ns, hashlib.md5(path.read_bytes()).digest())
+            else:
+                state[str(path)] = ("dir", sorted(entry.name for entry in path.iterdir()))
+    return state
+
+
+def run_script(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """The command line as a user runs it (its `__main__` block), in this process: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with warnings.catch_warnings(record=True) as caught:  # a real process would print them on stderr
+        warnings.simplefilter("always")
+        try:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+            status = 0
+        except SystemExit as exit:
+            status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err + "".join(f"{warning.category.__name__}: {warning.message}\n" for warning in caught)
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), CASES, ids=[f"{i:03d}-{c[0]}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(script, argv, message, world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # defaults such as data/default resolve here, not in the repository
+    argv = [arg.format(**world) for arg in argv]
+    roots = [path for path in world.values() if path.is_dir()] + [world["out"], world["nowhere"]]
+    before = snapshot(roots)
+    status, out, err = run_script(script, argv, monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    assert message.format(**world) in lines[0]
+    assert snapshot(roots) == before
+    assert not list(tmp_path.iterdir())  # no output, scratch or partial directory left in the working directory
+    if script == "generate.py":
+        assert out == ""  # refused before the prompt is echoed
+
+
+def test_enough_cases_for_every_command():
+    scripts = [script for script, _, _ in CASES]
+    assert len(CASES) >= 60
+    assert {script: scripts.count(script) >= 5 for script in set(scripts)} == dict.fromkeys(
+        ["run_train.py", "prepare_data.py", "generate.py", "evaluate.py", "export_hf.py"], True
+    )
+
+
+def test_unreadable_files_are_one_line_in_a_real_process(tmp_path):
+    """A file or folder the user cannot read (as root, with the capabilities that read everything dropped)."""
+    root = tmp_path
+    try:
+        for name, text in (("a.txt", "readable " * 50), ("b.txt", "secret " * 50)):
+            (root / "docs" / name).parent.mkdir(exist_ok=True)
+            (root / "docs" / name).write_text(text)
+        (root / "docs" / "b.txt").chmod(0o000)
+        (root / "locked" / "inner").mkdir(parents=True)
+        (root / "locked").chmod(0o000)
+        for source, message in (("docs", "docs/b.txt: cannot read it (permission denied)"),
+                                ("locked", "locked: cannot read this folder (Permission denied)")):  # fmt: skip
+            result = run_unprivileged([sys.executable, str(REPO / "prepare_data.py"), "--source", str(root / source),
+                                       "--out_dir", str(root / "out")])  # fmt: skip
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+            assert sorted(os.listdir(root)) == ["docs", "locked"]
+    finally:
+        (root / "locked").chmod(0o755)
+
+
+def run_unprivileged(command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` where file permissions apply: as root, without the capabilities that bypass them."""
+
+    def drop_permission_override() -> None:
+        import ctypes
+
+        prctl, capability_bounding_set_drop = ctypes.CDLL(None, use_errno=True).prctl, 24
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH (gone from the exec'd process)
+            if prctl(capability_bounding_set_drop, capability, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    demote = drop_permission_override if os.geteuid() == 0 else None
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, preexec_fn=demote, timeout=300)

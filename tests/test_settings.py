@@ -1,0 +1,87 @@
+"""Valid input works: every documented spelling of a setting reaches the run, checked by reading the value the
+optimizer and the loop really used."""
+
+import csv
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, make_documents
+
+from litmoe.cli import flag_types, normalize_flags, normalize_settings, read_yaml
+from litmoe.data import MANIFEST
+from litmoe.settings import resolve_optimizer, take_optimizer_flags
+from litmoe.train import main, setup
+
+ADAMW = "torch.optim.AdamW"
+CONFIGURED = {"class_path": ADAMW, "init_args": {"lr": 3e-3, "weight_decay": 0.1}}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--optimizer.init_args.lr", "1e-3"], {"class_path": ADAMW, "init_args": {"lr": 1e-3, "weight_decay": 0.1}}),
+        (["--optimizer.lr=2e-3", "--optimizer.betas", "[0.9, 0.99]"],
+         {"class_path": ADAMW, "init_args": {"lr": 2e-3, "weight_decay": 0.1, "betas": [0.9, 0.99]}}),
+        (["--optimizer", "SGD", "--optimizer.lr", "0.1"], {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}),
+        (["--optimizer", '{"class_path": "torch.optim.Adam", "init_args": {"lr": 5e-4}}'],
+         {"class_path": "torch.optim.Adam", "init_args": {"lr": 5e-4}}),
+        (["--optimizer.class_path", "torch.optim.RMSprop"], {"class_path": "torch.optim.RMSprop", "init_args": {}}),
+        ([], CONFIGURED),
+    ],
+)  # fmt: skip
+def test_every_optimizer_spelling_resolves(argv, expected):
+    rest, flags = take_optimizer_flags(["--seed", "1", *argv])
+    assert rest == ["--seed", "1"]
+    assert resolve_optimizer(CONFIGURED, flags) == expected
+
+
+def test_numbers_as_users_write_them():
+    assert read_yaml("3e-4") == 3e-4 and read_yaml("[0.9, 1e-3]") == [0.9, 1e-3] and read_yaml("abc") == "abc"
+    types = flag_types(setup)
+    argv = ["--train.max_tokens", "2e6", "--train.micro_batch_size=1.6e1", "--seed", "1e1", "--out_dir", "1e3"]
+    assert normalize_flags(argv, types) == [
+        "--train.max_tokens", "2000000", "--train.micro_batch_size=16", "--seed", "10", "--out_dir", "1e3",
+    ]  # fmt: skip
+    settings = {"train": {"max_tokens": read_yaml("2e8"), "min_lr": read_yaml("3e-5")}, "out_dir": "1e3"}
+    assert normalize_settings(settings, types) == {
+        "train": {"max_tokens": 200_000_000, "min_lr": 3e-5},
+        "out_dir": "1e3",
+    }
+
+
+def logged(out_dir: Path, key: str) -> list[float]:
+    rows = csv.DictReader((out_dir / "logs" / "csv" / "version_0" / "metrics.csv").open())
+    return [float(row[key]) for row in rows if row.get(key)]
+
+
+def test_documented_flags_reach_the_optimizer_and_the_loop(train_args, tmp_path):
+    """README: `--optimizer.init_args.lr 1e-3`, `--train.max_tokens 2e6`; the loop's learning rate peaks at the
+    optimizer's lr after warmup, and the budget is the number of tokens trained."""
+    out_dir = tmp_path / "run"
+    run = main(train_args(out_dir, extra=("--optimizer.init_args.lr", "2e-2", "--train.max_tokens", "2.56e3")))
+    assert max(logged(out_dir, "learning_rate")) == pytest.approx(2e-2)
+    assert run.summary.tokens == 2560
+    saved = read_yaml((out_dir / "final" / "hyperparameters.yaml").read_text())
+    assert saved["optimizer"]["init_args"]["lr"] == 2e-2 and saved["train"]["max_tokens"] == 2560
+
+
+def run_prepare(argv: list[str], monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["prepare_data.py", *argv])
+    runpy.run_path(str(REPO / "prepare_data.py"), run_name="__main__")
+
+
+def test_bare_force_rebuilds_and_a_single_text_file_is_split_into_documents(tmp_path, monkeypatch):
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(make_documents(count=40, sentences=5, seed=3)) + "\n")
+    out_dir = tmp_path / "data"
+    argv = ["--source", str(book), "--out_dir", str(out_dir), "--vocab_size", "300", "--val_fraction", "0.2"]
+    run_prepare(argv, monkeypatch)
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    assert manifest["documents"]["train"] + manifest["documents"]["val"] == 40 and manifest["documents"]["val"] > 0
+    first = (out_dir / MANIFEST).stat().st_mtime_ns
+    run_prepare([*argv, "--force"], monkeypatch)  # bare, as the README shows it
+    assert (out_dir / MANIFEST).stat().st_mtime_ns != first
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["book.txt", "data"]
