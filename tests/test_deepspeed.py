@@ -42,6 +42,10 @@ def test_zero3_trains_as_one_device_resumes_and_consolidates(prepared, tiny_mode
     got = logged(out_dir, "loss")
     assert sorted(got) == sorted(expected) and len(got) == 8  # logged at each optimizer step
     assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in got)
+    # the gradient norm the engine measured inside its step is the one clip_gradients reports on one device
+    norms, expected_norms = logged(out_dir, "grad_norm"), logged(single_device, "grad_norm")
+    assert sorted(norms) == sorted(expected_norms) and len(norms) == 8
+    assert all(norms[step] == pytest.approx(expected_norms[step], rel=1e-3) for step in norms)
     shards = out_dir / "step-00000004" / "lit_model.pth"
     assert (shards / "latest").is_file() and list((shards / "checkpoint").glob("*optim_states.pt"))
 

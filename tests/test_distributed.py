@@ -2,17 +2,20 @@
 accelerator), launched as users launch them."""
 
 import importlib.util
-import shutil
+import signal
 
 import pytest
 import torch
 from conftest import final_weights, run_train_process, tiny_run_args
+from test_long_runs import signal_when, start_run
 from test_train import logged
 
+from litmoe.errors import EXIT_PREEMPTED
+from litmoe.saving import read_progress
 from litmoe.strategy import DEEPSPEED_ON_CPU
 
-BUDGET = 2 * 4 * 64 * 6  # 6 iterations of micro-batch 4 x 64 tokens on each of 2 ranks
-EXTRA = ("--train.global_batch_size", "8", "--train.save_interval", "2", "--eval.interval", "100")
+BUDGET = 2 * 4 * 64 * 30  # 30 iterations of micro-batch 4 x 64 tokens on each of 2 ranks
+EXTRA = ("--train.global_batch_size", "8", "--train.save_interval", "10", "--eval.interval", "100")
 
 
 def run_two_ranks(args: list[str], strategy: tuple[str, ...] = ("--strategy", "ddp")) -> str:
@@ -25,20 +28,27 @@ def ddp_run(prepared, tiny_model_file, tmp_path_factory):
     return out_dir, run_two_ranks(tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, EXTRA))
 
 
-def test_two_ranks_train_on_different_data_stay_in_sync_and_resume(prepared, tiny_model_file, tmp_path, ddp_run):
+def test_two_ranks_train_on_different_data_stay_in_sync_and_stop_together(prepared, tiny_model_file, tmp_path, ddp_run):
+    """SIGTERM to rank 0 only: both ranks stop at the same step boundary (the stop is agreed on), one checkpoint
+    is written, and resuming on 2 ranks continues with the uninterrupted run's losses."""
     full, out = ddp_run
     assert "Strategy: DDP across 2 ranks (--strategy ddp)" in out
     assert "Data parallel: 2 ranks read different first batches" in out
     assert "Data parallel: parameters identical on all 2 ranks after training" in out
     assert (full / "final" / "lit_model.pth").is_file()
 
-    resumed = tmp_path / "resumed"  # interrupted after its second checkpoint
-    shutil.copytree(full / "step-00000004", resumed / "step-00000004")
-    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, resumed, BUDGET, (*EXTRA, "--resume", "auto")))
-    assert "Resuming from" in out and "step-00000004" in out
-    expected, got = logged(full, "loss"), logged(resumed, "loss")
-    assert sorted(got) == [4, 5]
-    assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in got)
+    stopped = tmp_path / "stopped"
+    args = [*tiny_run_args(prepared, tiny_model_file, stopped, BUDGET, EXTRA), "--devices", "2", "--strategy", "ddp"]
+    status, _, err = signal_when(start_run(args), "iter 3 step 3", signal.SIGTERM)
+    assert status == EXIT_PREEMPTED, err[-3000:]
+    step = int(next(line for line in err.splitlines() if line.startswith("Stopped by SIGTERM")).split()[6][:-1])
+    assert 3 <= step < 30 and read_progress(stopped / f"step-{step:08d}")["world_size"] == 2
+
+    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, stopped, BUDGET, (*EXTRA, "--resume", "auto")))
+    assert f"Resuming from {stopped / f'step-{step:08d}' / 'lit_model.pth'}" in out
+    expected, got = logged(full, "loss"), logged(stopped, "loss")
+    assert sorted(got) == list(range(30))
+    assert all(got[index] == pytest.approx(expected[index], rel=1e-4) for index in got)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (uv sync)")

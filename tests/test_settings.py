@@ -1,14 +1,13 @@
 """Valid input works: every documented spelling of a setting reaches the run, checked by reading the value the
 optimizer and the loop really used."""
 
-import csv
 import json
 import runpy
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import REPO, make_documents
+from test_train import logged
 
 from litmoe.cli import flag_types, normalize_flags, normalize_settings, read_yaml
 from litmoe.data import MANIFEST
@@ -52,17 +51,12 @@ def test_numbers_as_users_write_them():
     }
 
 
-def logged(out_dir: Path, key: str) -> list[float]:
-    rows = csv.DictReader((out_dir / "logs" / "csv" / "version_0" / "metrics.csv").open())
-    return [float(row[key]) for row in rows if row.get(key)]
-
-
 def test_documented_flags_reach_the_optimizer_and_the_loop(train_args, tmp_path):
     """README: `--optimizer.init_args.lr 1e-3`, `--train.max_tokens 2e6`; the loop's learning rate peaks at the
     optimizer's lr after warmup, and the budget is the number of tokens trained."""
     out_dir = tmp_path / "run"
     run = main(train_args(out_dir, extra=("--optimizer.init_args.lr", "2e-2", "--train.max_tokens", "2.56e3")))
-    assert max(logged(out_dir, "learning_rate")) == pytest.approx(2e-2)
+    assert max(logged(out_dir, "learning_rate").values()) == pytest.approx(2e-2)
     assert run.summary.tokens == 2560
     saved = read_yaml((out_dir / "final" / "hyperparameters.yaml").read_text())
     assert saved["optimizer"]["init_args"]["lr"] == 2e-2 and saved["train"]["max_tokens"] == 2560

@@ -13,9 +13,11 @@ from litmoe.train import main
 
 
 def logged(out_dir: Path, key: str) -> dict[int, float]:
-    """{step: value} of one metric from the run's CSV log."""
-    rows = csv.DictReader((out_dir / "logs" / "csv" / "version_0" / "metrics.csv").open())
-    return {int(row["step"]): float(row[key]) for row in rows if row.get(key)}
+    """{step: value} of one metric from the run's CSV logs (a resumed run writes the next version)."""
+    values = {}
+    for log in sorted((out_dir / "logs" / "csv").glob("version_*/metrics.csv")):
+        values.update({int(row["step"]): float(row[key]) for row in csv.DictReader(log.open()) if row.get(key)})
+    return values
 
 
 def test_training_run_learns_and_writes_a_loadable_checkpoint(train_args, tmp_path):

@@ -59,6 +59,9 @@ class StrategyArgs:
     deepspeed_config: Path | None = None
     """A DeepSpeed JSON config of your own, passed through; litmoe only fills in what LitGPT's loop needs
     (batch size, clipping, caller-owned gradient accumulation)."""
+    timeout_minutes: int = 30
+    """How long a collective may wait for the other ranks before the run fails (a dead node ends the job instead
+    of hanging it); applies to DDP, FSDP and DeepSpeed."""
 
     @property
     def decided_by_auto(self) -> bool:
@@ -70,3 +73,27 @@ class StrategyArgs:
         """Whether a DeepSpeed-only option was given."""
         offload = {self.offload_optimizer, self.offload_params} - {None, "none"}
         return self.zero_stage is not None or bool(offload) or self.deepspeed_config is not None
+
+
+@dataclass
+class CheckpointArgs:
+    """Which checkpoints are kept (the `checkpoint:` section); LitGPT's train.save_interval sets how often."""
+
+    keep_last: int | None = None
+    """Keep only the newest N step-* checkpoints: older ones are removed once a newer one is complete; final/ always
+    stays. null keeps every one."""
+
+
+@dataclass
+class HealthArgs:
+    """What a run does when its numbers go wrong (the `health:` section); see litmoe.health."""
+
+    nonfinite: Literal["stop", "skip", "off"] = "stop"
+    """A non-finite loss or gradient norm: stop (keep the last good checkpoint and say what to try), skip that
+    optimizer step (stop after max_skips in a row), or off (no check, no host sync per step)."""
+    max_skips: int = 3
+    """With nonfinite skip: stop after this many skipped steps in a row."""
+    spike_window: int = 50
+    """Loss spikes are judged against this many recent logged losses."""
+    spike_sigmas: float = 6.0
+    """A logged loss this many standard deviations above the recent mean is logged as a spike event."""

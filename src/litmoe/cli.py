@@ -17,10 +17,7 @@ from typing import Any
 
 import yaml
 
-from litmoe.errors import UserError
-
-EXIT_USAGE = 2  # a mistake the user can fix, as argparse exits
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+from litmoe.errors import EXIT_INTERRUPTED, EXIT_USAGE, RunStopped, UserError
 
 
 def run_cli(main: Callable[[], Any]) -> None:
@@ -29,6 +26,10 @@ def run_cli(main: Callable[[], Any]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except RunStopped as stop:
+        if stop.message:
+            print(stop.message, file=sys.stderr)
+        sys.exit(stop.exit_code)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

@@ -1,9 +1,23 @@
-"""The one exception type for mistakes a user can fix.
+"""The exceptions a command line turns into one line and an exit status, instead of a traceback.
 
-Command lines catch it and print its message as a single line (no traceback) and exit with status 2.
 Every message names what is wrong (file, key, value) and how to fix it.
 """
+
+EXIT_USAGE = 2  # a mistake the user can fix (argparse's status)
+EXIT_DIVERGED = 3  # training stopped at a non-finite loss or gradient norm; the last good checkpoint is kept
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run again with --resume auto
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 class UserError(Exception):
     """Bad input or an impossible request; the message is shown to the user as it is."""
+
+
+class RunStopped(Exception):
+    """Training stopped early after saving what could be saved. `message` (None on ranks other than 0, which
+    stay quiet) goes to stderr and `exit_code` becomes the process's status."""
+
+    def __init__(self, message: str | None, exit_code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code

@@ -14,6 +14,9 @@ from tqdm import tqdm
 
 # The lines of LitGPT's closing "Performance" block (its Tok/sec divides by a timestamp); ours replaces it.
 STOCK_SUMMARY_PREFIXES = ("| ", "-" * 40)
+# LitGPT names the scratch directory it saves into; litmoe.saving says where the checkpoint landed.
+STOCK_SAVE_LINE = "Saving checkpoint to "
+STOCK_TRAINING_LINE = "Epoch "  # LitGPT's line at each log step; the gradient norm is appended to it
 
 
 class RunLogger(Logger):
@@ -28,6 +31,7 @@ class RunLogger(Logger):
         self.progress = progress
         self.last: dict[str, float] = {}
         self.routing: Callable[[], list[dict[str, Any]]] | None = None
+        self.health = None  # litmoe.health.TrainingHealth, once training runs: gradient norm, spikes
         self.echo: Callable[[str], None] = print
 
     @property
@@ -43,9 +47,11 @@ class RunLogger(Logger):
         return getattr(self.loggers[0], "log_dir", None)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        routing = self.routing() if self.routing is not None and "loss" in metrics else []
+        training = "loss" in metrics  # LitGPT's training log, as opposed to validation
+        routing = self.routing() if self.routing is not None and training else []
         routing_scalars = routing_metrics(routing) if routing else {}
-        metrics = {**metrics, **routing_scalars}
+        health = self.health.log_metrics(float(metrics["loss"])) if self.health is not None and training else {}
+        metrics = {**metrics, **routing_scalars, **health}
         self.last.update({key: float(value) for key, value in metrics.items()})
         for logger in self.loggers:
             logger.log_metrics(metrics, step)
@@ -195,14 +201,17 @@ class Console:
     def __init__(self, fabric, progress: Progress | None) -> None:
         self.fabric = fabric
         self.progress = progress
+        self.health = None  # litmoe.health.TrainingHealth: its last gradient norm joins LitGPT's training line
         self.training_done = False
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         if not self.fabric.is_global_zero:
             return
         line = " ".join(str(arg) for arg in args)
-        if self.training_done and line.startswith(STOCK_SUMMARY_PREFIXES):
+        if (self.training_done and line.startswith(STOCK_SUMMARY_PREFIXES)) or line.startswith(STOCK_SAVE_LINE):
             return
+        if line.startswith(STOCK_TRAINING_LINE) and self.health is not None and self.health.last_norm is not None:
+            line += f" | grad norm {float(self.health.last_norm):.3f}"
         if self.progress is not None:
             self.progress.write(line)
         else:

@@ -14,11 +14,16 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
   pretrain.measure_flops         -> `TrainingFlops`: active-expert FLOPs (the meta-device trace fails on MoE)
   pretrain.save_hyperparameters  -> writes our resolved run config (the stock one re-parses sys.argv with
                                     LitGPT's parser and dies on any flag of ours)
+  pretrain.save_checkpoint       -> the stock save inside `litmoe.saving.AtomicSave`: a checkpoint directory
+                                    appears only when complete, with the run's progress recorded
   pretrain.choose_logger         -> LitGPT's logger plus CSV and the live progress bar
   pretrain.fit                   -> the stock loop, timed, followed by a correct summary; inside it,
   pretrain.validate              -> records the validation losses (the initial one is otherwise only printed)
-and, for the duration of `fit`, an optimizer step hook updates the experts' selection bias (aux-loss-free
-balancing) and the logger reads the routing statistics at each log step.
+and, for the duration of `fit`: an optimizer step hook updates the experts' selection bias (aux-loss-free
+balancing); the logger reads the routing statistics and the gradient norm at each log step; every step's
+gradient norm goes through `litmoe.health` (non-finite policy); the train loader stops at a step boundary
+after SIGTERM, SIGINT or SIGUSR1, and a checkpoint is written there (`litmoe.preemption`). Those signals are
+handled for the whole of `setup`.
 """
 
 import math
@@ -36,13 +41,18 @@ import torch.nn as nn
 import yaml
 from torch.utils.checkpoint import checkpoint
 
-from litmoe.args import MoEArgs, OptimizationArgs
+from litmoe.args import CheckpointArgs, HealthArgs, MoEArgs, OptimizationArgs
 from litmoe.attention import compute_dtype
+from litmoe.checkpoints import latest_checkpoint
+from litmoe.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped
 from litmoe.flops import TrainingFlops
+from litmoe.health import Diverged, EventLog, TrainingHealth
 from litmoe.moe import MoELayer, moe_layers, read_routing_stats, update_expert_bias
 from litmoe.monitoring import Console, RunLogger, RunSummary, make_run_logger
+from litmoe.preemption import Preempted, StopAtStepBoundary, StopSignal
+from litmoe.saving import AtomicSave, checkpoint_bytes, warn_if_little_space
 from litmoe.strategy import StrategyChoice, fabric_builder
-from litmoe.zero import client_optimizer, zero3_reset_parameters
+from litmoe.zero import LoopDeepSpeedStrategy, client_optimizer, zero3_reset_parameters
 
 
 @dataclass
@@ -57,6 +67,12 @@ class PatchSettings:
     progress: bool
     run_config: dict[str, Any]
     deepspeed_config: dict[str, Any] | None = None
+    out_dir: Path = Path("out")
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    health: HealthArgs = field(default_factory=HealthArgs)
+    timeout_minutes: int = 30
+    resume_tokens: int | None = None  # what the resumed checkpoint had trained (None: a fresh run, or unrecorded)
+    stop: StopSignal = field(default_factory=StopSignal, init=False)
     summary: RunSummary | None = field(default=None, init=False)  # filled in when training ends
 
     @property
@@ -83,14 +99,16 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
     import litgpt.pretrain as pretrain
 
     flops = TrainingFlops(settings.micro_batch_size, settings.seq_len)
+    saver = AtomicSave(pretrain.save_checkpoint, partial(progress_record, settings), settings.checkpoint.keep_last)
     with ExitStack() as stack:
+        stack.enter_context(settings.stop.installed())
         if settings.moe.layer == "litmoe":
             stack.enter_context(swapped(litgpt.model, "LLaMAMoE", partial(MoELayer, balance=settings.moe)))
         stack.enter_context(
             swapped(torch, "compile", partial(prepare_model, compile_fn=torch.compile, options=settings.optimization))
         )
         optimizer = settings.run_config.get("optimizer", "AdamW")
-        build_fabric = fabric_builder(settings.strategy, settings.deepspeed_config, optimizer)
+        build_fabric = fabric_builder(settings.strategy, settings.deepspeed_config, optimizer, settings.timeout_minutes)
         stack.enter_context(swapped(pretrain, "L", SimpleNamespace(Fabric=build_fabric)))
         if settings.strategy.name == "deepspeed" and settings.strategy.zero_stage == 3:
             reset = partial(zero3_reset_parameters, seed=settings.run_config["seed"])
@@ -99,10 +117,11 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
         stack.enter_context(
             swapped(pretrain, "save_hyperparameters", partial(save_run_config, run_config=settings.run_config))
         )
+        stack.enter_context(swapped(pretrain, "save_checkpoint", saver))
         stack.enter_context(
             swapped(pretrain, "choose_logger", partial(choose_logger, pretrain.choose_logger, settings))
         )
-        stack.enter_context(swapped(pretrain, "fit", partial(timed_fit, pretrain.fit, flops, settings)))
+        stack.enter_context(swapped(pretrain, "fit", partial(timed_fit, pretrain.fit, flops, settings, saver)))
         yield settings
 
 
@@ -122,6 +141,18 @@ def prepare_model(model: nn.Module, *args: Any, compile_fn: Callable, options: O
     if not options.compile:
         return model
     return compile_fn(model, mode=options.compile_mode, dynamic=options.compile_dynamic)
+
+
+def progress_record(settings: PatchSettings, fabric, state: dict) -> dict[str, Any]:
+    """What a checkpoint records of the run that wrote it (litmoe.resume checks a resumed run against it)."""
+    return {
+        "iter_num": state["iter_num"],
+        "step_count": state["step_count"],
+        "tokens": state["iter_num"] * settings.tokens_per_micro_batch * fabric.world_size,
+        "world_size": fabric.world_size,
+        "micro_batch_size": settings.micro_batch_size,
+        "seq_len": settings.seq_len,
+    }
 
 
 def save_run_config(function: Callable, checkpoint_dir: Path, run_config: dict[str, Any]) -> None:
@@ -170,12 +201,12 @@ def replicas_in_sync(fabric, model: nn.Module) -> bool:
 
 
 @contextmanager
-def balanced_routing(fabric, state: dict, moe: MoEArgs, train, devices: int, num_nodes: int) -> Iterator[None]:
+def balanced_routing(fabric, state: dict, moe: MoEArgs, accumulation: int) -> Iterator[None]:
     """Scale the injected balancing-loss gradients like the cross-entropy loss (1 / accumulation steps), and
     update the experts' selection bias after every optimizer step."""
     model, optimizer = state["model"], state["optimizer"]
     for layer in moe_layers(model):
-        layer.loss_scale = 1.0 / train.gradient_accumulation_iters(devices, num_nodes)
+        layer.loss_scale = 1.0 / accumulation
 
     def after_step(*args: Any) -> None:
         update_expert_bias(model, moe.bias_update_rate, partial(fabric.all_reduce, reduce_op="sum"))
@@ -187,6 +218,55 @@ def balanced_routing(fabric, state: dict, moe: MoEArgs, train, devices: int, num
         handle.remove()
 
 
+@contextmanager
+def watched_gradients(fabric, health: TrainingHealth) -> Iterator[None]:
+    """Every optimizer step's gradient norm goes to `health`: from `fabric.clip_gradients` before the step, or,
+    under DeepSpeed, whose engine clips inside its step, right after it."""
+    if isinstance(fabric.strategy, LoopDeepSpeedStrategy):
+        fabric.strategy.step_observers.append(health.observe)
+        try:
+            yield
+        finally:
+            fabric.strategy.step_observers.remove(health.observe)
+        return
+    fabric.clip_gradients = partial(health.clip_gradients, fabric.clip_gradients)  # this run's Fabric only
+    try:
+        yield
+    finally:
+        del fabric.clip_gradients
+
+
+def stop_with_checkpoint(fabric, state: dict, kwargs: dict[str, Any], signal_name: str, first_step: int) -> None:
+    """After a stop signal, at a step boundary: the checkpoint of this step (unless LitGPT just wrote it), one line
+    saying where, and the exit status of a preempted run."""
+    import litgpt.pretrain as pretrain
+
+    step, save_interval = state["step_count"], kwargs["train"].save_interval
+    target = Path(kwargs["out_dir"]) / f"step-{step:08d}"
+    if step == first_step:
+        message = f"Stopped by {signal_name} before this run's first optimizer step: nothing new to save"
+    else:
+        if not (save_interval and step % save_interval == 0):
+            pretrain.save_checkpoint(fabric, state, kwargs["tokenizer_dir"], target / "lit_model.pth")
+        message = f"Stopped by {signal_name} after optimizer step {step}: saved {target}; continue with --resume auto"
+    if fabric.logger is not None:
+        fabric.logger.finalize("preempted")
+    raise RunStopped(message if fabric.is_global_zero else None, EXIT_PREEMPTED if fabric.is_global_zero else 0)
+
+
+def stop_diverged(fabric, err: Diverged, out_dir: Path, events: EventLog, step: int) -> None:
+    events.record("stopped", step, reason=str(err))
+    newest = latest_checkpoint(out_dir)
+    good = f"{newest.parent}" if newest is not None else "none yet"
+    if fabric.logger is not None:
+        fabric.logger.finalize("diverged")
+    message = (
+        f"error: training stopped: {err}. The last good checkpoint is {good}; try a lower --optimizer.lr, a longer"
+        " --train.lr_warmup_steps or a lower --train.max_norm, or --health.nonfinite skip, resuming from it"
+    )
+    raise RunStopped(message if fabric.is_global_zero else None, EXIT_DIVERGED)
+
+
 def recorded_validate(stock_validate: Callable, losses: list[float], *args: Any, **kwargs: Any) -> torch.Tensor:
     loss = stock_validate(*args, **kwargs)
     if kwargs.get("verbose", True):  # verbose=False is LitGPT's 2-batch sanity check, not an evaluation
@@ -194,31 +274,48 @@ def recorded_validate(stock_validate: Callable, losses: list[float], *args: Any,
     return loss
 
 
-def timed_fit(stock_fit: Callable, flops: TrainingFlops, settings: PatchSettings, **kwargs: Any) -> None:
+def timed_fit(
+    stock_fit: Callable, flops: TrainingFlops, settings: PatchSettings, saver: AtomicSave, **kwargs: Any
+) -> None:
     import litgpt.pretrain as pretrain
 
-    fabric, state = kwargs["fabric"], kwargs["state"]
+    fabric, state, train = kwargs["fabric"], kwargs["state"], kwargs["train"]
     run_logger = fabric.logger if isinstance(fabric.logger, RunLogger) else None
     progress = run_logger.progress if run_logger else None
     console = Console(fabric, progress)
     fabric.print = console.print  # this Fabric object lives for this run only
     tokens_per_iter = settings.tokens_per_micro_batch * fabric.world_size
-    first_iter, start = state["iter_num"], time.perf_counter()
+    if settings.resume_tokens is not None:  # the checkpoint's count, unless the micro-batch size changed
+        state["iter_num"] = settings.resume_tokens // tokens_per_iter
+    first_iter, first_step, start = state["iter_num"], state["step_count"], time.perf_counter()
+    saver.needed_bytes = checkpoint_bytes(state["model"], fabric.world_size, settings.strategy.name == "fsdp")
+    if fabric.is_global_zero:
+        warn_if_little_space(settings.out_dir, saver.needed_bytes, console.print)
+    events = EventLog(settings.out_dir / "logs" / "events.jsonl" if fabric.is_global_zero else None, console.print)
+    health = TrainingHealth(settings.health, events, state)
+    console.health = health
     if progress and fabric.is_global_zero:
         progress.start(first_iter * tokens_per_iter)
     val_losses = []
+    accumulation = train.gradient_accumulation_iters(kwargs["devices"], kwargs.get("num_nodes", 1))
     with ExitStack() as stack:
         stack.enter_context(swapped(pretrain, "validate", partial(recorded_validate, pretrain.validate, val_losses)))
-        stack.enter_context(
-            balanced_routing(
-                fabric, state, settings.moe, kwargs["train"], kwargs["devices"], kwargs.get("num_nodes", 1)
-            )
+        stack.enter_context(balanced_routing(fabric, state, settings.moe, accumulation))
+        stack.enter_context(watched_gradients(fabric, health))
+        if run_logger:
+            run_logger.health, run_logger.echo = health, console.print
+            if moe_layers(state["model"]):
+                run_logger.routing = partial(read_routing_stats, state["model"])
+        loader = StopAtStepBoundary(kwargs["train_dataloader"], fabric, state, accumulation, settings.stop)
+        kwargs["train_dataloader"] = (
+            DistinctDataCheck(loader, fabric, console.print) if fabric.world_size > 1 else loader
         )
-        if run_logger and moe_layers(state["model"]):
-            run_logger.routing, run_logger.echo = partial(read_routing_stats, state["model"]), console.print
-        if fabric.world_size > 1:
-            kwargs["train_dataloader"] = DistinctDataCheck(kwargs["train_dataloader"], fabric, console.print)
-        stock_fit(**kwargs)
+        try:
+            stock_fit(**kwargs)
+        except Preempted as stop:
+            stop_with_checkpoint(fabric, state, kwargs, stop.signal_name, first_step)
+        except Diverged as err:
+            stop_diverged(fabric, err, settings.out_dir, events, err.step or state["step_count"])
     seconds = time.perf_counter() - start
     if fabric.world_size > 1 and replicated(settings.strategy):
         in_sync = replicas_in_sync(fabric, state["model"])

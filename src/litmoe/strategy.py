@@ -17,6 +17,7 @@ swap `pretrain.L` for a namespace whose `Fabric` is `fabric_builder(...)`. LitGP
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,24 +220,35 @@ def adopt_launcher_node_rank(environ: dict[str, str] = os.environ) -> None:
 
 
 def fabric_builder(
-    choice: StrategyChoice, deepspeed_config: dict[str, Any] | None = None, optimizer: str | dict = "AdamW"
-) -> Callable[..., Any]:
-    """Builds the Fabric for `choice` from the arguments LitGPT's `pretrain.setup` passes to `L.Fabric`."""
+    choice: StrategyChoice, deepspeed_config: dict[str, Any] | None = None, optimizer: str | dict = "AdamW",
+    timeout_minutes: int = 30,
+) -> Callable[..., Any]:  # fmt: skip
+    """Builds the Fabric for `choice` from the arguments LitGPT's `pretrain.setup` passes to `L.Fabric`, with the
+    collective timeout, and single-file saves written straight into litmoe.saving's scratch directory."""
     import lightning as L
+
+    from litmoe.saving import DirectCheckpointIO
+
+    timeout = timedelta(minutes=timeout_minutes)
 
     def build(*, strategy: Any, **kwargs: Any) -> L.Fabric:
         if choice.name == "deepspeed":
             from litmoe.zero import LoopDeepSpeedStrategy, ZeroFabric, optimizer_builder
 
             on_cpu = os.environ.get(DEEPSPEED_ON_CPU) == "1" and not torch.cuda.is_available()
-            deepspeed = LoopDeepSpeedStrategy(config=deepspeed_config, allow_cpu=on_cpu)
+            deepspeed = LoopDeepSpeedStrategy(config=deepspeed_config, allow_cpu=on_cpu, timeout=timeout)
             return ZeroFabric(
                 strategy=deepspeed, build_optimizer=optimizer_builder(optimizer, deepspeed_config), **kwargs
             )
         if choice.name == "ddp":
             from lightning.fabric.strategies import DDPStrategy
 
-            strategy = DDPStrategy(process_group_backend=None if torch.cuda.is_available() else "gloo")
+            backend = None if torch.cuda.is_available() else "gloo"
+            strategy = DDPStrategy(process_group_backend=backend, timeout=timeout, checkpoint_io=DirectCheckpointIO())
+        elif choice.name == "fsdp":  # LitGPT's own FSDPStrategy, which saves its files directly
+            strategy._timeout = timeout
+        else:
+            kwargs["plugins"] = [DirectCheckpointIO()]
         return L.Fabric(strategy=strategy, **kwargs)
 
     return build

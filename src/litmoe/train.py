@@ -18,14 +18,9 @@ import torch
 import yaml
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 
-from litmoe.args import MoEArgs, OptimizationArgs, StrategyArgs
+from litmoe.args import CheckpointArgs, HealthArgs, MoEArgs, OptimizationArgs, StrategyArgs
 from litmoe.attention import attention_kernel_scope, check_attention, default_precision
 from litmoe.checkpoints import (
-    checkpoint_problem,
-    is_complete,
-    is_zero_checkpoint,
-    latest_checkpoint,
-    latest_sound_checkpoint,
     tokenizer_vocab_size,
 )
 from litmoe.cli import flag_types, function_parser, normalize_flags, normalize_settings, parse_arguments, read_yaml
@@ -33,6 +28,9 @@ from litmoe.configs import load_model_config
 from litmoe.data import MANIFEST, SPLITS, prepare, read_manifest
 from litmoe.errors import UserError
 from litmoe.patches import PatchSettings, patched_pretrain
+from litmoe.resume import RunShape, check_continuation, finished_run, model_fields, resolve_resume
+from litmoe.run_lock import launching_process, run_lock
+from litmoe.saving import recover_interrupted_saves
 from litmoe.settings import (
     check_devices,
     check_training,
@@ -79,6 +77,9 @@ RENAMED = {
     "--nvme-path": "--strategy.nvme_path",
     "--deepspeed-config": "--strategy.deepspeed_config",
     "--num-nodes": "--num_nodes",
+    "--timeout-minutes": "--strategy.timeout_minutes",
+    "--keep-last": "--checkpoint.keep_last",
+    "--train.keep_last": "--checkpoint.keep_last",
 }
 
 
@@ -95,14 +96,16 @@ def setup(
     optimization: OptimizationArgs = OptimizationArgs(),
     moe: MoEArgs = MoEArgs(),
     strategy: StrategyArgs = StrategyArgs(),
+    checkpoint: CheckpointArgs = CheckpointArgs(),
+    health: HealthArgs = HealthArgs(),
     devices: int | str = "auto",
     num_nodes: int = 1,
     num_workers: int = 2,
     logger_name: Literal["tensorboard", "csv", "wandb", "mlflow"] = "tensorboard",
     seed: int = 42,
     progress: bool = False,
-) -> PatchSettings:
-    """Pretrain an MoE model with LitGPT's pretrain loop.
+) -> PatchSettings | None:
+    """Pretrain an MoE model with LitGPT's pretrain loop (returns None when --resume finds the run finished).
 
     Args:
         model: A model config YAML file (a LitGPT Config) or the name of a registered config (MoE-200M, MoE-tiny).
@@ -119,6 +122,8 @@ def setup(
         moe: The MoE layer (litmoe's fast layer or LitGPT's stock one) and its load balancing.
         strategy: single, ddp, fsdp or deepspeed (ZeRO stage, offload), or auto: decided from the hardware and
             the memory estimate, and printed with the reason.
+        checkpoint: Which checkpoints are kept (keep_last).
+        health: What happens at a non-finite loss or gradient norm (stop, skip, off), and loss-spike events.
         devices: How many devices to train on ('auto': all GPUs, or one CPU process).
         num_nodes: How many nodes.
         num_workers: Data loader worker processes.
@@ -135,47 +140,94 @@ def setup(
     optimizer = resolve_optimizer(optimizer, [])
     check_training(train, eval, devices_per_node * num_nodes, seq_len, learning_rate(optimizer))
     data_dir = ensure_prepared(Path(data_dir))
-    tokenizer_dir = data_dir / "tokenizer"
-    config = fit_vocabulary(config, load_tokenizer(tokenizer_dir))
+    config = fit_vocabulary(config, load_tokenizer(data_dir / "tokenizer"))
     check_data_size(data_dir, train.micro_batch_size, seq_len)
     adopt_launcher_node_rank()
     hardware = Hardware.here(devices_per_node, num_nodes)
     choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization)
     print(f"Strategy: {choice.label(hardware.world_size, hardware.devices_per_node)} ({choice.reason})")
-    resume = resolve_resume(resume, Path(out_dir), deepspeed=choice.name == "deepspeed")
-    check_attention(
-        torch.device("cuda" if cuda else "cpu"), precision, config.n_head, config.head_size,
-        optimization.flash_attention, optimization.flash_attention_force,
+    check_run_care(checkpoint, health, strategy, choice)
+    out_dir = Path(out_dir)
+    shape = RunShape(
+        model_fields(config), hardware.world_size, train.micro_batch_size, train.global_batch_size, seq_len,
+        str(data_dir), seed, num_workers,
     )  # fmt: skip
-
-    if not cuda and optimization.keep_host_memory:
-        from litmoe.host_memory import keep_freed_host_memory
-
-        keep_freed_host_memory()
-
-    from litgpt import pretrain
-    from litgpt.data import LitData
-
-    settings = PatchSettings(
-        optimization=optimization,
-        moe=moe,
-        strategy=choice,
-        deepspeed_config=deepspeed_config(choice, strategy, train) if choice.name == "deepspeed" else None,
-        precision=precision,
-        micro_batch_size=train.micro_batch_size,
-        seq_len=seq_len,
-        token_budget=int(train.max_tokens),
-        progress=progress,
-        run_config=run_config,
-    )
-    data = LitData(data_path=data_dir, split_names=SPLITS, num_workers=num_workers, seed=seed)
-    with patched_pretrain(settings), attention_kernel_scope(optimization.flash_attention_force):
-        pretrain.setup(
-            model_name=config.name, model_config=config, out_dir=Path(out_dir), precision=precision, resume=resume,
-            data=data, train=train, eval=eval, log=log, optimizer=optimizer, devices=devices, num_nodes=num_nodes,
-            tokenizer_dir=tokenizer_dir, logger_name=logger_name, seed=seed,
+    with run_lock(out_dir):
+        point = resume_point(resume, out_dir, choice, shape, int(train.max_tokens))
+        if point is None:
+            return None
+        resume, resume_tokens = point
+        check_attention(
+            torch.device("cuda" if cuda else "cpu"), precision, config.n_head, config.head_size,
+            optimization.flash_attention, optimization.flash_attention_force,
         )  # fmt: skip
+        if not cuda and optimization.keep_host_memory:
+            from litmoe.host_memory import keep_freed_host_memory
+
+            keep_freed_host_memory()
+
+        from litgpt import pretrain
+        from litgpt.data import LitData
+
+        settings = PatchSettings(
+            optimization=optimization,
+            moe=moe,
+            strategy=choice,
+            deepspeed_config=deepspeed_config(choice, strategy, train) if choice.name == "deepspeed" else None,
+            precision=precision,
+            micro_batch_size=train.micro_batch_size,
+            seq_len=seq_len,
+            token_budget=int(train.max_tokens),
+            progress=progress,
+            run_config=run_config,
+            out_dir=out_dir,
+            checkpoint=checkpoint,
+            health=health,
+            timeout_minutes=strategy.timeout_minutes,
+            resume_tokens=resume_tokens,
+        )
+        data = LitData(data_path=data_dir, split_names=SPLITS, num_workers=num_workers, seed=seed)
+        with patched_pretrain(settings), attention_kernel_scope(optimization.flash_attention_force):
+            pretrain.setup(
+                model_name=config.name, model_config=config, out_dir=out_dir, precision=precision, resume=resume,
+                data=data, train=train, eval=eval, log=log, optimizer=optimizer, devices=devices,
+                num_nodes=num_nodes, tokenizer_dir=data_dir / "tokenizer", logger_name=logger_name, seed=seed,
+            )  # fmt: skip
     return settings
+
+
+def resume_point(
+    resume: bool | str | Path, out_dir: Path, choice: StrategyChoice, shape: RunShape, budget: int
+) -> tuple[bool | Path, int | None] | None:
+    """(what LitGPT resumes from, the tokens it had trained), or None when that run has finished its budget.
+    Called holding out_dir's lock, so that leftovers of a killed save can be cleaned up first."""
+    if launching_process():
+        recover_interrupted_saves(out_dir)
+    resume = resolve_resume(resume, out_dir, deepspeed=choice.name == "deepspeed")
+    if not resume:
+        return resume, None
+    tokens = check_continuation(resume, shape)
+    if (done := finished_run(resume, budget)) is not None:
+        print(done)
+        return None
+    return resume, tokens
+
+
+def check_run_care(
+    checkpoint: CheckpointArgs, health: HealthArgs, strategy: StrategyArgs, choice: StrategyChoice
+) -> None:
+    """The checkpoint, health and collective-timeout settings."""
+    if strategy.timeout_minutes < 1:
+        raise UserError(f"--timeout-minutes {strategy.timeout_minutes}: must be at least 1 (30 is the default)")
+    if checkpoint.keep_last is not None and checkpoint.keep_last < 1:
+        raise UserError(f"--checkpoint.keep_last {checkpoint.keep_last}: keep at least 1 (null keeps every one)")
+    if health.max_skips < 1 or health.spike_window < 1 or health.spike_sigmas <= 0:
+        raise UserError("--health.max_skips, --health.spike_window and --health.spike_sigmas must be positive")
+    if health.nonfinite == "skip" and choice.name == "deepspeed":
+        raise UserError(
+            "--health.nonfinite skip: DeepSpeed's engine steps before the gradient norm is known, so a step"
+            " cannot be skipped; use stop (the default) under DeepSpeed"
+        )
 
 
 def choose_strategy(
@@ -253,57 +305,6 @@ def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int) -> None
                 f" micro-batch ({micro_batch_size} x {seq_len + 1}); lower --train.micro_batch_size or"
                 " --train.max_seq_length, or prepare more data"
             )
-
-
-def resolve_resume(resume: bool | str | Path, out_dir: Path, deepspeed: bool = False) -> bool | Path:
-    """What to pass LitGPT as `resume`; refuses to start a fresh run over existing checkpoints, and to resume
-    DeepSpeed shards without DeepSpeed (or a single-file checkpoint with it)."""
-    if resume == "auto" or resume is True:
-        found = latest_sound_checkpoint(out_dir)
-        if found is None and latest_checkpoint(out_dir) is not None:
-            raise UserError(
-                f"--resume {resume}: no checkpoint in {out_dir} can be loaded (see above); move them aside to start"
-                " fresh, or choose another --out_dir"
-            )
-        if found is None and resume is True:
-            raise UserError(
-                f"--resume: no checkpoint in {out_dir}; use --resume auto to start fresh when there is none"
-            )
-        if found is not None:
-            check_resumable(found, deepspeed)
-            print(f"Resuming from {found}")
-        return found or False
-    if resume:
-        path = Path(resume)
-        if path.is_dir() and not is_zero_checkpoint(path):
-            path = path / "lit_model.pth"
-        if not is_complete(path):
-            raise UserError(
-                f"--resume {resume}: no checkpoint there (expected a step-*/ or final/ dir with lit_model.pth)"
-            )
-        if (problem := checkpoint_problem(path)) is not None:
-            raise UserError(f"--resume {path}: {problem}")
-        check_resumable(path, deepspeed)
-        return path
-    if (existing := latest_checkpoint(out_dir)) is not None:
-        raise UserError(
-            f"{out_dir} already holds checkpoints ({existing.parent.name}/); pass --resume auto to continue that run"
-            " or choose another --out_dir"
-        )
-    return False
-
-
-def check_resumable(checkpoint: Path, deepspeed: bool) -> None:
-    if is_zero_checkpoint(checkpoint) and not deepspeed:
-        raise UserError(
-            f"{checkpoint}: DeepSpeed shards; resume with the --strategy deepspeed settings that wrote them"
-            " (generate.py and evaluate.py read them as they are)"
-        )
-    if deepspeed and not is_zero_checkpoint(checkpoint):
-        raise UserError(
-            f"{checkpoint}: a single-file checkpoint; DeepSpeed resumes only its own shard directories, so resume"
-            " with the strategy that wrote it"
-        )
 
 
 # ------------------------------------------------------------------------------------------ command line

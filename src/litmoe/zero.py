@@ -115,6 +115,7 @@ class LoopDeepSpeedStrategy(DeepSpeedStrategy):
         super().__init__(*args, **kwargs)
         self._backward_sync_control = self.LocalAccumulation()
         self.allow_cpu = allow_cpu
+        self.step_observers: list[Callable[[Any], None]] = []  # called with each step's gradient norm
 
     def setup_environment(self) -> None:
         if self.allow_cpu and self.parallel_devices[0].type == "cpu":  # DeepSpeed's CPU accelerator, over gloo
@@ -130,8 +131,11 @@ class LoopDeepSpeedStrategy(DeepSpeedStrategy):
 
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         """The engine's step, not the ZeRO optimizer's: with caller-owned accumulation, the engine reduces the
-        gradients, clips and steps there."""
-        return self.model.step()
+        gradients, clips and steps there. Observers then get the gradient norm the engine measured."""
+        result = self.model.step()
+        for observe in self.step_observers:
+            observe(self.model.get_global_grad_norm())
+        return result
 
     def clip_gradients_norm(self, module, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=True):
         """Clipping happens inside the engine's step (`gradient_clipping` in the config); this returns the

@@ -1,0 +1,445 @@
+"""What a multi-day run meets, and survives: signals, kill -9 during a save, a full disk, divergence, a second run
+in the same directory, a resume with other settings, a finished run resumed again."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from test_train import logged
+
+import litmoe.saving
+from litmoe.checkpoints import latest_sound_checkpoint, load_state
+from litmoe.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped, UserError
+from litmoe.run_lock import LOCK_FILE, run_lock
+from litmoe.saving import AtomicSave, publish, read_progress, recover_interrupted_saves
+from litmoe.train import main
+
+# ------------------------------------------------------------------------------------------ preemption
+
+
+def start_run(args: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "run_train.py", *args, "--num_workers", "0"]
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def signal_when(process: subprocess.Popen, marker: str, signum: int) -> tuple[int, str, str]:
+    """Send `signum` to the process once its output shows `marker`; returns (status, stdout, stderr)."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line:
+            process.send_signal(signum)
+            break
+    out, err = process.communicate(timeout=420)
+    return process.returncode, "".join(seen) + out, err
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_exactly(train_args, tmp_path):
+    budget = 256 * 60
+    full = tmp_path / "full"
+    main(train_args(full, budget, extra=("--train.save_interval", "100")))
+    stopped = tmp_path / "stopped"
+    process = start_run(train_args(stopped, budget, extra=("--train.save_interval", "100")))
+    status, out, err = signal_when(process, "iter 5 step 5", signal.SIGTERM)
+    assert status == EXIT_PREEMPTED, err[-3000:]
+    line = next(line for line in err.splitlines() if line.startswith("Stopped by SIGTERM after optimizer step"))
+    step = int(line.split("optimizer step ")[1].split(":")[0])
+    assert 5 <= step < 60 and f"saved {stopped / f'step-{step:08d}'}; continue with --resume auto" in line
+    assert read_progress(stopped / f"step-{step:08d}")["step_count"] == step
+
+    run = main(train_args(stopped, budget, extra=("--train.save_interval", "100", "--resume", "auto")))
+    expected, got = logged(full, "loss"), logged(stopped, "loss")
+    assert sorted(got) == list(range(60))  # the stopped run logged 0 .. step-1, the resumed one the rest
+    assert all(got[index] == pytest.approx(expected[index], rel=1e-5) for index in got)
+    assert run.summary.tokens == (60 - step) * 256
+
+
+def test_a_second_signal_exits_at_once_without_a_checkpoint(train_args, tmp_path):
+    out_dir = tmp_path / "out"
+    # 16 micro-batches per optimizer step: the second Ctrl-C comes long before the next step boundary
+    extra = ("--train.global_batch_size", "64", "--train.save_interval", "1000")
+    process = start_run(train_args(out_dir, 256 * 64 * 20, extra=extra))
+    for line in process.stdout:
+        if "iter 16 step 1" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    first = next(line for line in process.stderr if line.startswith("SIGINT"))
+    process.send_signal(signal.SIGINT)  # once the first was handled: the two would merge into one
+    _, err = process.communicate(timeout=420)
+    assert process.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert first == "SIGINT: stopping after this optimizer step, with a checkpoint (again: exit now)\n"
+    assert err.splitlines()[-1] == "SIGINT again: exiting now, without a checkpoint"
+    assert not list(out_dir.glob("step-*")) and not (out_dir / "final").exists()
+
+
+# ------------------------------------------------------------------------------------ kill -9 mid-save
+
+
+class KillPoint:
+    """Where a forked save kills itself: before or after one of the save's stages, or part-way through writing
+    `lit_model.pth`."""
+
+    def __init__(self, name: str, target: str, when: str) -> None:
+        self.name, self.target, self.when = name, target, when
+
+    def arm(self) -> None:  # runs in the forked child only
+        if self.target == "torch.save":
+            real_save = torch.save
+
+            def half_then_die(obj, file, *args, **kwargs):
+                real_save(obj, file, *args, **kwargs)
+                file.truncate(file.tell() // 2)
+                file.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            litmoe.saving.torch.save = half_then_die
+            return
+        real = getattr(litmoe.saving, self.target)
+
+        def dying(*args, **kwargs):
+            if self.when == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = real(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        setattr(litmoe.saving, self.target, dying)
+
+
+KILL_POINTS = [
+    KillPoint("before anything", "require_finite_weights", "before"),
+    KillPoint("writing lit_model.pth", "torch.save", "during"),
+    KillPoint("before the progress record", "record_progress", "before"),
+    KillPoint("before fsync", "fsync_tree", "before"),
+    KillPoint("after fsync", "fsync_tree", "after"),
+    KillPoint("before the rename", "publish", "before"),
+    KillPoint("after the rename", "publish", "after"),
+    KillPoint("before retention", "remove_old_checkpoints", "before"),
+]
+KILL_DELAYS = (0.0005, 0.002, 0.005, 0.01)  # seconds into the save; where that lands varies, the rules do not
+
+
+@pytest.fixture
+def fork_safe_threads():
+    """One intra-op thread: a forked child must not wait on the parent's OpenMP worker threads, which fork does
+    not copy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def killed_save(save: Callable[[], None], point: KillPoint | float) -> None:
+    """Run `save` in a forked child and kill it at `point` (a KillPoint, or a delay in seconds)."""
+    child = os.fork()
+    if child == 0:
+        try:
+            if isinstance(point, KillPoint):
+                point.arm()
+            save()
+        finally:
+            os._exit(0)
+    if not isinstance(point, KillPoint):
+        time.sleep(point)
+        os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+
+
+def assert_only_complete_checkpoints(out_dir: Path, tmp_dir: Path) -> Path:
+    """Every visible checkpoint loads and records its own step; no temporary file anywhere else."""
+    visible = sorted(out_dir.glob("step-*")) + sorted(out_dir.glob("final"))
+    for checkpoint in visible:
+        state = load_state(checkpoint / "lit_model.pth")
+        assert read_progress(checkpoint)["iter_num"] == state["iter_num"]
+        assert {"model_config.yaml", "tokenizer.json", "hyperparameters.yaml"} <= {p.name for p in checkpoint.iterdir()}
+    assert list(tmp_dir.iterdir()) == []
+    newest = latest_sound_checkpoint(out_dir)
+    assert newest is not None
+    return newest
+
+
+@pytest.mark.parametrize("tmp_on", ["same filesystem", "another filesystem"])
+def test_kill_9_at_any_moment_of_a_save_leaves_a_resumable_run(
+    train_args, tmp_path, monkeypatch, tmp_on, fork_safe_threads
+):
+    """Saves at every step of a real run; before each real save, a forked copy of the process runs the same save
+    and is killed at a different moment. Afterwards only complete checkpoints are visible, nothing is left in
+    $TMPDIR, and --resume auto continues from the newest complete one."""
+    shared_memory = Path("/dev/shm")
+    if tmp_on == "another filesystem" and not shared_memory.is_dir():
+        pytest.skip("no /dev/shm: no second filesystem to put $TMPDIR on")
+    base = shared_memory if tmp_on == "another filesystem" else tmp_path
+    tmp_dir = Path(tempfile.mkdtemp(dir=base))
+    monkeypatch.setenv("TMPDIR", str(tmp_dir))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    assert (os.stat(tmp_dir).st_dev == os.stat(tmp_path).st_dev) == (tmp_on == "same filesystem")
+
+    points = [*KILL_POINTS, *KILL_DELAYS]
+    out_dir = tmp_path / "out"
+    real_call = AtomicSave.__call__
+    newest_seen = []
+
+    def save_after_a_killed_one(self, fabric, state, tokenizer_dir, checkpoint_file):
+        if points:
+            killed_save(partial(real_call, self, fabric, state, tokenizer_dir, checkpoint_file), points.pop(0))
+            if newest_seen:  # from the second save on, a complete checkpoint exists
+                newest_seen.append(assert_only_complete_checkpoints(out_dir, tmp_dir))
+            if not points:  # the last kill stands for the crash: the run ends here, unsaved
+                raise KeyboardInterrupt
+        real_call(self, fabric, state, tokenizer_dir, checkpoint_file)
+        newest_seen.append(assert_only_complete_checkpoints(out_dir, tmp_dir))
+
+    budget = 256 * 20
+    args = ("--train.save_interval", "1", "--checkpoint.keep_last", "3", "--eval.interval", "1000")
+    monkeypatch.setattr(AtomicSave, "__call__", save_after_a_killed_one)
+    with pytest.raises(KeyboardInterrupt):
+        main(train_args(out_dir, budget, extra=args))
+    monkeypatch.setattr(AtomicSave, "__call__", real_call)
+    assert len(newest_seen) > len(KILL_POINTS) + len(KILL_DELAYS) - 2
+    newest = assert_only_complete_checkpoints(out_dir, tmp_dir)
+    assert len(list(out_dir.glob("step-*"))) == 3  # keep_last 3
+
+    trained = read_progress(newest.parent)["tokens"]
+    run = main(train_args(out_dir, budget, extra=(*args, "--resume", "auto")))
+    assert run.summary.tokens == budget - trained
+    assert (out_dir / "final" / "lit_model.pth").is_file()
+    assert not list(out_dir.glob(".*"))  # what the killed saves left was cleaned up when the run started again
+    assert list(tmp_dir.iterdir()) == []
+    shutil.rmtree(tmp_dir)
+
+
+def test_a_checkpoint_moved_aside_for_its_replacement_is_restored(tmp_path):
+    """Killed between publish's two renames: the old checkpoint is moved back on the next start."""
+    old, new = tmp_path / "final", tmp_path / ".final.partial"
+    for directory, text in ((old, "old"), (new, "new")):
+        directory.mkdir()
+        (directory / "lit_model.pth").write_text(text)
+    child = os.fork()
+    if child == 0:
+        Path.rename = lambda self, target, real=Path.rename: (real(self, target), os.kill(os.getpid(), 9))
+        publish(new, old)
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert not old.exists() and (tmp_path / ".final.old").is_dir()
+    recover_interrupted_saves(tmp_path)
+    assert (old / "lit_model.pth").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs (mounting needs root, or CAP_SYS_ADMIN)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount_point)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip() or 'not permitted'})")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(train_args, small_disk, capsys):
+    # a checkpoint of the tiny model is about 3.2 MB: the first fits in 6 MB, the second does not
+    out_dir = small_disk / "out"
+    with pytest.raises(UserError) as error:
+        main(train_args(out_dir, 256 * 8, extra=("--train.save_interval", "2", "--eval.interval", "1000")))
+    message = str(error.value)
+    assert (
+        f"{out_dir}: no space left to save step-00000004/ (" in message and "free, a checkpoint needs about" in message
+    )
+    assert "the previous checkpoints are intact" in message
+    assert "less than two checkpoints" in capsys.readouterr().out  # warned before the first save
+    assert load_state(out_dir / "step-00000002" / "lit_model.pth")["step_count"] == 2
+    assert sorted(path.name for path in out_dir.iterdir()) == ["logs", "step-00000002"]
+
+
+# ------------------------------------------------------------------------------------------------ health
+
+
+def test_a_huge_learning_rate_stops_cleanly_with_a_finite_last_checkpoint(train_args, tmp_path):
+    out_dir = tmp_path / "out"
+    args = ("--optimizer.init_args.lr", "1e30", "--train.save_interval", "2", "--eval.interval", "1000")
+    with pytest.raises(RunStopped) as stop:
+        main(train_args(out_dir, 256 * 12, extra=args))
+    assert stop.value.exit_code == EXIT_DIVERGED
+    message = stop.value.message
+    assert message.startswith("error: training stopped: non-finite gradient norm (nan) at step 3.")
+    assert f"The last good checkpoint is {out_dir / 'step-00000002'}; try a lower --optimizer.lr" in message
+    weights = load_state(out_dir / "step-00000002" / "lit_model.pth")["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    assert sorted(path.name for path in out_dir.iterdir()) == ["logs", "step-00000002"]
+    events = [json.loads(line) for line in (out_dir / "logs" / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "stopped" and events[-1]["step"] == 3
+
+
+def test_skip_survives_one_bad_batch_and_logs_the_gradient_norm(train_args, tmp_path, monkeypatch, capsys):
+    import litgpt.pretrain
+
+    real_loss, calls = litgpt.pretrain.chunked_cross_entropy, []
+
+    def one_bad_batch(logits, targets, *args, **kwargs):
+        loss = real_loss(logits, targets, *args, **kwargs)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 5:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(litgpt.pretrain, "chunked_cross_entropy", one_bad_batch)
+    out_dir = tmp_path / "out"
+    run = main(train_args(out_dir, 256 * 10, extra=("--health.nonfinite", "skip", "--eval.interval", "1000")))
+    norms = logged(out_dir, "grad_norm")
+    assert len(norms) == 10 and sorted(step for step, norm in norms.items() if norm != norm) == [4]  # NaN at step 5
+    assert logged(out_dir, "health/skipped_steps")[9] == 1
+    assert run.summary.val_loss < run.summary.initial_val_loss
+    assert "Event at step 5: skipped step (grad_norm nan, in_a_row 1)" in capsys.readouterr().out
+    assert all(torch.isfinite(t).all() for t in load_state(out_dir / "final" / "lit_model.pth")["model"].values())
+
+
+# --------------------------------------------------------------------------------- checkpoints and resume
+
+
+def test_keep_last_removes_older_steps_only_after_a_newer_one_is_complete(train_args, tmp_path):
+    out_dir = tmp_path / "out"
+    main(train_args(out_dir, 256 * 10, extra=("--train.save_interval", "2", "--keep-last", "2")))
+    assert sorted(path.name for path in out_dir.iterdir() if not path.name.startswith(".")) == [
+        "final", "logs", "step-00000008", "step-00000010",
+    ]  # fmt: skip
+
+
+def test_one_run_per_directory(train_args, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    with run_lock(out_dir):  # another run holds the directory
+        with pytest.raises(UserError, match=rf"{out_dir} is in use by pid {os.getpid()} on .*; wait for that run"):
+            main(train_args(out_dir))
+    assert not out_dir.exists()  # made for the lock only, removed with it
+    out_dir.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = {"host": os.uname().nodename, "pid": int(dead.stdout), "process_start": "1", "started": "yesterday"}
+    (out_dir / LOCK_FILE).write_text(json.dumps(holder))
+    main(train_args(out_dir, 256 * 2))
+    assert f"taking over the lock of pid {holder['pid']}" in capsys.readouterr().out
+    assert not (out_dir / LOCK_FILE).exists()
+
+
+def test_resume_checks_what_changed_against_the_checkpoint(train_args, tmp_path, tiny_model_file, capsys):
+    out_dir = tmp_path / "out"
+    budget = 256 * 8
+    main(train_args(out_dir, budget, extra=("--train.save_interval", "4")))
+    for later in ("step-00000008", "final"):  # as if stopped after step 4 of 8
+        shutil.rmtree(out_dir / later)
+
+    other_model = tmp_path / "topk1.yaml"
+    other_model.write_text(tiny_model_file.read_text().replace("n_expert_per_token: 2", "n_expert_per_token: 1"))
+    refused = {
+        ("--model", str(other_model)): "the model differs from the checkpoint's (n_expert_per_token 2 -> 1): not",
+        ("--train.max_seq_length", "32"): "train.max_seq_length 64 -> 32: not allowed",
+        ("--seed", "7"): "seed 42 -> 7: not allowed, the checkpoint's data position depends on it",
+        ("--num_workers", "2"): "num_workers 0 -> 2: not allowed",
+    }
+    for change, message in refused.items():
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            main(train_args(out_dir, budget, extra=("--resume", "auto", *change)))
+
+    progress = read_progress(out_dir / "step-00000004")
+    (out_dir / "step-00000004" / "hyperparameters.yaml").write_text(
+        (out_dir / "step-00000004" / "hyperparameters.yaml").read_text().replace("world_size: 1", "world_size: 2")
+    )
+    with pytest.raises(UserError, match="written by 2 ranks, this run has 1: not allowed"):
+        main(train_args(out_dir, budget, extra=("--resume", "auto")))
+    (out_dir / "step-00000004" / "hyperparameters.yaml").write_text(
+        (out_dir / "step-00000004" / "hyperparameters.yaml").read_text().replace("world_size: 2", "world_size: 1")
+    )
+
+    capsys.readouterr()
+    run = main(train_args(out_dir, budget, extra=("--resume", "auto", "--train.micro_batch_size", "2")))
+    assert "train.micro_batch_size 4 -> 2: allowed; iteration 4 continues as 8" in capsys.readouterr().out
+    assert run.summary.tokens == budget - progress["tokens"]  # the budget stays exact
+    assert read_progress(out_dir / "final")["tokens"] == budget
+
+
+def test_a_finished_run_is_left_alone_until_its_budget_is_raised(train_args, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    main(train_args(out_dir, 256 * 4))
+    before = {path: path.stat().st_mtime_ns for path in out_dir.rglob("*")}
+    assert main(train_args(out_dir, 256 * 4, extra=("--resume", "auto"))) is None
+    assert "already trained its budget (1,024 tokens, final/); nothing to do. Raise --train.max_tokens" in (
+        capsys.readouterr().out
+    )
+    assert {path: path.stat().st_mtime_ns for path in out_dir.rglob("*")} == before
+    run = main(train_args(out_dir, 256 * 6, extra=("--resume", "auto")))
+    assert run.summary.tokens == 256 * 2 and read_progress(out_dir / "final")["tokens"] == 256 * 6
+
+
+def test_collective_timeout_reaches_every_strategy(monkeypatch):
+    from datetime import timedelta
+
+    from lightning.fabric.strategies import FSDPStrategy
+
+    from litmoe.strategy import DEEPSPEED_ON_CPU, StrategyChoice, fabric_builder
+    from litmoe.zero import deepspeed_config
+
+    cpu = {"strategy": "auto", "accelerator": "cpu", "devices": 2}
+    ddp = fabric_builder(StrategyChoice("ddp", ""), timeout_minutes=7)(**cpu)
+    assert ddp.strategy._timeout == timedelta(minutes=7)
+    monkeypatch.setenv(DEEPSPEED_ON_CPU, "1")
+    zero = fabric_builder(
+        StrategyChoice("deepspeed", "", 2), deepspeed_config(2, "none", "none", None, 4, 1.0), "AdamW", 11
+    )
+    assert zero(**cpu).strategy._timeout == timedelta(minutes=11)
+    fsdp = FSDPStrategy()  # LitGPT's own, handed to the builder; Lightning builds FSDP on GPUs only
+    with pytest.raises(ValueError, match="FSDP is only available on GPU"):
+        fabric_builder(StrategyChoice("fsdp", ""), timeout_minutes=9)(**{**cpu, "strategy": fsdp})
+    assert fsdp._timeout == timedelta(minutes=9)
+
+
+def test_slurm_script_forwards_the_warning_signal_and_requeues_a_stopped_run(tmp_path):
+    """scripts/slurm_train.sbatch under stand-ins for srun and scontrol: SIGUSR1 to the batch script reaches the
+    task; a task that stops with a checkpoint (status 75) gets the job requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$@" > {tmp_path}/srun-args\n'
+        f"trap 'echo USR1 >> {tmp_path}/task-signals; exit 75' USR1\n"
+        f"touch {tmp_path}/started\n"
+        "while true; do sleep 0.05; done\n"
+    )
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" > {tmp_path}/scontrol-args\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "2",
+                   "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_ID": "4242"}  # fmt: skip
+    script = subprocess.Popen(["bash", "scripts/slurm_train.sbatch", "--train.max_tokens", "2e9"], cwd=REPO,
+                              env=environment, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 30
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    script.send_signal(signal.SIGUSR1)
+    out, _ = script.communicate(timeout=30)
+    assert script.returncode == EXIT_PREEMPTED
+    assert (tmp_path / "task-signals").read_text() == "USR1\n"
+    assert (tmp_path / "scontrol-args").read_text() == "requeue 4242\n"
+    assert "requeueing job 4242" in out
+    srun_args = (tmp_path / "srun-args").read_text()
+    assert "run_train.py --devices 8 --num_nodes 2 --resume auto --train.max_tokens 2e9" in srun_args
+    directives = [
+        line for line in (REPO / "scripts/slurm_train.sbatch").read_text().splitlines() if line.startswith("#SBATCH")
+    ]
+    assert {"#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@180"} <= set(directives)
