@@ -18,9 +18,13 @@ from litmoe.train import main
 
 pytest.importorskip("deepspeed")
 
-# 8 optimizer steps of 2 accumulated micro-batches (4 x 64 tokens), clipped at 1.0, checkpoints every 4 steps
+# 8 optimizer steps of 2 accumulated micro-batches (4 x 64 tokens), clipped at 1.0, checkpoints every 4 steps;
+# aux-loss-free balancing on, so that the experts' selection bias is trained, saved and consolidated too
 BUDGET = 16 * 4 * 64
-EXTRA = ("--train.global_batch_size", "8", "--train.max_norm", "1.0", "--eval.interval", "100")
+EXTRA = (
+    "--train.global_batch_size", "8", "--train.max_norm", "1.0", "--eval.interval", "100",
+    "--moe.bias_update_rate", "0.001",
+)  # fmt: skip
 
 
 def run_deepspeed(args: list[str]) -> str:
@@ -52,6 +56,7 @@ def test_zero3_trains_as_one_device_resumes_and_consolidates(prepared, tiny_mode
     # the shards consolidate to the single-device run's weights, under stock LitGPT keys
     ours, reference = final_weights(out_dir), final_weights(single_device)
     assert ours.keys() == reference.keys() and "transformer.h.0.mlp.experts.3.fc_2.weight" in ours
+    assert reference["transformer.h.0.mlp.expert_bias"].abs().sum() > 0
     assert all(torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-5) for key in ours)
 
     resumed = tmp_path / "resumed"  # interrupted after its fourth optimizer step

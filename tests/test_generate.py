@@ -48,3 +48,31 @@ def test_stream_text_waits_for_complete_characters(trained):
 
 def test_newest_checkpoint_of_an_output_dir(trained):
     assert resolve_checkpoint_dir(trained) == trained / "final"
+
+
+def test_a_bias_balanced_checkpoint_samples_and_scores_routing_as_trained(train_args, tmp_path, capsys):
+    """Aux-loss-free balancing on the softmax router saves `mlp.expert_bias`; the tools load it and route with it."""
+    from litmoe.checkpoints import load_state
+    from litmoe.evaluation import evaluate
+    from litmoe.train import main
+
+    out_dir = tmp_path / "biased"
+    main(train_args(out_dir, 256 * 8, extra=("--moe.bias_update_rate", "0.01")))
+    saved = load_state(out_dir / "final" / "lit_model.pth")["model"]["transformer.h.0.mlp.expert_bias"]
+    assert saved.abs().sum() > 0
+
+    model, tokenizer = load_model(out_dir / "final", torch.device("cpu"), torch.float32)
+    assert torch.equal(model.transformer.h[0].mlp.expert_bias, saved)
+    ids = tokenizer.encode("The cat sees a red ball today.", bos=True)[None]
+    with torch.no_grad():
+        routed = model(ids)
+        for layer in model.transformer.h:
+            layer.mlp.expert_bias.zero_()
+        unbiased = model(ids)
+    assert not torch.allclose(routed, unbiased)  # the bias changes which experts are chosen
+
+    capsys.readouterr()
+    (sample,) = generate(out_dir / "final", prompt="The cat", max_new_tokens=5, temperature=0.0)
+    assert capsys.readouterr().out.startswith("The cat") and len(sample) == 5
+    (result,) = evaluate([out_dir / "final"], max_batches=2)
+    assert result["tokens"] > 0

@@ -10,6 +10,7 @@ import shutil
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from litmoe.errors import UserError
 
 CHECKPOINT_FILES = ("lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json")
 CONSOLIDATED = "consolidated"
+EXPERT_BIAS_KEY = "mlp.expert_bias"  # litmoe's selection bias for a softmax router (litmoe.moe)
 # The only classes DeepSpeed pickles into its shards besides tensors and plain values.
 DEEPSPEED_GLOBALS = (
     "deepspeed.runtime.zero.config.ZeroStageEnum",
@@ -145,34 +147,41 @@ def consolidated(checkpoint_dir: Path) -> Path:
 
     Made once (again when the shards are newer); the shards stay as they are, for resuming."""
     shards, target = checkpoint_dir / "lit_model.pth", checkpoint_dir / CONSOLIDATED
-    weights = target / "lit_model.pth"
-    if weights.is_file() and weights.stat().st_mtime_ns >= (shards / "latest").stat().st_mtime_ns:
+    single_file = target / "lit_model.pth"
+    if single_file.is_file() and single_file.stat().st_mtime_ns >= (shards / "latest").stat().st_mtime_ns:
         return target
-    from litmoe.zero import consolidate
+    from litmoe.zero import consolidate, fp32_weights
 
     if (problem := checkpoint_problem(shards)) is not None:
         raise UserError(f"{shards}: {problem}")
     print(f"Consolidating the DeepSpeed checkpoint {shards} into {target} ...")
-    state = consolidate(shards, build_model(checkpoint_dir))
+    weights = fp32_weights(shards)
+    state = consolidate(shards, weights, build_model(checkpoint_dir, has_expert_bias(weights)))
     target.mkdir(exist_ok=True)
     for config_file in checkpoint_dir.iterdir():
         if config_file.is_file():
             shutil.copy2(config_file, target / config_file.name)
-    partial = weights.with_suffix(".partial")
-    torch.save({"model": state}, partial)
-    partial.replace(weights)
+    scratch = single_file.with_suffix(".partial")
+    torch.save({"model": state}, scratch)
+    scratch.replace(single_file)
     return target
 
 
-def build_model(checkpoint_dir: Path):
-    """The checkpoint's model on the CPU, in fp32, built with litmoe's MoE layer."""
+def has_expert_bias(state: dict) -> bool:
+    """Whether a checkpoint was trained with aux-loss-free balancing on a softmax router (`mlp.expert_bias`)."""
+    return any(key.endswith(EXPERT_BIAS_KEY) for key in state)
+
+
+def build_model(checkpoint_dir: Path, expert_bias: bool = False):
+    """The checkpoint's model on the CPU, in fp32, built with litmoe's MoE layer (with the experts' selection
+    bias when the checkpoint has one, so that it routes exactly as training did)."""
     import litgpt.model
     from litgpt import GPT, Config
 
     from litmoe.moe import MoELayer
     from litmoe.patches import swapped
 
-    with swapped(litgpt.model, "LLaMAMoE", MoELayer):
+    with swapped(litgpt.model, "LLaMAMoE", partial(MoELayer, expert_bias=expert_bias)):
         return GPT(Config.from_file(checkpoint_dir / "model_config.yaml"))
 
 
@@ -196,7 +205,8 @@ def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype):
             " embeddings; use the tokenizer the model was trained with"
         )
     state = load_state(checkpoint_dir / "lit_model.pth")
-    model = build_model(checkpoint_dir)
-    model.load_state_dict(state.get("model", state))
+    weights = state.get("model", state)
+    model = build_model(checkpoint_dir, has_expert_bias(weights))
+    model.load_state_dict(weights)
     model = model.to(device=device, dtype=dtype).eval()
     return model, tokenizer

@@ -127,10 +127,11 @@ class MoELayer(nn.Module):
     """Drop-in replacement for `litgpt.model.LLaMAMoE`, constructed from the same `Config`.
 
     `balance` switches on the auxiliary losses and the expert-bias updates; without it the layer computes
-    exactly what the stock layer computes.
+    exactly what the stock layer computes. `expert_bias` keeps a selection-bias buffer without training it,
+    to load and route like a checkpoint that was trained with one.
     """
 
-    def __init__(self, config, balance: MoEArgs | None = None) -> None:
+    def __init__(self, config, balance: MoEArgs | None = None, expert_bias: bool = False) -> None:
         from litgpt.model import GroupedTopkRouter, LLaMAMLP
 
         super().__init__()
@@ -149,7 +150,7 @@ class MoELayer(nn.Module):
             self.gate.reset_parameters()
         else:
             self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
-            if self.balance.bias_update_rate > 0:  # the grouped router has its own e_score_correction_bias
+            if expert_bias or self.balance.bias_update_rate > 0:  # the grouped router has e_score_correction_bias
                 self.register_buffer("expert_bias", torch.zeros(config.n_expert))
         self.experts = GroupedExperts(config.n_expert, config.n_embd, config.moe_intermediate_size, config.n_layer)
         if config.n_shared_expert:

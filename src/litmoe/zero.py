@@ -216,13 +216,9 @@ def zero3_reset_parameters(module: nn.Module, seed: int) -> None:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def consolidate(shards: Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a DeepSpeed checkpoint, under the keys `model.state_dict()` gives.
-
-    DeepSpeed rebuilds the weights under the parameter names the engine saw (stacked experts, `_orig_mod.`
-    when compiled); they are loaded into `model` by name, and the model's own state dict (stock LitGPT keys)
-    is returned.
-    """
+def fp32_weights(shards: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights and persistent buffers of a DeepSpeed checkpoint, under the names the engine saw
+    (stacked experts; torch.compile's `_orig_mod.` prefix removed)."""
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:
@@ -232,16 +228,21 @@ def consolidate(shards: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     tag = (shards / "latest").read_text().strip()
     with weights_only_deepspeed_loads():
         weights = get_fp32_state_dict_from_zero_checkpoint(str(shards), tag=tag)
-    parameters = dict(model.named_parameters())
-    named = parameters | dict(model.named_buffers())
-    loaded = set()
+    return {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}
+
+
+def consolidate(shards: Path, weights: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`weights` (from `fp32_weights`) loaded into `model` by name, every parameter and buffer of both sides
+    accounted for; returns the model's own state dict (stock LitGPT keys)."""
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    saved = set(dict(model.named_parameters())) | {name for name in named if name in model.state_dict()}
+    unused, missing = sorted(set(weights) - set(named)), sorted(saved - set(weights))
+    if unused or missing:
+        raise UserError(
+            f"{shards}: the DeepSpeed checkpoint does not match its model_config.yaml (in the checkpoint only:"
+            f" {unused[:3]}; in the model only: {missing[:3]})"
+        )
     with torch.no_grad():
         for name, tensor in weights.items():
-            name = name.removeprefix("_orig_mod.")
-            if name in named:
-                named[name].copy_(tensor)
-                loaded.add(name)
-    missing = sorted(set(parameters) - loaded)
-    if missing:
-        raise UserError(f"{shards}: the DeepSpeed checkpoint lacks {missing[:3]}...; it is not this model's")
+            named[name].copy_(tensor)
     return model.state_dict()
