@@ -141,6 +141,36 @@ def test_router_gets_aux_gradient_only_when_coefficient_positive():
     torch.testing.assert_close(injected, weight.grad)
 
 
+def test_balancing_gradient_follows_the_fp16_loss_scale():
+    """Under 16-mixed, GradScaler multiplies the loss by 2^16 before backward and divides the gradients by it
+    before the step: after unscaling, the router must get the same gradient as without fp16 scaling."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    from litmoe.patches import fp16_loss_scale_of
+
+    _, ours = pair(CONFIGS["softmax top-2"])
+    layer = MoELayer(ours.config, MoEArgs(aux_loss_coef=0.01, z_loss_coef=0.001))
+    layer.load_state_dict(ours.state_dict())
+    layer.train()
+    x = torch.randn(2, 32, 64)
+    unscaled = layer(x).square().mean()
+    unscaled.backward()
+    expected = layer.gate.weight.grad.clone()
+
+    precision = MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    layer.fp16_loss_scale = fp16_loss_scale_of(SimpleNamespace(_precision=precision, strategy=None))
+    layer.zero_grad(set_to_none=True)
+    precision.scaler.scale(layer(x).square().mean()).backward()
+    torch.testing.assert_close(layer.gate.weight.grad / 2.0**16, expected)
+
+    layer.fp16_loss_scale = None  # what happened before: the injected part was 2^16 too weak after unscaling
+    layer.zero_grad(set_to_none=True)
+    precision.scaler.scale(layer(x).square().mean()).backward()
+    assert not torch.allclose(layer.gate.weight.grad / 2.0**16, expected, rtol=1e-2)
+
+
 def test_expert_bias_moves_load_toward_balance():
     torch.manual_seed(0)
     config = Config.from_name("MoE-tiny", n_embd=64, n_head=4, moe_intermediate_size=32)

@@ -109,18 +109,22 @@ def _from_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, *arg
 
 
 class AuxLossGradient(torch.autograd.Function):
-    """Identity on `output`; in backward, gives `aux_loss` the gradient `scale` (as if added to the loss)."""
+    """Identity on `output`; in backward, gives `aux_loss` the gradient `scale` (as if added to the loss), times
+    `loss_scale()` when given: fp16 training multiplies the loss by a scale before backward (GradScaler,
+    DeepSpeed's loss scaler) and divides the gradients by it afterwards, so the injected gradient must carry it
+    too. The scale is read in backward, after the scaler has set it for this step."""
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float, loss_scale=None) -> torch.Tensor:
+        ctx.scale, ctx.loss_scale = scale, loss_scale
         ctx.aux_shape = aux_loss.shape
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        aux_grad = torch.full(ctx.aux_shape, ctx.scale, device=grad_output.device, dtype=torch.float32)
-        return grad_output, aux_grad, None
+        scale = ctx.scale if ctx.loss_scale is None else ctx.scale * ctx.loss_scale()
+        aux_grad = torch.as_tensor(scale, device=grad_output.device, dtype=torch.float32).reshape(ctx.aux_shape)
+        return grad_output, aux_grad, None, None
 
 
 class MoELayer(nn.Module):
@@ -140,6 +144,7 @@ class MoELayer(nn.Module):
         self.config = config
         self.balance = balance or MoEArgs(aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=0.0)
         self.loss_scale = 1.0  # 1 / gradient accumulation steps, set by the training patches
+        self.fp16_loss_scale = None  # under fp16 mixed precision: the current loss scale (a callable), ditto
         self.record_routing = False  # record routing statistics outside training too (evaluation)
         if config.n_expert_groups:
             self.gate = GroupedTopkRouter(config)
@@ -230,7 +235,7 @@ class MoELayer(nn.Module):
         if coefs.aux_loss_coef == 0 and coefs.z_loss_coef == 0:
             return y
         penalty = coefs.aux_loss_coef * aux + coefs.z_loss_coef * z_loss
-        return AuxLossGradient.apply(y, penalty, self.loss_scale)
+        return AuxLossGradient.apply(y, penalty, self.loss_scale, self.fp16_loss_scale)
 
     @torch.no_grad()
     def record(self, tokens_per_expert: torch.Tensor, probs: torch.Tensor, aux: torch.Tensor, z_loss: torch.Tensor):

@@ -205,8 +205,10 @@ def balanced_routing(fabric, state: dict, moe: MoEArgs, accumulation: int) -> It
     """Scale the injected balancing-loss gradients like the cross-entropy loss (1 / accumulation steps), and
     update the experts' selection bias after every optimizer step."""
     model, optimizer = state["model"], state["optimizer"]
+    fp16_loss_scale = fp16_loss_scale_of(fabric)
     for layer in moe_layers(model):
         layer.loss_scale = 1.0 / accumulation
+        layer.fp16_loss_scale = fp16_loss_scale
 
     def after_step(*args: Any) -> None:
         update_expert_bias(model, moe.bias_update_rate, partial(fabric.all_reduce, reduce_op="sum"))
@@ -265,6 +267,18 @@ def stop_diverged(fabric, err: Diverged, out_dir: Path, events: EventLog, step: 
         " --train.lr_warmup_steps or a lower --train.max_norm, or --health.nonfinite skip, resuming from it"
     )
     raise RunStopped(message if fabric.is_global_zero else None, EXIT_DIVERGED)
+
+
+def fp16_loss_scale_of(fabric) -> Callable[[], Any] | None:
+    """The current loss scale of fp16 mixed precision, which multiplies the loss before backward: Lightning's
+    GradScaler (`16-mixed`) or DeepSpeed's loss scaler. None when nothing scales the loss (bf16, fp32)."""
+    scaler = getattr(fabric._precision, "scaler", None)
+    if scaler is not None:
+        return lambda: scaler._scale if scaler._scale is not None else scaler.get_scale()  # set by then: no sync
+    engine = fabric.strategy.model if isinstance(fabric.strategy, LoopDeepSpeedStrategy) else None
+    if engine is not None and engine.fp16_enabled():
+        return lambda: engine.optimizer.loss_scale
+    return None
 
 
 def recorded_validate(stock_validate: Callable, losses: list[float], *args: Any, **kwargs: Any) -> torch.Tensor:
