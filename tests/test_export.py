@@ -47,3 +47,29 @@ def test_configs_mixtral_cannot_express_are_refused(trained, tmp_path):
     with pytest.raises(UserError, match=r"cannot express shared experts \(n_shared_expert\)"):
         export_hf(checkpoint, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_exported_tokenizer_adds_bos_like_litgpt_and_greedy_text_matches(exported, trained):
+    transformers = pytest.importorskip("transformers")
+    from litgpt import Tokenizer
+
+    from litmoe.generation import generate_tokens
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    ours = Tokenizer(trained / "final")
+    texts = ["The cat sees a red ball today.", "  two  spaces\nand a line", "ünïcödé, émoji 🙂", "a"]
+    for text in texts:
+        assert hf_tokenizer(text)["input_ids"] == ours.encode(text, bos=True).tolist()
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported, torch_dtype=torch.float32).eval()
+    prompt = hf_tokenizer("The old man", return_tensors="pt")["input_ids"]
+    hf_greedy = hf_model.generate(prompt, do_sample=False, max_new_tokens=12, eos_token_id=None)
+    model, _ = load_model(trained / "final", torch.device("cpu"), torch.float32)
+    encoded = ours.encode("The old man", bos=True)
+    our_greedy = list(generate_tokens(model, encoded, 12, temperature=0.0, top_k=None, top_p=1.0, eos_id=-1))
+    assert hf_greedy[0, encoded.numel() :].tolist() == our_greedy
+
+
+def test_exported_files_have_the_usual_permissions(exported):
+    modes = {path.name: path.stat().st_mode & 0o777 for path in exported.iterdir()}
+    assert len(set(modes.values())) == 1, modes

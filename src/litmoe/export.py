@@ -4,7 +4,10 @@ The output directory loads with `transformers.AutoModelForCausalLM.from_pretrain
 config.json (MixtralConfig), model.safetensors, and the tokenizer files.
 """
 
+import contextlib
+import io
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -82,7 +85,8 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     state = load_state(checkpoint_dir / "lit_model.pth")
     check_exportable(config, state.get("model", state), checkpoint_dir)
 
-    convert_lit_checkpoint(checkpoint_dir, out_dir)  # writes out_dir/model.pth with Hugging Face names
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its arguments as a raw dict
+        convert_lit_checkpoint(checkpoint_dir, out_dir)  # writes out_dir/model.pth with Hugging Face names
     converted = out_dir / "model.pth"
     weights = {name: tensor.contiguous() for name, tensor in torch.load(converted, weights_only=True).items()}
     save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
@@ -95,5 +99,29 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     for name in TOKENIZER_FILES:
         if (checkpoint_dir / name).is_file():
             (out_dir / name).write_bytes((checkpoint_dir / name).read_bytes())
+    if (out_dir / "tokenizer.json").is_file() and tokenizer.bos_id is not None:
+        add_bos_when_encoding(out_dir / "tokenizer.json", tokenizer.bos_id)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out_dir.iterdir():  # safetensors writes 0600; every file gets the user's usual mode
+        path.chmod(0o666 & ~umask)
     print(f"Exported {checkpoint_dir} to {out_dir} (Mixtral, {len(weights)} tensors)")
     return out_dir
+
+
+def add_bos_when_encoding(tokenizer_json: Path, bos_id: int) -> None:
+    """Make the Hugging Face tokenizer put BOS first, as LitGPT's `encode(bos=True)` does in training and in
+    generate.py: `PreTrainedTokenizerFast` ignores `add_bos_token`, so without this every transformers user (and
+    lm-eval) would score the model without the BOS it was trained with."""
+    from tokenizers import Tokenizer, processors
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    if tokenizer.encode("a").ids[:1] == [bos_id]:
+        return  # it adds BOS already (e.g. Llama's)
+    bos = tokenizer.id_to_token(bos_id)
+    template = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    existing = tokenizer.post_processor
+    tokenizer.post_processor = template if existing is None else processors.Sequence([existing, template])
+    tokenizer.save(str(tokenizer_json))
