@@ -207,3 +207,28 @@ def test_routing_stats_are_read_once_then_reset():
     assert 0 < stats["entropy"] <= torch.log(torch.tensor(4.0)) + 1e-6
     assert stats["aux_loss"] >= 1.0 - 1e-6  # the Switch loss is at least 1, reached at perfect balance
     assert read_routing_stats(ours) == []  # nothing since the last read
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_shared_expert": 1}], ids=["routed", "shared expert"])
+def test_litgpt_init_with_the_same_seed_gives_stock_weights(overrides):
+    """LitGPT's pretraining init (`initialize_weights`) on a model built with litmoe's layer draws exactly what
+    it draws for stock LLaMAMoE, so the two layers can be compared run against run."""
+    import lightning as L
+    import litgpt.model
+    from litgpt.pretrain import initialize_weights
+
+    from litmoe.patches import swapped
+
+    config = Config.from_name("MoE-tiny", n_layer=2, n_embd=64, n_head=4, moe_intermediate_size=96, **overrides)
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+
+    def initialized(layer_class) -> dict:
+        fabric.seed_everything(7)
+        with swapped(litgpt.model, "LLaMAMoE", layer_class), fabric.init_module(empty_init=True):
+            model = GPT(config)
+        initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
+        return model.state_dict()
+
+    stock, ours = initialized(LLaMAMoE), initialized(MoELayer)
+    assert stock.keys() == ours.keys()
+    assert all(torch.equal(stock[key], ours[key]) for key in stock)

@@ -114,3 +114,13 @@ def test_progress_bar_shows_tokens_of_budget_loss_and_rate(train_args, tmp_path,
     assert "train: 100%" in bar and "2.05k/2.05k" in bar  # 8 iterations x 256 tokens, of a 2048-token budget
     assert "loss " in bar and "tok/s" in bar
     assert "Training summary" in captured.out
+
+
+def test_stock_and_litmoe_layers_train_alike_from_the_same_seed(train_args, tmp_path):
+    """Same seed, same init draws, no balancing losses: the two layers' loss series agree step by step."""
+    off = ("--moe.aux_loss_coef", "0", "--moe.z_loss_coef", "0", "--eval.interval", "100")
+    for layer in ("stock", "litmoe"):
+        main(train_args(tmp_path / layer, 256 * 10, extra=(*off, "--moe.layer", layer)))
+    stock, ours = logged(tmp_path / "stock", "loss"), logged(tmp_path / "litmoe", "loss")
+    assert sorted(ours) == sorted(stock) == list(range(10))
+    assert all(ours[step] == pytest.approx(stock[step], rel=1e-4) for step in stock)

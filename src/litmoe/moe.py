@@ -57,10 +57,13 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """LitGPT's pretraining init (GPT-NeoX), what `litgpt.pretrain.initialize_weights` gives stock experts."""
+        """LitGPT's pretraining init (GPT-NeoX), what `litgpt.pretrain.initialize_weights` gives stock experts, drawn
+        in stock's order (each expert's fc_1, fc_2, then proj) so that the same seed gives the same weights."""
         n_embd = self.w_in.shape[-1]
-        nn.init.normal_(self.w_in, std=math.sqrt(2.0 / 5 / n_embd))
-        nn.init.normal_(self.w_out, std=1 / math.sqrt(n_embd) / self.n_layer)
+        for expert in range(self.w_in.shape[0]):  # contiguous views: the same draws as stock's own tensors get
+            nn.init.normal_(self.w_in[expert, : self.hidden], std=math.sqrt(2.0 / 5 / n_embd))  # fc_1
+            nn.init.normal_(self.w_in[expert, self.hidden :], std=math.sqrt(2.0 / 5 / n_embd))  # fc_2
+            nn.init.normal_(self.w_out[expert], std=1 / math.sqrt(n_embd) / self.n_layer)  # proj
 
     def forward(self, xs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """SwiGLU of each expert on its contiguous slice of the expert-sorted tokens `xs`."""
