@@ -8,6 +8,6 @@ uv run python run_train.py --help                   # every setting
 
 if __name__ == "__main__":  # litdata and torch start worker processes with spawn: keep this guard
     from litmoe.cli import run_cli
-    from litmoe.train import main
+    from litmoe.train_cli import main
 
     run_cli(main)

@@ -123,7 +123,7 @@ def train_args(prepared, tiny_model_file, tmp_path):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, prepared, tiny_model_file) -> Path:
     """A tiny model trained once for the whole session: its training output dir."""
-    from litmoe.train import main
+    from litmoe.train_cli import main
 
     out_dir = tmp_path_factory.mktemp("trained") / "out"
     main(tiny_run_args(prepared, tiny_model_file, out_dir, max_tokens=256 * 30, extra=("--eval.interval", "100")))

@@ -67,6 +67,8 @@ CASES = [
     ("run_train.py", RUN + ["--trian.max_tokens", "10"], "Unrecognized arguments: --trian.max_tokens 10; see --help"),
     ("run_train.py", RUN + ["--config", "{missing}"], "missing.yaml: train config not found"),
     ("run_train.py", RUN + ["--config", "{broken_yaml}"], "broken.yaml: not valid YAML"),
+    ("run_train.py", RUN + ["--config", "{unknown_setting}"], "unknown_setting.yaml: unknown setting 'trian"),
+    ("run_train.py", RUN + ["--profile", "huge-gpu"], "--profile huge-gpu: {train_config} has no such profile"),
     # run_train.py: the optimizer
     ("run_train.py", RUN + ["--optimizer.init_args.lr", "-1"], "AdamW refuses them (Invalid learning rate: -1"),
     ("run_train.py", RUN + ["--optimizer.lrr", "0.1"], "--optimizer.init_args.lrr: AdamW has no such argument"),
@@ -195,6 +197,7 @@ def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> 
              "texts": text_folder, "trained": trained, "checkpoint": trained / "final", "out": root / "out",
              "nowhere": root / "nowhere", "missing": root / "missing.yaml"}  # fmt: skip
     paths["broken_yaml"] = write(root / "broken.yaml", "train: [unclosed\n")
+    paths["unknown_setting"] = write(root / "unknown_setting.yaml", "trian:\n  max_tokens: 100\n")
     models = root / "models"
     paths["model_broken_yaml"] = write(models / "model_broken_yaml.yaml", "name: x\nn_layer: [2\n")
     paths["model_heads"] = model_file(models, "model_heads", n_head=5, n_query_groups=5)

@@ -1,6 +1,7 @@
 """What only a CUDA GPU can show: the bf16 grouped-GEMM layer, FlashAttention, a compiled bf16 training run.
 
-Skipped without a GPU (CI has none). On a GPU machine: `python3 -m pytest tests/test_cuda.py`.
+Skipped without a GPU (CI has none), and nothing here runs on the CPU instead: until these ran on a GPU, none
+of what they check is known. On a GPU machine: `python3 -m pytest tests/test_cuda.py`.
 """
 
 import pytest
@@ -83,7 +84,7 @@ def test_moe_200m_attention_runs_on_flash_attention_in_bf16():
 
 
 def test_compiled_bf16_training_run_learns_and_reports_mfu(train_args, tmp_path):
-    from litmoe.train import main
+    from litmoe.train_cli import main
 
     out_dir = tmp_path / "run"
     extra = ("--compile", "--flash-attention-force", "--eval.interval", "100")

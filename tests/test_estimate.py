@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from litgpt import GPT, Config
@@ -7,7 +9,7 @@ from litmoe.estimate import TrainingEstimate, bytes_per_parameter, estimate_trai
 from litmoe.moe import MoELayer
 from litmoe.patches import checkpoint_blocks, swapped
 from litmoe.strategy import StrategyChoice
-from litmoe.train import main
+from litmoe.train_cli import main
 
 SINGLE = StrategyChoice("single", "")
 
@@ -113,6 +115,8 @@ def test_estimate_command_for_moe_200m(capsys, tmp_path):
     assert "549,808,896 parameters in total, 132,213,504 active non-embedding parameters per token" in out
     assert "training FLOPs per token: 1.2533 GFLOP" in out
     assert "optimizer state      4.10 GiB" in out and "tokens/s" in out
+    runtime = re.search(r"not counted: the runtime\. This process holds ([0-9.]+) GiB before any training", out)
+    assert runtime and 0.05 < float(runtime.group(1)) < 8  # what the process holds, measured, not a constant
 
     main(["--config", str(REPO / "train_config.yaml"), "--no-cpu-profile", "--estimate", "--data_dir",
           str(tmp_path / "none"), "--precision", "bf16-mixed", "--strategy", "deepspeed", "--zero-stage", "3",

@@ -54,7 +54,7 @@ def test_a_bias_balanced_checkpoint_samples_and_scores_routing_as_trained(train_
     """Aux-loss-free balancing on the softmax router saves `mlp.expert_bias`; the tools load it and route with it."""
     from litmoe.checkpoints import load_state
     from litmoe.evaluation import evaluate
-    from litmoe.train import main
+    from litmoe.train_cli import main
 
     out_dir = tmp_path / "biased"
     main(train_args(out_dir, 256 * 8, extra=("--moe.bias_update_rate", "0.01")))

@@ -23,7 +23,7 @@ from litmoe.checkpoints import latest_sound_checkpoint, load_state
 from litmoe.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped, UserError
 from litmoe.run_lock import LOCK_FILE, run_lock
 from litmoe.saving import AtomicSave, publish, read_progress, recover_interrupted_saves
-from litmoe.train import main
+from litmoe.train_cli import main
 
 # ------------------------------------------------------------------------------------------ preemption
 

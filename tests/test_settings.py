@@ -2,6 +2,7 @@
 optimizer and the loop really used."""
 
 import json
+import re
 import runpy
 import sys
 
@@ -12,7 +13,8 @@ from test_train import logged
 from litmoe.cli import flag_types, normalize_flags, normalize_settings, read_yaml
 from litmoe.data import MANIFEST
 from litmoe.settings import resolve_optimizer, take_optimizer_flags
-from litmoe.train import main, setup
+from litmoe.train import setup
+from litmoe.train_cli import main
 
 ADAMW = "torch.optim.AdamW"
 CONFIGURED = {"class_path": ADAMW, "init_args": {"lr": 3e-3, "weight_decay": 0.1}}
@@ -79,3 +81,29 @@ def test_bare_force_rebuilds_and_a_single_text_file_is_split_into_documents(tmp_
     run_prepare([*argv, "--force"], monkeypatch)  # bare, as the README shows it
     assert (out_dir / MANIFEST).stat().st_mtime_ns != first
     assert sorted(path.name for path in tmp_path.iterdir()) == ["book.txt", "data"]
+
+
+def test_help_shows_this_runs_defaults_and_explains_the_short_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(REPO / "train_config.yaml"), "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--train.max_tokens MAX_TOKENS Total number of tokens to train on (type: int | None, default: 700000)" in (
+        help_text
+    )  # the cpu profile's budget, not the dataclass's null
+    assert "default: out/moe-tiny" in help_text
+    for line in ("--compile compile the model with torch.compile (--optimization.compile=true)",
+                 "--keep-last keep only the newest N step-* checkpoints (--checkpoint.keep_last)",
+                 "--profile NAME apply the train config's profile NAME (cpu, small-gpu)"):  # fmt: skip
+        assert line in help_text
+
+
+def test_the_small_gpu_profile_fits_six_gigabytes(capsys, tmp_path):
+    main(["--config", str(REPO / "train_config.yaml"), "--profile", "small-gpu", "--estimate",
+          "--data_dir", str(tmp_path / "none")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Using the small-gpu profile of the train config (micro-batch 1)" in out
+    assert "strategy: DeepSpeed ZeRO-2 across 1 rank, optimizer offloaded to CPU memory" in out
+    assert "with activation checkpointing" in out
+    total = float(re.search(r"total +([0-9.]+) GiB", out)[1])
+    assert 2 < total < 5.5  # bf16 weights and gradients, one checkpointed micro-batch: room for the runtime

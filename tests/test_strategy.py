@@ -168,7 +168,8 @@ def test_user_deepspeed_config_is_passed_through_with_the_loop_keys(tmp_path):
 def test_deepspeed_launcher_node_rank_reaches_lightning(monkeypatch):
     from lightning.fabric.plugins.environments import LightningEnvironment
 
-    monkeypatch.delenv("NODE_RANK", raising=False)
+    monkeypatch.setenv("NODE_RANK", "recorded")  # monkeypatch now restores the original, removing what is set below
+    monkeypatch.delenv("NODE_RANK")
     monkeypatch.setenv("CROSS_RANK", "1")  # what the DeepSpeed launcher sets on the second node
     adopt_launcher_node_rank()
     assert LightningEnvironment().node_rank() == 1
@@ -180,7 +181,7 @@ def test_deepspeed_launcher_node_rank_reaches_lightning(monkeypatch):
 def test_strategy_section_and_flags_reach_the_run(tmp_path, capsys, monkeypatch):
     from conftest import REPO
 
-    from litmoe.train import main
+    from litmoe.train_cli import main
 
     monkeypatch.delenv(DEEPSPEED_ON_CPU, raising=False)
     config = tmp_path / "train.yaml"

@@ -1,6 +1,7 @@
 """End-to-end: real (tiny) training runs through run_train's command line and LitGPT's loop."""
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 
 from litmoe.errors import UserError
 from litmoe.flops import training_flops_per_token
-from litmoe.train import main
+from litmoe.train_cli import main
 
 
 def logged(out_dir: Path, key: str) -> dict[int, float]:
@@ -107,13 +108,55 @@ def test_default_command_prepares_the_default_corpus_and_trains(tmp_path, monkey
     assert run.summary.val_loss < run.summary.initial_val_loss - 1.0
 
 
-def test_progress_bar_shows_tokens_of_budget_loss_and_rate(train_args, tmp_path, capsys):
-    main(train_args(tmp_path / "out", max_tokens=256 * 8, extra=("--progress",)))
+def test_progress_bar_shows_tokens_of_budget_loss_and_rate(train_args, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "0")  # a terminal of no known width still gets a bar
+    # 2,200 tokens is 8 whole iterations of 256 and a remainder the loop does not train: the bar ends at 100%
+    main(train_args(tmp_path / "out", max_tokens=2200, extra=("--progress", "--eval.interval", "4")))
     captured = capsys.readouterr()
-    bar = captured.err.replace("\r", "\n")
-    assert "train: 100%" in bar and "2.05k/2.05k" in bar  # 8 iterations x 256 tokens, of a 2048-token budget
-    assert "loss " in bar and "tok/s" in bar
+    frames = captured.err.replace("\r", "\n").splitlines()
+    bar = [frame for frame in frames if frame.startswith("train:")]
+    assert "train: 100%" in bar[-1] and "2.05k/2.05k" in bar[-1]
+    assert all("None" not in frame for frame in bar)
+    assert any("loss " in frame and "tok/s" in frame and ", val " in frame for frame in bar)
+    assert bar[-1].rstrip().endswith(f"val {logged(tmp_path / 'out', 'val_loss')[8]:.3f}]")  # the final validation
     assert "Training summary" in captured.out
+
+
+def test_the_run_says_what_it_does_and_what_its_numbers_cover(train_args, tmp_path, capsys):
+    """Its effective settings instead of LitGPT's raw arguments; what the summary's validation loss covers;
+    the routing console line and every moe/* column; tokens/s under its own name."""
+    out_dir = tmp_path / "out"
+    run = main(train_args(out_dir, max_tokens=256 * 6, extra=("--eval.interval", "100")))
+    out = capsys.readouterr().out
+    assert "Run settings (as this run uses them):" in out and "'max_seq_length'" not in out
+    assert "budget       1,536 tokens: 6 optimizer steps of 4 sequences x 64 tokens" in out
+    coverage = re.search(r"\(scored on (\d+) batches per rank: ([\d,]+) of the ([\d,]+) validation tokens", out)
+    assert coverage and int(coverage[1]) == 4 and int(coverage[2].replace(",", "")) == 4 * 4 * 64
+    assert run.summary.val_covers.startswith("(scored on 4 batches")
+    assert re.search(r"MoE routing \| imbalance max/mean \d\.\d\d \(worst layer \d: \d\.\d\d\) \| entropy", out)
+    columns = next(csv.reader((out_dir / "logs" / "csv" / "version_0" / "metrics.csv").open()))
+    routing = {f"moe/layer{layer}/{key}" for layer in (0, 1) for key in ("imbalance", "entropy", "aux_loss", "z_loss")}
+    routing |= {f"moe/layer{layer}/load/expert{expert}" for layer in (0, 1) for expert in range(4)}
+    assert routing | {"moe/imbalance", "moe/imbalance_max", "grad_norm"} <= set(columns)
+    assert len(logged(out_dir, "tokens_per_sec")) == 2  # LitGPT's monitor reports from its fifth log on
+    shares = [logged(out_dir, f"moe/layer0/load/expert{expert}")[3] for expert in range(4)]
+    assert sum(shares) == pytest.approx(1.0)
+
+
+def test_load_heatmap_is_labelled_and_shaded_by_load():
+    from litmoe.monitoring import HEATMAP_MARGIN, load_heatmap
+
+    loads = [[0.25, 0.25, 0.25, 0.25], [0.5, 0.0, 0.25, 0.25]]
+    image = load_heatmap([{"load": load} for load in loads])
+    height, width, channels = image.shape
+    assert channels == 3 and width > 4 * 28 and height > 2 * 28
+    left, top = HEATMAP_MARGIN
+    cell = (width - left - 12) // 4
+    centre = lambda layer, expert: image[top + layer * cell + cell // 2, left + expert * cell + cell // 2]  # noqa: E731
+    assert tuple(centre(0, 0)) == (128, 128, 128)  # a fair share: mid-grey
+    assert tuple(centre(1, 0)) == (255, 255, 255) and tuple(centre(1, 1)) == (0, 0, 0)  # twice its share; idle
+    labels = image[:top, left:]  # the expert labels above the cells: dark text on the light background
+    assert (labels < 100).any()
 
 
 def test_stock_and_litmoe_layers_train_alike_from_the_same_seed(train_args, tmp_path):

@@ -15,6 +15,9 @@ class OptimizationArgs:
     """torch.compile mode. max-autotune uses CUDA graphs; if it fails with a CUDAGraphs error use 'default'."""
     compile_dynamic: bool = False
     """Compile for dynamic shapes (pretraining batches all have the same shape, so static is faster)."""
+    compile_fullgraph: bool = False
+    """Compile the whole model as one graph and fail at the first graph break, instead of running that part eagerly
+    (litmoe's MoE layer has none; a break elsewhere then shows up at once)."""
     flash_attention: bool = True
     """Check at start that attention runs on the FlashAttention kernel; warn, with the reason, when it cannot."""
     flash_attention_force: bool = False

@@ -16,7 +16,10 @@ Memory per device:
     activations while it is recomputed.
 """
 
+import os
+import resource
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -126,6 +129,14 @@ def per_device_memory(
     )
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak so far."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def reference_peak_flops(precision: str) -> tuple[str, float]:
     """The GPU here (Lightning's table), or an H100 SXM for reference."""
     from lightning.fabric.utilities.throughput import get_available_flops
@@ -152,7 +163,7 @@ def describe(
         f" {estimate.active_parameters - output_head:,} active non-embedding parameters per token",
         f"training FLOPs per token: {estimate.flops_per_token / 1e9:.4f} GFLOP",
         f"strategy: {choice.label(world_size, devices_per_node)} ({choice.reason})",
-        f"memory per device ({precision}, micro-batch activations"
+        f"training state per device ({precision}, micro-batch activations"
         f" {'with' if checkpointing else 'without'} activation checkpointing):",
         f"  weights          {memory.weights / GiB:8.2f} GiB",
         f"  gradients        {memory.gradients / GiB:8.2f} GiB",
@@ -165,6 +176,11 @@ def describe(
         f" ({other / GiB:.2f} GiB {'without' if checkpointing else 'with'} activation checkpointing)",
         f"  total            {memory.total / GiB:8.2f} GiB",
     ]
+    lines.append(
+        f"  not counted: the runtime. This process holds {resident_bytes() / GiB:.2f} GiB before any training"
+        " (Python, PyTorch, LitGPT); a run adds allocator caches and data-loader buffers, and each GPU a CUDA"
+        " context of about 0.5-1 GiB"
+    )
     for where, nbytes in (("CPU memory", memory.cpu_offload), ("NVMe", memory.nvme_offload)):
         if nbytes:
             lines.append(f"  offloaded to {where}: {nbytes / GiB:.2f} GiB per rank,"

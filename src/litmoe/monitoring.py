@@ -1,6 +1,7 @@
 """What a run reports: metrics to TensorBoard and CSV, a live progress bar, and a correct final summary."""
 
 import resource
+import shutil
 import sys
 from argparse import Namespace
 from collections.abc import Callable
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.loggers import CSVLogger, Logger, TensorBoardLogger
 from tqdm import tqdm
@@ -32,6 +34,7 @@ class RunLogger(Logger):
         self.last: dict[str, float] = {}
         self.routing: Callable[[], list[dict[str, Any]]] | None = None
         self.health = None  # litmoe.health.TrainingHealth, once training runs: gradient norm, spikes
+        self.world_size = 1
         self.echo: Callable[[str], None] = print
 
     @property
@@ -51,12 +54,12 @@ class RunLogger(Logger):
         routing = self.routing() if self.routing is not None and training else []
         routing_scalars = routing_metrics(routing) if routing else {}
         health = self.health.log_metrics(float(metrics["loss"])) if self.health is not None and training else {}
-        metrics = {**metrics, **routing_scalars, **health}
+        metrics = {**metrics, **routing_scalars, **health, **tokens_per_second(metrics, self.world_size)}
         self.last.update({key: float(value) for key, value in metrics.items()})
         for logger in self.loggers:
             logger.log_metrics(metrics, step)
             if routing and isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("moe/load_heatmap", load_heatmap(routing), step, dataformats="HW")
+                logger.experiment.add_image("moe/load_heatmap", load_heatmap(routing), step, dataformats="HWC")
         if self.progress is not None:
             self.progress.update(metrics)
         if routing:
@@ -74,6 +77,13 @@ class RunLogger(Logger):
             self.progress.close()
 
 
+def tokens_per_second(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+    """All ranks' tokens/s, under a name one can find (LitGPT's monitor counts tokens as items per device)."""
+    if "device/items_per_sec" not in metrics:
+        return {}
+    return {"tokens_per_sec": metrics["device/items_per_sec"] * world_size}
+
+
 def routing_metrics(routing: list[dict[str, Any]]) -> dict[str, float]:
     """Scalars per MoE layer (load share of each expert, imbalance, entropy, losses, bias norm) and means."""
     metrics = {}
@@ -88,12 +98,38 @@ def routing_metrics(routing: list[dict[str, Any]]) -> dict[str, float]:
     return metrics
 
 
-def load_heatmap(routing: list[dict[str, Any]], cell: int = 16) -> torch.Tensor:
-    """Layers x experts image of load relative to perfect balance: black = idle, mid-grey = balanced,
-    white = twice its share or more."""
+HEATMAP_MARGIN, HEATMAP_SCALE_HEIGHT = (40, 22), 40  # room for the labels, and for the shade scale below
+
+
+def load_heatmap(routing: list[dict[str, Any]]) -> np.ndarray:
+    """Layers (rows) x experts (columns), each cell shaded by its load relative to a fair share: black idle,
+    mid-grey balanced, white twice its share or more. Labelled, with the shade scale below; RGB, (H, W, 3)."""
+    from PIL import Image, ImageDraw
+
     load = torch.tensor([layer["load"] for layer in routing])
-    relative = (load * load.shape[1] / 2).clamp(0, 1)
-    return relative.repeat_interleave(cell, dim=0).repeat_interleave(cell, dim=1)
+    layers, experts = load.shape
+    relative = (load * experts / 2).clamp(0, 1)
+    cell = max(8, min(28, 896 // experts))
+    left, top = HEATMAP_MARGIN
+    width, height = left + experts * cell + 12, top + layers * cell + HEATMAP_SCALE_HEIGHT
+    image = Image.new("RGB", (width, height), (224, 232, 240))
+    draw = ImageDraw.Draw(image)
+    label_every = max(1, 24 // cell)
+    for layer in range(layers):
+        draw.text((4, top + layer * cell + cell // 2 - 6), f"L{layer}", fill="black")
+        for expert in range(experts):
+            shade = round(255 * float(relative[layer, expert]))
+            x, y = left + expert * cell, top + layer * cell
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(shade,) * 3, outline=(150, 160, 200))
+    for expert in range(0, experts, label_every):
+        draw.text((left + expert * cell + 2, 4), f"E{expert}", fill="black")
+    bar_top, bar_width = top + layers * cell + 8, experts * cell
+    for offset in range(bar_width):
+        shade = round(255 * offset / max(bar_width - 1, 1))
+        draw.line(((left + offset, bar_top), (left + offset, bar_top + 8)), fill=(shade,) * 3)
+    for text, at in (("idle", 0), ("fair share", 0.5), ("2x", 1)):
+        draw.text((left + at * (bar_width - 6 * len(text)), bar_top + 12), text, fill="black")
+    return np.asarray(image)
 
 
 def routing_summary(routing: list[dict[str, Any]], mean: dict[str, float]) -> str:
@@ -107,21 +143,27 @@ def routing_summary(routing: list[dict[str, Any]], mean: dict[str, float]) -> st
 
 
 class Progress:
-    """A live bar of tokens done out of the budget, with loss, tokens/s and ETA."""
+    """A live bar of the tokens this run trains, with loss, tokens/s and ETA."""
+
+    MIN_WIDTH = 40  # a terminal narrower than this (or of unknown width) gets a fixed-width bar
 
     def __init__(self, token_budget: int) -> None:
         self.token_budget = token_budget
         self.bar: tqdm | None = None
+        self.training = ""  # the training part of the bar's postfix
 
-    def start(self, tokens_done: int) -> None:
-        """Open the bar where this run starts (a resumed run is part-way), so rate and ETA are this run's."""
+    def start(self, tokens_done: int, tokens_total: int | None = None) -> None:
+        """Open the bar where this run starts (a resumed run is part-way), so rate and ETA are this run's; its
+        total is what the loop will train (whole iterations of the budget)."""
+        width = shutil.get_terminal_size(fallback=(0, 0)).columns
         self.bar = tqdm(
-            total=self.token_budget,
+            total=tokens_total or self.token_budget,
             initial=tokens_done,
             unit="tok",
             unit_scale=True,
             file=sys.stderr,
-            dynamic_ncols=True,
+            dynamic_ncols=width >= self.MIN_WIDTH,
+            ncols=None if width >= self.MIN_WIDTH else 100,
             desc="train",
         )
 
@@ -130,13 +172,14 @@ class Progress:
             return
         if "total_tokens" not in metrics:  # validation-only entries
             if "val_loss" in metrics:
-                self.bar.set_postfix_str(f"{self.bar.postfix}, val {metrics['val_loss']:.3f}", refresh=True)
+                validation = f"val {metrics['val_loss']:.3f}"
+                self.bar.set_postfix_str(f"{self.training}, {validation}" if self.training else validation)
             return
         self.bar.update(int(metrics["total_tokens"]) - self.bar.n)
-        postfix = f"loss {metrics['loss']:.3f}"
-        if "throughput/tokens_per_sec" in metrics:
-            postfix += f", {metrics['throughput/tokens_per_sec']:,.0f} tok/s"
-        self.bar.set_postfix_str(postfix, refresh=True)
+        self.training = f"loss {metrics['loss']:.3f}"
+        if "tokens_per_sec" in metrics:
+            self.training += f", {metrics['tokens_per_sec']:,.0f} tok/s"
+        self.bar.set_postfix_str(self.training, refresh=True)
 
     def write(self, line: str) -> None:
         if self.bar is None:
@@ -169,6 +212,7 @@ class RunSummary:
     peak_flops: float | None = None
     initial_val_loss: float | None = None
     val_loss: float | None = None
+    val_covers: str = ""  # which part of the validation split the validation losses score
     peak_memory_gb: float = field(default_factory=lambda: peak_memory_gb())
 
     def lines(self) -> list[str]:
@@ -186,6 +230,8 @@ class RunSummary:
         if self.val_loss is not None:
             start = f" (initial {self.initial_val_loss:.4f})" if self.initial_val_loss is not None else ""
             out.append(f"  final val loss : {self.val_loss:.4f}{start}")
+            if self.val_covers:
+                out.append(f"                   {self.val_covers}")
         return out
 
 

@@ -16,6 +16,8 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
                                     LitGPT's parser and dies on any flag of ours)
   pretrain.save_checkpoint       -> the stock save inside `litmoe.saving.AtomicSave`: a checkpoint directory
                                     appears only when complete, with the run's progress recorded
+  pretrain.capture_hparams,      -> our run config (for TensorBoard's hyperparameters), and the run's effective
+  pretrain.pprint                   settings where LitGPT prints its raw arguments (class-default batch sizes)
   pretrain.choose_logger         -> LitGPT's logger plus CSV and the live progress bar
   pretrain.fit                   -> the stock loop, timed, followed by a correct summary; inside it,
   pretrain.validate              -> records the validation losses (the initial one is otherwise only printed)
@@ -72,6 +74,8 @@ class PatchSettings:
     health: HealthArgs = field(default_factory=HealthArgs)
     timeout_minutes: int = 30
     resume_tokens: int | None = None  # what the resumed checkpoint had trained (None: a fresh run, or unrecorded)
+    val_tokens: int = 0  # in the validation split, to say what the summary's validation loss covers
+    overview: str = ""  # the run's effective settings, printed where LitGPT prints its raw arguments
     stop: StopSignal = field(default_factory=StopSignal, init=False)
     summary: RunSummary | None = field(default=None, init=False)  # filled in when training ends
 
@@ -118,6 +122,8 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
             swapped(pretrain, "save_hyperparameters", partial(save_run_config, run_config=settings.run_config))
         )
         stack.enter_context(swapped(pretrain, "save_checkpoint", saver))
+        stack.enter_context(swapped(pretrain, "capture_hparams", lambda: settings.run_config))
+        stack.enter_context(swapped(pretrain, "pprint", SimpleNamespace(pformat=lambda hparams: settings.overview)))
         stack.enter_context(
             swapped(pretrain, "choose_logger", partial(choose_logger, pretrain.choose_logger, settings))
         )
@@ -140,7 +146,9 @@ def prepare_model(model: nn.Module, *args: Any, compile_fn: Callable, options: O
         checkpoint_blocks(model)
     if not options.compile:
         return model
-    return compile_fn(model, mode=options.compile_mode, dynamic=options.compile_dynamic)
+    return compile_fn(
+        model, mode=options.compile_mode, dynamic=options.compile_dynamic, fullgraph=options.compile_fullgraph
+    )
 
 
 def progress_record(settings: PatchSettings, fabric, state: dict) -> dict[str, Any]:
@@ -308,8 +316,9 @@ def timed_fit(
     events = EventLog(settings.out_dir / "logs" / "events.jsonl" if fabric.is_global_zero else None, console.print)
     health = TrainingHealth(settings.health, events, state)
     console.health = health
-    if progress and fabric.is_global_zero:
-        progress.start(first_iter * tokens_per_iter)
+    if progress and fabric.is_global_zero:  # the loop trains whole iterations of the budget, per rank
+        iterations = settings.token_budget // fabric.world_size // settings.tokens_per_micro_batch
+        progress.start(first_iter * tokens_per_iter, iterations * tokens_per_iter)
     val_losses = []
     accumulation = train.gradient_accumulation_iters(kwargs["devices"], kwargs.get("num_nodes", 1))
     with ExitStack() as stack:
@@ -317,7 +326,7 @@ def timed_fit(
         stack.enter_context(balanced_routing(fabric, state, settings.moe, accumulation))
         stack.enter_context(watched_gradients(fabric, health))
         if run_logger:
-            run_logger.health, run_logger.echo = health, console.print
+            run_logger.health, run_logger.echo, run_logger.world_size = health, console.print, fabric.world_size
             if moe_layers(state["model"]):
                 run_logger.routing = partial(read_routing_stats, state["model"])
         loader = StopAtStepBoundary(kwargs["train_dataloader"], fabric, state, accumulation, settings.stop)
@@ -335,22 +344,34 @@ def timed_fit(
         in_sync = replicas_in_sync(fabric, state["model"])
         console.print(f"Data parallel: parameters {'identical' if in_sync else 'DIFFERENT'} on all"
                       f" {fabric.world_size} ranks after training")  # fmt: skip
-    initial_val_loss = val_losses[0] if kwargs["eval"].initial_validation and val_losses else None
-    if initial_val_loss is not None:
-        fabric.log_dict({"val_loss": initial_val_loss, "val_ppl": math.exp(initial_val_loss)}, step=first_iter)
     if progress:
         progress.close(state["iter_num"] * tokens_per_iter)
+    initial_val_loss = val_losses[0] if kwargs["eval"].initial_validation and val_losses else None
+    if initial_val_loss is not None:  # LitGPT only prints it; logged now at its step (the bar is closed)
+        fabric.log_dict({"val_loss": initial_val_loss, "val_ppl": math.exp(initial_val_loss)}, step=first_iter)
     settings.summary = summarize(
-        fabric, settings, flops, state["iter_num"] - first_iter, seconds, initial_val_loss, val_losses
-    )
+        fabric, settings, flops, state["iter_num"] - first_iter, seconds, initial_val_loss, val_losses,
+        kwargs["eval"].max_iters,
+    )  # fmt: skip
     for line in settings.summary.lines():
         console.print(line)
     console.training_done = True
 
 
+def validation_coverage(settings: PatchSettings, world_size: int, max_iters: int) -> str:
+    """LitGPT validates on the first `eval.max_iters` batches of each rank's share of the validation split."""
+    windows = settings.val_tokens // (settings.seq_len + 1)
+    batches = min(max_iters, windows // world_size // settings.micro_batch_size)
+    scored = batches * settings.micro_batch_size * world_size * settings.seq_len
+    return (
+        f"(scored on {batches} batch{'es' if batches != 1 else ''} per rank: {scored:,} of the"
+        f" {settings.val_tokens:,} validation tokens; evaluate.py scores all of them)"
+    )
+
+
 def summarize(
     fabric, settings: PatchSettings, flops: TrainingFlops, iters: int, seconds: float,
-    initial_val_loss: float | None, val_losses: list[float],
+    initial_val_loss: float | None, val_losses: list[float], val_max_iters: int,
 ) -> RunSummary:  # fmt: skip
     """What this process's part of the run did; `iters` are micro-batches per rank."""
     from lightning.fabric.utilities.throughput import get_available_flops
@@ -365,4 +386,5 @@ def summarize(
         peak_flops=peak * fabric.world_size if peak else None,
         initial_val_loss=initial_val_loss,
         val_loss=val_losses[-1] if val_losses else None,
+        val_covers=validation_coverage(settings, fabric.world_size, val_max_iters) if settings.val_tokens else "",
     )

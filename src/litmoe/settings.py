@@ -202,3 +202,40 @@ def check_devices(devices: int | str, num_nodes: int, num_workers: int, precisio
     if not gpus and precision.startswith("16"):
         raise UserError(f"--precision {precision}: fp16 needs a CUDA GPU; on the CPU use 32-true or bf16-mixed")
     return count
+
+
+# ----------------------------------------------------------------------------------------- the overview
+
+
+def run_overview(
+    config, data: str, tokens: dict[str, int], train: TrainArgs, eval: EvalArgs, optimizer: dict[str, Any],
+    precision: str, strategy: str, world_size: int, seq_len: int, compile: bool, checkpointing: bool,
+    keep_last: int | None, out_dir: str, resume: Any,
+) -> str:  # fmt: skip
+    """What this run does, as it will do it (printed where LitGPT prints its raw arguments, whose sequence length
+    and batch sizes are the class defaults rather than the run's)."""
+    steps = int(train.max_tokens) // (train.global_batch_size * seq_len)
+    accumulation = train.global_batch_size // (train.micro_batch_size * world_size)
+    experts = f"{config.n_expert} experts of {config.moe_intermediate_size}, top-{config.n_expert_per_token}"
+    mlp = experts if config.mlp_class_name == "LLaMAMoE" else f"{config.mlp_class_name} of {config.intermediate_size}"
+    arguments = ", ".join(f"{key}={value}" for key, value in optimizer["init_args"].items())
+    lines = [
+        "Run settings (as this run uses them):",
+        f"  model        {config.name}: {config.n_layer} layers, n_embd {config.n_embd}, {config.n_head} heads"
+        f" ({config.n_query_groups} query groups), {mlp}; vocabulary {config.vocab_size:,}"
+        f" (padded to {config.padded_vocab_size:,}), block size {config.block_size}",
+        f"  data         {data}: {tokens['train']:,} train / {tokens['val']:,} val tokens",
+        f"  budget       {int(train.max_tokens):,} tokens: {steps:,} optimizer steps of {train.global_batch_size}"
+        f" sequences x {seq_len} tokens (micro-batch {train.micro_batch_size} x {world_size} device(s)"
+        f" x {accumulation} accumulated)",
+        f"  optimizer    {optimizer['class_path']}({arguments}); warmup {train.lr_warmup_steps} steps, cosine to"
+        f" min_lr {train.min_lr}, gradients clipped at norm {train.max_norm}",
+        f"  precision    {precision}; torch.compile {'on' if compile else 'off'}; activation checkpointing"
+        f" {'on' if checkpointing else 'off'}",
+        f"  strategy     {strategy}",
+        f"  checkpoints  every {train.save_interval} steps and at the end, in {out_dir}"
+        f" ({f'the newest {keep_last} step-* kept' if keep_last else 'all kept'}); validation every"
+        f" {eval.interval} steps on {eval.max_iters} batches",
+        f"  resume       {resume}" if resume else "  start        fresh",
+    ]
+    return "\n".join(lines)

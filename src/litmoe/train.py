@@ -1,21 +1,13 @@
-"""run_train.py: read the configs, check everything a user can get wrong, then run LitGPT's pretrain loop
-with our patches (litmoe.patches).
-
-Settings come from train_config.yaml (LitGPT's pretrain arguments plus `optimization:`), overridden on the
-command line in LitGPT's jsonargparse style (`--train.max_tokens 2e6`) or with the short flags below. On a
-machine without a CUDA GPU, the file's `cpu_profile:` section is applied first (a small model and budget
-that finish in minutes); `--no-cpu-profile` turns that off.
+"""A training run: check everything a user can get wrong, take the output directory, find the resume point, then
+run LitGPT's pretrain loop with our patches (litmoe.patches). The command line is litmoe.train_cli.
 """
 
 import dataclasses
-import sys
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 
 from litmoe.args import CheckpointArgs, HealthArgs, MoEArgs, OptimizationArgs, StrategyArgs
@@ -23,7 +15,6 @@ from litmoe.attention import attention_kernel_scope, check_attention, default_pr
 from litmoe.checkpoints import (
     tokenizer_vocab_size,
 )
-from litmoe.cli import flag_types, function_parser, normalize_flags, normalize_settings, parse_arguments, read_yaml
 from litmoe.configs import load_model_config
 from litmoe.data import MANIFEST, SPLITS, prepare, read_manifest
 from litmoe.errors import UserError
@@ -34,18 +25,15 @@ from litmoe.saving import recover_interrupted_saves
 from litmoe.settings import (
     check_devices,
     check_training,
-    device_count,
     learning_rate,
     resolve_optimizer,
+    run_overview,
     sequence_length,
-    take_optimizer_flags,
 )
 from litmoe.strategy import Hardware, StrategyChoice, adopt_launcher_node_rank, resolve_strategy
 from litmoe.tokenizer import load_tokenizer
 
-DEFAULT_TRAIN_CONFIG = Path("train_config.yaml")
 DEFAULT_DATA_DIR = Path("data/default")
-CPU_PROFILE = "cpu_profile"
 
 # Noise from pinned dependencies: litdata asks PyPI for a newer version of itself (we pin it deliberately),
 # LitData pins memory even when there is no accelerator to pin it for, and LitGPT's TrainArgs warns about
@@ -55,32 +43,6 @@ KNOWN_WARNINGS = (
     "'pin_memory' argument is set as true",
     "`--train.lr_warmup_steps` should be less than `--train.max_steps`",
 )
-
-# Short flags users know, rewritten to the jsonargparse keys they stand for.
-SWITCHES = {
-    "--compile": "--optimization.compile=true",
-    "--no-compile": "--optimization.compile=false",
-    "--compile-dynamic": "--optimization.compile_dynamic=true",
-    "--flash-attention": "--optimization.flash_attention=true",
-    "--no-flash-attention": "--optimization.flash_attention=false",
-    "--flash-attention-force": "--optimization.flash_attention_force=true",
-    "--gradient-checkpointing": "--optimization.gradient_checkpointing=true",
-    "--progress": "--progress=true",
-    "--stock-moe": "--moe.layer=stock",
-}
-RENAMED = {
-    "--compile-mode": "--optimization.compile_mode",
-    "--strategy": "--strategy.name",
-    "--zero-stage": "--strategy.zero_stage",
-    "--offload-optimizer": "--strategy.offload_optimizer",
-    "--offload-params": "--strategy.offload_params",
-    "--nvme-path": "--strategy.nvme_path",
-    "--deepspeed-config": "--strategy.deepspeed_config",
-    "--num-nodes": "--num_nodes",
-    "--timeout-minutes": "--strategy.timeout_minutes",
-    "--keep-last": "--checkpoint.keep_last",
-    "--train.keep_last": "--checkpoint.keep_last",
-}
 
 
 def setup(
@@ -141,7 +103,7 @@ def setup(
     check_training(train, eval, devices_per_node * num_nodes, seq_len, learning_rate(optimizer))
     data_dir = ensure_prepared(Path(data_dir))
     config = fit_vocabulary(config, load_tokenizer(data_dir / "tokenizer"))
-    check_data_size(data_dir, train.micro_batch_size, seq_len)
+    manifest = check_data_size(data_dir, train.micro_batch_size, seq_len)
     adopt_launcher_node_rank()
     hardware = Hardware.here(devices_per_node, num_nodes)
     choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization)
@@ -185,6 +147,24 @@ def setup(
             health=health,
             timeout_minutes=strategy.timeout_minutes,
             resume_tokens=resume_tokens,
+            val_tokens=manifest.tokens["val"],
+            overview=run_overview(
+                config,
+                str(data_dir),
+                manifest.tokens,
+                train,
+                eval,
+                optimizer,
+                precision,
+                choice.label(hardware.world_size, hardware.devices_per_node),
+                hardware.world_size,
+                seq_len,
+                optimization.compile,
+                optimization.gradient_checkpointing,
+                checkpoint.keep_last,
+                str(out_dir),
+                resume,
+            ),  # fmt: skip
         )
         data = LitData(data_path=data_dir, split_names=SPLITS, num_workers=num_workers, seed=seed)
         with patched_pretrain(settings), attention_kernel_scope(optimization.flash_attention_force):
@@ -295,7 +275,8 @@ def ensure_prepared(data_dir: Path) -> Path:
     )
 
 
-def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int) -> None:
+def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int):
+    """The data's manifest, once each split is known to hold at least one micro-batch."""
     manifest = read_manifest(data_dir)
     needed = micro_batch_size * (seq_len + 1)
     for split in SPLITS:
@@ -305,137 +286,4 @@ def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int) -> None
                 f" micro-batch ({micro_batch_size} x {seq_len + 1}); lower --train.micro_batch_size or"
                 " --train.max_seq_length, or prepare more data"
             )
-
-
-# ------------------------------------------------------------------------------------------ command line
-
-
-def expand_short_flags(argv: list[str]) -> list[str]:
-    expanded = []
-    for arg in argv:
-        name, sep, value = arg.partition("=")
-        if arg in SWITCHES:
-            expanded.append(SWITCHES[arg])
-        elif name in RENAMED:
-            expanded.append(RENAMED[name] + sep + value)
-        else:
-            expanded.append(arg)
-    return expanded
-
-
-def take_flag(argv: list[str], flag: str, with_value: bool = False) -> tuple[list[str], str | bool | None]:
-    """Remove `flag` (and its value) from argv; returns the rest and the value (True for a bare flag)."""
-    rest, found = [], None
-    args = iter(argv)
-    for arg in args:
-        if arg == flag:
-            found = next(args, None) if with_value else True
-            if with_value and found is None:
-                raise UserError(f"{flag} needs a value")
-        elif with_value and arg.startswith(flag + "="):
-            found = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return rest, found
-
-
-def load_train_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path}: train config not found; pass --config FILE or restore train_config.yaml")
-    try:
-        config = read_yaml(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a mapping of settings at the top level")
-    if isinstance(config.get("strategy"), str):  # `strategy: deepspeed` for `strategy: {name: deepspeed}`
-        config["strategy"] = {"name": config["strategy"]}
-    return config
-
-
-def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = deep_merge(merged[key], value) if both_dicts else value
-    return merged
-
-
-def describe_cpu_profile(profile: dict[str, Any]) -> str:
-    train = profile.get("train", {})
-    parts = [f"model {profile.get('model', '?')}", f"{float(train.get('max_tokens', 0)):,.0f} tokens"]
-    if "max_seq_length" in train:
-        parts.append(f"sequences of {train['max_seq_length']}")
-    return ", ".join(parts)
-
-
-def build_parser():
-    return function_parser(
-        setup,
-        prog="run_train.py",
-        description="Pretrain an MoE model with LitGPT. Short flags: "
-        + ", ".join([*SWITCHES, *RENAMED])
-        + ", --no-cpu-profile, --check-environment, --estimate, --config FILE.",
-    )
-
-
-def main(argv: list[str] | None = None) -> PatchSettings | None:
-    """Train; or only report: what this machine can do (--check-environment), or what the run needs (--estimate)."""
-    for message in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
-    argv = expand_short_flags(sys.argv[1:] if argv is None else argv)
-    argv, config_file = take_flag(argv, "--config", with_value=True)
-    argv, no_cpu_profile = take_flag(argv, "--no-cpu-profile")
-    argv, environment_only = take_flag(argv, "--check-environment")
-    argv, estimate_only = take_flag(argv, "--estimate")
-    argv, optimizer_flags = take_optimizer_flags(argv)
-    settings = load_train_config(Path(config_file or DEFAULT_TRAIN_CONFIG))
-    cpu_profile = settings.pop(CPU_PROFILE, None)
-    use_cpu_profile = cpu_profile and not no_cpu_profile and not torch.cuda.is_available()
-    if use_cpu_profile:
-        settings = deep_merge(settings, cpu_profile)
-    settings["optimizer"] = resolve_optimizer(settings.get("optimizer"), optimizer_flags)
-    types = flag_types(setup)
-    arguments = ["--config", yaml.safe_dump(normalize_settings(settings, types)), *normalize_flags(argv, types)]
-    namespace = parse_arguments(build_parser(), arguments, types)
-    kwargs = {key: value for key, value in vars(namespace).items() if key != "config"}
-    if use_cpu_profile:
-        print(
-            f"No CUDA GPU: using the CPU profile of the train config ({describe_cpu_profile(cpu_profile)})."
-            " Command-line settings still apply; --no-cpu-profile runs the full recipe on the CPU."
-        )
-    if environment_only:
-        from litmoe.environment import check_environment
-
-        check_environment(Path(kwargs["out_dir"]))
-        return None
-    if estimate_only:
-        print_estimate(**kwargs)
-        return None
-    return setup(**kwargs)
-
-
-def print_estimate(model: str, data_dir: Path, precision: str | None, train: TrainArgs, optimization: OptimizationArgs,
-                   strategy: StrategyArgs, devices: int | str, num_nodes: int, **unused: Any) -> None:  # fmt: skip
-    """Parameters, FLOPs, per-device memory and speed of this run's settings, without allocating the model.
-
-    An explicit --strategy (with --devices and --num_nodes) is estimated even where it could not run, so that a
-    run can be planned on another machine; `auto` decides for this machine's hardware."""
-    from litmoe.estimate import describe, estimate_training
-    from litmoe.strategy import requested
-
-    config = load_model_config(model)
-    if (Path(data_dir) / MANIFEST).is_file():  # size the vocabulary as training would
-        config = fit_vocabulary(config, load_tokenizer(Path(data_dir) / "tokenizer"))
-    precision = precision or default_precision(training=True)
-    hardware = Hardware.here(device_count(devices), num_nodes)
-    seq_len = sequence_length(train, config.block_size)
-    estimate = estimate_training(config, precision, train.micro_batch_size, seq_len)
-    memory_of = memory_per_device(estimate, precision, hardware, optimization)
-    if strategy.decided_by_auto:
-        choice = resolve_strategy(strategy, hardware, memory_of, compile=optimization.compile)
-    else:
-        choice = requested(strategy, hardware.world_size)
-    print(describe(estimate, config, precision, choice, memory_of(choice), optimization.gradient_checkpointing,
-                   hardware.world_size, hardware.devices_per_node,
-                   max_tokens=train.max_tokens and float(train.max_tokens)))  # fmt: skip
+    return manifest
