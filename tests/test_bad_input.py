@@ -86,6 +86,16 @@ CASES = [
     ("run_train.py", RUN + ["--model", "{model_type}"], "n_layer is 'two', expected int"),
     ("run_train.py", RUN + ["--model", "{model_zero}"], "vocab_size is 0; it must be a positive integer"),
     ("run_train.py", RUN + ["--model", "Mixtral-9000"], "--model Mixtral-9000: neither a config file nor a registered"),
+    ("run_train.py", RUN + ["--model.n_expert_per_token", "99"], "with n_expert_per_token 99: n_expert_per_token 99"),
+    ("run_train.py", RUN + ["--model.n_expertz", "4"], "--model.n_expertz: not a field of litgpt.Config"),
+    ("run_train.py", RUN + ["--model.n_layer", "two"], "n_layer is 'two', expected int"),
+    # run_train.py: starting weights
+    ("run_train.py", RUN + ["--initial_checkpoint_dir", "{checkpoint}", "--model.n_layer", "3"],
+     "--initial_checkpoint_dir {checkpoint}: another model (n_layer 2 -> 3)"),
+    ("run_train.py", RUN + ["--upcycle-from", "{checkpoint}"], "it is LLaMAMoE, not a dense LLaMA-style model"),
+    ("run_train.py", RUN + ["--upcycle-from", "{nowhere}"], "--upcycle-from {nowhere}: no model_config.yaml"),
+    ("run_train.py", RUN + ["--upcycle-from", "{checkpoint}", "--initial_checkpoint_dir", "{checkpoint}"],
+     "--initial_checkpoint_dir and --upcycle-from both give starting weights; choose one"),
     # run_train.py: data and checkpoints
     ("run_train.py", RUN + ["--data_dir", "{nowhere}"], "nowhere/manifest.json not found: prepare the data first"),
     ("run_train.py", RUN + ["--resume", "{corrupt}"], "lit_model.pth is incomplete or corrupt"),

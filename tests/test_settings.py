@@ -10,9 +10,9 @@ import pytest
 from conftest import REPO, make_documents
 from test_train import logged
 
-from litmoe.cli import flag_types, normalize_flags, normalize_settings, read_yaml
+from litmoe.cli import flag_types, normalize_flags, normalize_settings, read_yaml, take_section_flags
 from litmoe.data import MANIFEST
-from litmoe.settings import resolve_optimizer, take_optimizer_flags
+from litmoe.settings import resolve_optimizer
 from litmoe.train import setup
 from litmoe.train_cli import main
 
@@ -34,7 +34,7 @@ CONFIGURED = {"class_path": ADAMW, "init_args": {"lr": 3e-3, "weight_decay": 0.1
     ],
 )  # fmt: skip
 def test_every_optimizer_spelling_resolves(argv, expected):
-    rest, flags = take_optimizer_flags(["--seed", "1", *argv])
+    rest, flags = take_section_flags(["--seed", "1", *argv], "--optimizer")
     assert rest == ["--seed", "1"]
     assert resolve_optimizer(CONFIGURED, flags) == expected
 

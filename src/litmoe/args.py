@@ -100,3 +100,15 @@ class HealthArgs:
     """Loss spikes are judged against this many recent logged losses."""
     spike_sigmas: float = 6.0
     """A logged loss this many standard deviations above the recent mean is logged as a spike event."""
+
+
+@dataclass
+class UpcycleArgs:
+    """Sparse upcycling: start the MoE from a dense checkpoint (the `upcycle:` section; see litmoe.initial_weights)."""
+
+    dense_checkpoint: Path | None = None
+    """A dense LLaMA-style LitGPT checkpoint dir (LLaMAMLP, same attention, embeddings and vocabulary as the MoE)."""
+    router_std: float = 0.02
+    """Standard deviation of the router's initial weights (coarse experts; fine-grained experts start at zero)."""
+    noise: float = 0.0
+    """Relative noise on each expert's copy of the dense weights, to break their symmetry (0: an exact start)."""

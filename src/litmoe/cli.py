@@ -106,6 +106,25 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_NumbersLoader)
 
 
+def take_section_flags(argv: list[str], section: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """argv without its `--section[.key] value` flags, and those flags as (flag, value) in order: for settings
+    that are a name or a mapping (`--optimizer AdamW --optimizer.lr 1e-3`, `--model MoE-1B --model.n_layer 6`),
+    which jsonargparse would merge into stray keys."""
+    rest, taken = [], []
+    args = iter(argv)
+    for arg in args:
+        flag, sep, value = arg.partition("=")
+        if flag == section or flag.startswith(section + "."):
+            if not sep:
+                value = next(args, None)
+                if value is None:
+                    raise UserError(f"{flag} needs a value")
+            taken.append((flag, value))
+        else:
+            rest.append(arg)
+    return rest, taken
+
+
 # ------------------------------------------------------------------------------------------ flag types
 
 

@@ -5,6 +5,7 @@ After `import litmoe`, `litgpt.Config.from_name("MoE-200M")` works, and so do Li
 a config up by name.
 """
 
+import dataclasses
 import types
 import typing
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from litmoe.cli import describe_type
+from litmoe.cli import describe_type, read_yaml
 from litmoe.errors import UserError
 
 # Shared by every config here: a LLaMA-style decoder (pre-norm RMSNorm, full RoPE, SwiGLU experts).
@@ -44,6 +45,70 @@ MOE_CONFIGS: list[dict[str, Any]] = [
         n_expert_per_token=2,
         **_LLAMA_MOE,
     ),
+    # A ladder for scaling runs, from about 1B to about 8B parameters in total (README: "Presets"). Coarse experts
+    # (8, top-2, Mixtral-style) and one fine-grained model in the DeepSeekMoE/OLMoE style: many small experts, a
+    # higher top-k and a shared expert always on.
+    dict(
+        name="MoE-1B",
+        hf_config=dict(org="litmoe", name="MoE-1B"),
+        block_size=2048,
+        vocab_size=50257,
+        n_layer=16,
+        n_embd=1024,
+        n_head=16,
+        n_query_groups=4,
+        intermediate_size=2048,
+        moe_intermediate_size=2048,
+        n_expert=8,
+        n_expert_per_token=2,
+        **_LLAMA_MOE,
+    ),
+    dict(
+        name="MoE-FG-2B",
+        hf_config=dict(org="litmoe", name="MoE-FG-2B"),
+        block_size=2048,
+        vocab_size=50257,
+        n_layer=16,
+        n_embd=1536,
+        n_head=12,
+        n_query_groups=4,
+        intermediate_size=1536,
+        moe_intermediate_size=384,
+        n_expert=64,
+        n_expert_per_token=8,
+        n_shared_expert=4,  # one shared expert of 4 x 384
+        **_LLAMA_MOE,
+    ),
+    dict(
+        name="MoE-4B",
+        hf_config=dict(org="litmoe", name="MoE-4B"),
+        block_size=4096,
+        vocab_size=50257,
+        n_layer=24,
+        n_embd=1536,
+        n_head=12,
+        n_query_groups=4,
+        intermediate_size=4096,
+        moe_intermediate_size=4096,
+        n_expert=8,
+        n_expert_per_token=2,
+        **_LLAMA_MOE,
+    ),
+    dict(
+        name="MoE-8B",
+        hf_config=dict(org="litmoe", name="MoE-8B"),
+        block_size=4096,
+        vocab_size=50257,
+        n_layer=32,
+        n_embd=2048,
+        n_head=16,
+        n_query_groups=8,
+        intermediate_size=4608,
+        moe_intermediate_size=4608,
+        n_expert=8,
+        n_expert_per_token=2,
+        **_LLAMA_MOE,
+    ),
     # Sized for CPU runs and tests: trains at several thousand tokens/s on two cores.
     dict(
         name="MoE-tiny",
@@ -59,6 +124,19 @@ MOE_CONFIGS: list[dict[str, Any]] = [
         n_expert=4,
         n_expert_per_token=2,
         **_LLAMA_MOE,
+    ),
+    # MoE-tiny's dense sibling (one SwiGLU MLP of the experts' size), to upcycle into MoE-tiny.
+    dict(
+        name="Dense-tiny",
+        hf_config=dict(org="litmoe", name="Dense-tiny"),
+        block_size=256,
+        vocab_size=8192,
+        n_layer=4,
+        n_embd=192,
+        n_head=6,
+        n_query_groups=2,
+        intermediate_size=512,
+        **{**_LLAMA_MOE, "mlp_class_name": "LLaMAMLP"},
     ),
 ]
 
@@ -79,23 +157,53 @@ POSITIVE_FIELDS = ("block_size", "n_layer", "n_embd", "vocab_size", "padding_mul
 POSITIVE_IF_SET = ("n_query_groups", "head_size", "intermediate_size", "moe_intermediate_size", "padded_vocab_size")
 
 
-def load_model_config(model: str):
-    """A LitGPT `Config` from a YAML file or a registered name, checked as a whole before anything is built."""
+# Fields LitGPT derives from others: a changed n_embd must not keep the file's head size, and so on.
+DERIVED_FIELDS = {"head_size": ("n_embd", "n_head"), "padded_vocab_size": ("vocab_size", "padding_multiple")}
+
+
+def model_setting(configured: str | dict[str, Any], flags: list[tuple[str, str]]) -> str | dict[str, Any]:
+    """The `model` setting with `--model FILE_OR_NAME` and `--model.FIELD VALUE` applied: a name or file, or a
+    mapping `{from: FILE_OR_NAME, FIELD: VALUE, ...}` when fields are changed."""
+    setting = dict(configured) if isinstance(configured, dict) else {"from": configured}
+    for flag, text in flags:
+        field = flag.removeprefix("--model").removeprefix(".")
+        setting[field or "from"] = read_yaml(text) if field else text
+    return setting if set(setting) != {"from"} else setting["from"]
+
+
+def load_model_config(model: str | dict[str, Any]):
+    """A LitGPT `Config` from a YAML file or a registered name, with the fields a mapping changes, checked as a
+    whole before anything is built."""
     from litgpt import Config
+
+    changes = dict(model) if isinstance(model, dict) else {"from": model}
+    base = str(changes.pop("from", "model_config.yaml"))
+    fields, where = base_model_fields(base)
+    if changes:
+        for key in changes:
+            if key not in {field.name for field in dataclasses.fields(Config)}:
+                raise UserError(f"--model.{key}: not a field of litgpt.Config; see model_config.yaml for the fields")
+        for derived, sources in DERIVED_FIELDS.items():
+            if derived not in changes and set(sources) & set(changes):
+                fields.pop(derived, None)
+        fields = {**fields, **changes}
+        where += " with " + ", ".join(f"{key} {value}" for key, value in changes.items())
+    check_model_fields(fields, where)
+    return Config(**fields)
+
+
+def base_model_fields(model: str) -> tuple[dict[str, Any], str]:
     from litgpt.config import name_to_config
 
     path = Path(model)
     if path.is_file():
-        fields, where = read_config_file(path), str(path)
-    elif model in name_to_config:
-        fields, where = dict(name_to_config[model]), f"--model {model}"
-    else:
-        raise UserError(
-            f"--model {model}: neither a config file nor a registered config; try model_config.yaml or one of"
-            f" {', '.join(conf['name'] for conf in MOE_CONFIGS)}"
-        )
-    check_model_fields(fields, where)
-    return Config(**fields)
+        return read_config_file(path), str(path)
+    if model in name_to_config:
+        return dict(name_to_config[model]), f"--model {model}"
+    raise UserError(
+        f"--model {model}: neither a config file nor a registered config; try model_config.yaml or one of"
+        f" {', '.join(conf['name'] for conf in MOE_CONFIGS)}"
+    )
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -114,8 +222,6 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def check_model_fields(fields: dict[str, Any], where: str) -> None:
     """Every key a Config field of the right type, and a shape the model can be built with."""
-    import dataclasses
-
     from litgpt import Config
 
     types = {field.name: field.type for field in dataclasses.fields(Config)}

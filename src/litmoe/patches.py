@@ -29,6 +29,7 @@ handled for the whole of `setup`.
 """
 
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -74,6 +75,7 @@ class PatchSettings:
     health: HealthArgs = field(default_factory=HealthArgs)
     timeout_minutes: int = 30
     resume_tokens: int | None = None  # what the resumed checkpoint had trained (None: a fresh run, or unrecorded)
+    initial_weights: Path | None = None  # the scratch dir of starting weights LitGPT loads (removed once loaded)
     val_tokens: int = 0  # in the validation split, to say what the summary's validation loss covers
     overview: str = ""  # the run's effective settings, printed where LitGPT prints its raw arguments
     stop: StopSignal = field(default_factory=StopSignal, init=False)
@@ -309,6 +311,10 @@ def timed_fit(
     tokens_per_iter = settings.tokens_per_micro_batch * fabric.world_size
     if settings.resume_tokens is not None:  # the checkpoint's count, unless the micro-batch size changed
         state["iter_num"] = settings.resume_tokens // tokens_per_iter
+    if settings.initial_weights is not None:  # LitGPT has loaded them on every rank
+        fabric.barrier()
+        if fabric.is_global_zero:
+            shutil.rmtree(settings.initial_weights, ignore_errors=True)
     first_iter, first_step, start = state["iter_num"], state["step_count"], time.perf_counter()
     saver.needed_bytes = checkpoint_bytes(state["model"], fabric.world_size, settings.strategy.name == "fsdp")
     if fabric.is_global_zero:

@@ -24,23 +24,6 @@ UNUSED_BY_LITGPT = {"epochs": "train", "max_steps": "train", "max_time": "train"
 # --------------------------------------------------------------------------------------------- optimizer
 
 
-def take_optimizer_flags(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """argv without its `--optimizer[.key] value` flags, and those flags as (flag, value) in order."""
-    rest, taken = [], []
-    args = iter(argv)
-    for arg in args:
-        flag, sep, value = arg.partition("=")
-        if flag == OPTIMIZER_FLAG or flag.startswith(OPTIMIZER_FLAG + "."):
-            if not sep:
-                value = next(args, None)
-                if value is None:
-                    raise UserError(f"{flag} needs a value, e.g. {flag} {'AdamW' if flag == OPTIMIZER_FLAG else 1}")
-            taken.append((flag, value))
-        else:
-            rest.append(arg)
-    return rest, taken
-
-
 def resolve_optimizer(configured: str | dict | None, flags: list[tuple[str, str]]) -> dict[str, Any]:
     """The optimizer as `{class_path, init_args}`: the train config's, changed by the command-line flags, checked
     by building it once on a dummy parameter (so that torch's own range checks speak before training)."""
@@ -210,7 +193,7 @@ def check_devices(devices: int | str, num_nodes: int, num_workers: int, precisio
 def run_overview(
     config, data: str, tokens: dict[str, int], train: TrainArgs, eval: EvalArgs, optimizer: dict[str, Any],
     precision: str, strategy: str, world_size: int, seq_len: int, compile: bool, checkpointing: bool,
-    keep_last: int | None, out_dir: str, resume: Any,
+    keep_last: int | None, out_dir: str, start: str,
 ) -> str:  # fmt: skip
     """What this run does, as it will do it (printed where LitGPT prints its raw arguments, whose sequence length
     and batch sizes are the class defaults rather than the run's)."""
@@ -236,6 +219,6 @@ def run_overview(
         f"  checkpoints  every {train.save_interval} steps and at the end, in {out_dir}"
         f" ({f'the newest {keep_last} step-* kept' if keep_last else 'all kept'}); validation every"
         f" {eval.interval} steps on {eval.max_iters} batches",
-        f"  resume       {resume}" if resume else "  start        fresh",
+        f"  start        {start}",
     ]
     return "\n".join(lines)

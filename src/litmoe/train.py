@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 
-from litmoe.args import CheckpointArgs, HealthArgs, MoEArgs, OptimizationArgs, StrategyArgs
+from litmoe.args import CheckpointArgs, HealthArgs, MoEArgs, OptimizationArgs, StrategyArgs, UpcycleArgs
 from litmoe.attention import attention_kernel_scope, check_attention, default_precision
 from litmoe.checkpoints import (
     tokenizer_vocab_size,
@@ -18,6 +18,7 @@ from litmoe.checkpoints import (
 from litmoe.configs import load_model_config
 from litmoe.data import MANIFEST, SPLITS, prepare, read_manifest
 from litmoe.errors import UserError
+from litmoe.initial_weights import SCRATCH, write_initial_weights
 from litmoe.patches import PatchSettings, patched_pretrain
 from litmoe.resume import RunShape, check_continuation, finished_run, model_fields, resolve_resume
 from litmoe.run_lock import launching_process, run_lock
@@ -46,7 +47,7 @@ KNOWN_WARNINGS = (
 
 
 def setup(
-    model: str = "model_config.yaml",
+    model: str | dict = "model_config.yaml",
     data_dir: Path = DEFAULT_DATA_DIR,
     out_dir: Path = Path("out/moe-200m"),
     precision: Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"] | None = None,
@@ -60,6 +61,8 @@ def setup(
     strategy: StrategyArgs = StrategyArgs(),
     checkpoint: CheckpointArgs = CheckpointArgs(),
     health: HealthArgs = HealthArgs(),
+    initial_checkpoint_dir: Path | None = None,
+    upcycle: UpcycleArgs = UpcycleArgs(),
     devices: int | str = "auto",
     num_nodes: int = 1,
     num_workers: int = 2,
@@ -70,7 +73,8 @@ def setup(
     """Pretrain an MoE model with LitGPT's pretrain loop (returns None when --resume finds the run finished).
 
     Args:
-        model: A model config YAML file (a LitGPT Config) or the name of a registered config (MoE-200M, MoE-tiny).
+        model: A model config YAML file (a LitGPT Config) or the name of a registered config (MoE-200M, MoE-1B, ...),
+            or a mapping `{from: FILE_OR_NAME, FIELD: VALUE}` that changes fields (`--model.n_expert 16`).
         data_dir: Data prepared by prepare_data.py. The default corpus is prepared on first use.
         out_dir: Where checkpoints (step-*/, final/) and logs (logs/tensorboard, logs/csv) go.
         precision: Lightning precision; default bf16-mixed on a CUDA GPU, 32-true on CPU.
@@ -86,6 +90,9 @@ def setup(
             the memory estimate, and printed with the reason.
         checkpoint: Which checkpoints are kept (keep_last).
         health: What happens at a non-finite loss or gradient norm (stop, skip, off), and loss-spike events.
+        initial_checkpoint_dir: Start from the weights of this checkpoint of the same model (a fresh optimizer and
+            schedule). Ignored when --resume finds a checkpoint of this run.
+        upcycle: Start from a dense checkpoint instead, every expert made from its MLP (sparse upcycling).
         devices: How many devices to train on ('auto': all GPUs, or one CPU process).
         num_nodes: How many nodes.
         num_workers: Data loader worker processes.
@@ -109,6 +116,7 @@ def setup(
     choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization)
     print(f"Strategy: {choice.label(hardware.world_size, hardware.devices_per_node)} ({choice.reason})")
     check_run_care(checkpoint, health, strategy, choice)
+    check_starting_weights(initial_checkpoint_dir, upcycle)
     out_dir = Path(out_dir)
     shape = RunShape(
         model_fields(config), hardware.world_size, train.micro_batch_size, train.global_batch_size, seq_len,
@@ -119,6 +127,7 @@ def setup(
         if point is None:
             return None
         resume, resume_tokens = point
+        initial = starting_weights(resume, out_dir, config, initial_checkpoint_dir, upcycle, moe, seed)
         check_attention(
             torch.device("cuda" if cuda else "cpu"), precision, config.n_head, config.head_size,
             optimization.flash_attention, optimization.flash_attention_force,
@@ -131,6 +140,12 @@ def setup(
         from litgpt import pretrain
         from litgpt.data import LitData
 
+        start = start_description(resume, initial_checkpoint_dir, upcycle)
+        overview = run_overview(
+            config, str(data_dir), manifest.tokens, train, eval, optimizer, precision,
+            choice.label(hardware.world_size, hardware.devices_per_node), hardware.world_size, seq_len,
+            optimization.compile, optimization.gradient_checkpointing, checkpoint.keep_last, str(out_dir), start,
+        )  # fmt: skip
         settings = PatchSettings(
             optimization=optimization,
             moe=moe,
@@ -147,33 +162,65 @@ def setup(
             health=health,
             timeout_minutes=strategy.timeout_minutes,
             resume_tokens=resume_tokens,
+            initial_weights=initial,
             val_tokens=manifest.tokens["val"],
-            overview=run_overview(
-                config,
-                str(data_dir),
-                manifest.tokens,
-                train,
-                eval,
-                optimizer,
-                precision,
-                choice.label(hardware.world_size, hardware.devices_per_node),
-                hardware.world_size,
-                seq_len,
-                optimization.compile,
-                optimization.gradient_checkpointing,
-                checkpoint.keep_last,
-                str(out_dir),
-                resume,
-            ),  # fmt: skip
+            overview=overview,
         )
         data = LitData(data_path=data_dir, split_names=SPLITS, num_workers=num_workers, seed=seed)
         with patched_pretrain(settings), attention_kernel_scope(optimization.flash_attention_force):
             pretrain.setup(
                 model_name=config.name, model_config=config, out_dir=out_dir, precision=precision, resume=resume,
+                initial_checkpoint_dir=initial,
                 data=data, train=train, eval=eval, log=log, optimizer=optimizer, devices=devices,
                 num_nodes=num_nodes, tokenizer_dir=data_dir / "tokenizer", logger_name=logger_name, seed=seed,
             )  # fmt: skip
     return settings
+
+
+def start_description(resume: bool | Path, initial_checkpoint_dir: Path | None, upcycle: UpcycleArgs) -> str:
+    if resume:
+        return f"resume from {resume}"
+    if initial_checkpoint_dir is not None:
+        return f"the weights of {initial_checkpoint_dir} (a fresh optimizer and schedule)"
+    if upcycle.dense_checkpoint is not None:
+        return f"upcycled from {upcycle.dense_checkpoint} (router std {upcycle.router_std}, noise {upcycle.noise})"
+    return "fresh, from LitGPT's initialization"
+
+
+def check_starting_weights(initial_checkpoint_dir: Path | None, upcycle: UpcycleArgs) -> None:
+    if initial_checkpoint_dir is not None and upcycle.dense_checkpoint is not None:
+        raise UserError("--initial_checkpoint_dir and --upcycle-from both give starting weights; choose one")
+    if upcycle.noise < 0 or upcycle.router_std < 0:
+        raise UserError(f"--upcycle.noise {upcycle.noise}, --upcycle.router_std {upcycle.router_std}: must be >= 0")
+
+
+def starting_weights(
+    resume: bool | Path, out_dir: Path, config, initial_checkpoint_dir: Path | None, upcycle: UpcycleArgs,
+    moe: MoEArgs, seed: int,
+) -> Path | None:  # fmt: skip
+    """The directory LitGPT loads a fresh run's weights from (`initial_checkpoint_dir`), or None: LitGPT's init."""
+    if initial_checkpoint_dir is None and upcycle.dense_checkpoint is None:
+        return None
+    if resume:
+        print(f"Resuming {resume}: this run's own checkpoint, not the starting weights given")
+        return None
+    if not launching_process():  # rank 0 writes them before the ranks meet in Fabric's setup
+        return out_dir / SCRATCH
+    expected = expected_state(config, moe)
+    return write_initial_weights(out_dir, config, initial_checkpoint_dir, upcycle, expected, seed)
+
+
+def expected_state(config, moe: MoEArgs) -> dict:
+    """The state dict (on the meta device) of the model this run builds."""
+    import litgpt.model
+    from litgpt import GPT
+
+    from litmoe.moe import MoELayer
+    from litmoe.patches import swapped
+
+    layer = partial(MoELayer, balance=moe) if moe.layer == "litmoe" else litgpt.model.LLaMAMoE
+    with swapped(litgpt.model, "LLaMAMoE", layer), torch.device("meta"):
+        return GPT(config).state_dict()
 
 
 def resume_point(

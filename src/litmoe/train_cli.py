@@ -19,12 +19,22 @@ from jsonargparse import DefaultHelpFormatter
 from litgpt.args import TrainArgs
 
 from litmoe.args import OptimizationArgs, StrategyArgs
-from litmoe.cli import flag_types, function_parser, normalize_flags, normalize_settings, parse_arguments, read_yaml
+from litmoe.cli import (
+    flag_types,
+    function_parser,
+    normalize_flags,
+    normalize_settings,
+    parse_arguments,
+    read_yaml,
+    take_section_flags,
+)
+from litmoe.configs import model_setting
 from litmoe.errors import UserError
-from litmoe.settings import resolve_optimizer, take_optimizer_flags
+from litmoe.settings import resolve_optimizer
 from litmoe.train import KNOWN_WARNINGS, setup
 
 DEFAULT_TRAIN_CONFIG = Path("train_config.yaml")
+DEFAULT_MODEL = "model_config.yaml"
 PROFILES, CPU_PROFILE = "profiles", "cpu"
 
 # Short flags users know: what each stands for, and what it does.
@@ -48,11 +58,14 @@ RENAMED = {
     "--nvme-path": ("--strategy.nvme_path", "a directory on a local NVMe disk, for nvme offload"),
     "--deepspeed-config": ("--strategy.deepspeed_config", "your own DeepSpeed JSON config"),
     "--num-nodes": ("--num_nodes", "how many nodes"),
+    "--initial-checkpoint-dir": ("--initial_checkpoint_dir", "start from these weights: fresh optimizer and schedule"),
+    "--upcycle-from": ("--upcycle.dense_checkpoint", "start the MoE from a dense checkpoint (sparse upcycling)"),
     "--timeout-minutes": ("--strategy.timeout_minutes", "how long a collective waits for the other ranks"),
     "--keep-last": ("--checkpoint.keep_last", "keep only the newest N step-* checkpoints"),
     "--train.keep_last": ("--checkpoint.keep_last", "the same"),
 }
 MODES = {
+    "--model.FIELD VALUE": "change one field of the model config (--model.n_expert 16, --model.n_layer 6)",
     "--config FILE": "another train config instead of train_config.yaml",
     "--profile NAME": "apply the train config's profile NAME (cpu, small-gpu)",
     "--no-cpu-profile": "without a CUDA GPU, run the file's own settings instead of the cpu profile",
@@ -180,7 +193,8 @@ def main(argv: list[str] | None = None):
     argv, no_cpu_profile = take_flag(argv, "--no-cpu-profile")
     argv, environment_only = take_flag(argv, "--check-environment")
     argv, estimate_only = take_flag(argv, "--estimate")
-    argv, optimizer_flags = take_optimizer_flags(argv)
+    argv, optimizer_flags = take_section_flags(argv, "--optimizer")
+    argv, model_flags = take_section_flags(argv, "--model")
     path = Path(config_file or DEFAULT_TRAIN_CONFIG)
     settings = load_train_config(path)
     profiles = settings.pop(PROFILES, None) or {}
@@ -190,6 +204,7 @@ def main(argv: list[str] | None = None):
     if profile is not None:
         settings = deep_merge(settings, profiles[profile])
     settings["optimizer"] = resolve_optimizer(settings.get("optimizer"), optimizer_flags)
+    settings["model"] = model_setting(settings.get("model", DEFAULT_MODEL), model_flags)
     types = flag_types(setup)
     namespace = parse_arguments(build_parser(settings, types, path), normalize_flags(argv, types), types)
     kwargs = {key: value for key, value in vars(namespace).items() if key != "config"}
