@@ -115,7 +115,7 @@ CASES = [
     ("prepare_data.py", ["--source", "{texts}", "--out_dir", "{texts}/doc000.txt"], "doc000.txt is a file"),
     # prepare_data.py: sources
     ("prepare_data.py", ["--source", "{nowhere}", *PREPARE], "nowhere: no such file or folder"),
-    ("prepare_data.py", ["--source", "{empty_dir}", *PREPARE], "empty_dir: no .txt files found"),
+    ("prepare_data.py", ["--source", "{empty_dir}", *PREPARE], "empty_dir: no data files found"),
     ("prepare_data.py", ["--source", "{latin1}", *PREPARE], "latin1.txt: not UTF-8 text (invalid continuation byte"),
     ("prepare_data.py", ["--source", "{bad_json}", *PREPARE], "bad_json.jsonl:2: not valid JSON"),
     ("prepare_data.py", ["--source", "{no_text}", *PREPARE], "no_text.jsonl:2: record has no 'text' string"),

@@ -7,18 +7,9 @@ import torch
 from conftest import make_documents
 from litdata.streaming import StreamingDataset, TokensLoader
 
-from litmoe.data import (
-    MANIFEST,
-    encode_documents,
-    pieces,
-    prepare,
-    python_docs_source,
-    read_jsonl,
-    render_chat,
-    split_documents,
-    tinystories_source,
-)
+from litmoe.data import MANIFEST, Encoder, TokenizerSpec, encode_documents, pieces, prepare, split_documents
 from litmoe.errors import UserError
+from litmoe.sources import python_docs_source, read_jsonl, render_chat, tinystories_source
 from litmoe.tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
 
 
@@ -106,21 +97,19 @@ def test_render_chat_rejects_bad_messages():
 
 
 def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(prepared, monkeypatch):
-    import litmoe.data
-
+    """A worker's encoder (the `tokenizers` library, no LitGPT) gives LitGPT's Tokenizer's ids, piece by piece."""
     tokenizer = load_tokenizer(prepared / "tokenizer")
+    encoder = Encoder.load(TokenizerSpec(str(prepared / "tokenizer"), tokenizer.bos_id, tokenizer.eos_id))
     long = " ".join(make_documents(count=40, sentences=20, seed=4)) + "  two  spaces.\n\n  Indented, after lines"
     documents = [("train", long), ("val", "The cat sees a red ball today."), ("train", "x" * 2500)]
     lengths: list[int] = []
-    encode_texts = litmoe.data.encode_texts
-    monkeypatch.setattr(
-        litmoe.data, "encode_texts", lambda tok, texts: lengths.extend(map(len, texts)) or encode_texts(tok, texts)
-    )
-    encoded = list(encode_documents(tokenizer, documents, piece_chars=1000, batch_chars=3000))
+    encode_batch = encoder.encode_batch
+    monkeypatch.setattr(encoder, "encode_batch", lambda texts: lengths.extend(map(len, texts)) or encode_batch(texts))
+    encoded = list(encode_documents(encoder, documents, piece_chars=1000, batch_chars=3000))
     assert max(lengths) <= 1000 and len(lengths) > len(long) // 1000  # no text longer than a piece reached it
     for (split, document), (got_split, ids) in zip(documents, encoded, strict=True):
-        whole = tokenizer.processor.encode(document, add_special_tokens=False).ids
-        assert got_split == split and ids.tolist() == [tokenizer.bos_id, *whole, tokenizer.eos_id]
+        whole = tokenizer.encode(document, bos=True, eos=True).tolist()  # LitGPT's own framing
+        assert got_split == split and ids.tolist() == whole
     assert "".join(pieces(long, 1000)) == long and "".join(pieces("y" * 2500, 1000)) == "y" * 2500
 
 
@@ -144,8 +133,8 @@ def test_failed_rebuild_keeps_existing_data(tmp_path, text_folder, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(litmoe.data, "write_chunks", interrupted)
+    monkeypatch.setattr(litmoe.data, "run_jobs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2, force=True)
     assert (out_dir / MANIFEST).read_text() == manifest
-    assert sorted(os.listdir(tmp_path)) == ["data"]
+    assert sorted(os.listdir(tmp_path)) == [".data.partial", "data"]  # kept, to resume from

@@ -16,10 +16,12 @@ import yaml
 
 from litmoe.attention import compute_dtype, default_precision
 from litmoe.checkpoints import load_model, resolve_checkpoint_dir
-from litmoe.data import MANIFEST, SPLITS, read_jsonl, read_manifest, read_text_file
+from litmoe.data import MANIFEST, SPLITS, read_manifest
 from litmoe.errors import UserError
 from litmoe.moe import moe_layers, read_routing_stats
+from litmoe.sources import read_jsonl, read_text_file
 from litmoe.tokenizer import tokenizer_fingerprint
+from litmoe.training_data import data_sources
 
 
 def prepared_windows(data_dir: Path, seq_length: int) -> Iterator[torch.Tensor]:
@@ -93,12 +95,13 @@ def score(model, tokenizer, windows: Iterator[torch.Tensor], batch_size: int, ma
 
 
 def training_data_dir(checkpoint_dir: Path) -> Path | None:
-    """The data_dir a run_train.py checkpoint was trained on (from its hyperparameters.yaml)."""
+    """The data_dir a run_train.py checkpoint was trained on (from its hyperparameters.yaml); the first source of a
+    mixture."""
     path = checkpoint_dir / "hyperparameters.yaml"
     if not path.is_file():
         return None
     data_dir = (yaml.safe_load(path.read_text()) or {}).get("data_dir")
-    return Path(data_dir) if data_dir else None
+    return data_sources(data_dir)[0].path if data_dir else None
 
 
 def evaluate_checkpoint(

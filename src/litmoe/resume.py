@@ -28,6 +28,7 @@ from litmoe.checkpoints import (
 )
 from litmoe.errors import UserError
 from litmoe.saving import read_progress
+from litmoe.training_data import sources_key
 
 IGNORED_MODEL_FIELDS = {"name", "hf_config"}
 
@@ -131,7 +132,8 @@ def check_continuation(weights: Path, run: RunShape) -> int | None:
             f"{where}: the model differs from the checkpoint's ({'; '.join(changed[:3])}): not allowed, the weights"
             " belong to the checkpoint's model; resume with its model_config.yaml, or choose another --out_dir"
         )
-    refuse_changed(where, "data_dir", settings.get("data_dir"), run.data_dir, resolve_path=True)
+    if settings.get("data_dir") is not None:
+        refuse_changed(where, "data_dir", sources_key(settings["data_dir"]), run.data_dir)
     refuse_changed(where, "seed", settings.get("seed"), run.seed)
     workers = settings.get("num_workers")
     if workers is not None and max(1, int(workers)) != max(1, run.num_workers):
@@ -165,11 +167,9 @@ def check_continuation(weights: Path, run: RunShape) -> int | None:
     return tokens
 
 
-def refuse_changed(where: str, key: str, saved: Any, now: Any, resolve_path: bool = False) -> None:
+def refuse_changed(where: str, key: str, saved: Any, now: Any) -> None:
     if saved is None:
         return
-    if resolve_path:
-        saved, now = str(Path(saved).resolve()), str(Path(now).resolve())
     if saved != now:
         raise UserError(
             f"{where}: {key} {saved} -> {now}: not allowed, the checkpoint's data position depends on it; resume"

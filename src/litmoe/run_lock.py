@@ -60,15 +60,16 @@ def read_holder(path: Path) -> dict[str, Any]:
 
 
 @contextmanager
-def run_lock(out_dir: Path) -> Iterator[None]:
-    """Hold `out_dir`'s lock for the duration; an `out_dir` created for the lock alone is removed again."""
+def run_lock(out_dir: Path, lock_name: str = LOCK_FILE) -> Iterator[None]:
+    """Hold the lock file `lock_name` in `out_dir` for the duration; an `out_dir` created for the lock alone is
+    removed again."""
     if not launching_process():
         yield
         return
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / LOCK_FILE
+    path = out_dir / lock_name
     me = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": process_start(os.getpid()),
           "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     while True:

@@ -33,6 +33,14 @@ from litmoe.settings import (
 )
 from litmoe.strategy import Hardware, StrategyChoice, adopt_launcher_node_rank, resolve_strategy
 from litmoe.tokenizer import load_tokenizer
+from litmoe.training_data import (
+    DataSource,
+    PreparedData,
+    check_sources,
+    data_sources,
+    describe_sources,
+    sources_key,
+)
 
 DEFAULT_DATA_DIR = Path("data/default")
 
@@ -48,7 +56,7 @@ KNOWN_WARNINGS = (
 
 def setup(
     model: str | dict = "model_config.yaml",
-    data_dir: Path = DEFAULT_DATA_DIR,
+    data_dir: str | list = str(DEFAULT_DATA_DIR),
     out_dir: Path = Path("out/moe-200m"),
     precision: Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"] | None = None,
     resume: bool | Literal["auto"] | Path = False,
@@ -75,7 +83,8 @@ def setup(
     Args:
         model: A model config YAML file (a LitGPT Config) or the name of a registered config (MoE-200M, MoE-1B, ...),
             or a mapping `{from: FILE_OR_NAME, FIELD: VALUE}` that changes fields (`--model.n_expert 16`).
-        data_dir: Data prepared by prepare_data.py. The default corpus is prepared on first use.
+        data_dir: Data prepared by prepare_data.py (the default corpus is prepared on first use); several, sampled by
+            weight, as `DIR:WEIGHT,DIR:WEIGHT` or a list of {path, weight} in the train config.
         out_dir: Where checkpoints (step-*/, final/) and logs (logs/tensorboard, logs/csv) go.
         precision: Lightning precision; default bf16-mixed on a CUDA GPU, 32-true on CPU.
         resume: 'auto' continues from the newest checkpoint in out_dir (or starts fresh when there is none);
@@ -108,9 +117,13 @@ def setup(
     devices_per_node = check_devices(devices, num_nodes, num_workers, precision)
     optimizer = resolve_optimizer(optimizer, [])
     check_training(train, eval, devices_per_node * num_nodes, seq_len, learning_rate(optimizer))
-    data_dir = ensure_prepared(Path(data_dir))
-    config = fit_vocabulary(config, load_tokenizer(data_dir / "tokenizer"))
-    manifest = check_data_size(data_dir, train.micro_batch_size, seq_len)
+    sources = data_sources(data_dir)
+    check_sources(sources)
+    manifests = [check_data_size(ensure_prepared(source.path), train.micro_batch_size, seq_len) for source in sources]
+    check_one_tokenizer(sources, manifests)
+    tokenizer_dir = sources[0].path / "tokenizer"
+    config = fit_vocabulary(config, load_tokenizer(tokenizer_dir))
+    tokens = {split: sum(manifest.tokens[split] for manifest in manifests) for split in SPLITS}
     adopt_launcher_node_rank()
     hardware = Hardware.here(devices_per_node, num_nodes)
     choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization)
@@ -120,7 +133,7 @@ def setup(
     out_dir = Path(out_dir)
     shape = RunShape(
         model_fields(config), hardware.world_size, train.micro_batch_size, train.global_batch_size, seq_len,
-        str(data_dir), seed, num_workers,
+        sources_key(data_dir), seed, num_workers,
     )  # fmt: skip
     with run_lock(out_dir):
         point = resume_point(resume, out_dir, choice, shape, int(train.max_tokens))
@@ -138,11 +151,10 @@ def setup(
             keep_freed_host_memory()
 
         from litgpt import pretrain
-        from litgpt.data import LitData
 
         start = start_description(resume, initial_checkpoint_dir, upcycle)
         overview = run_overview(
-            config, str(data_dir), manifest.tokens, train, eval, optimizer, precision,
+            config, describe_sources(sources), tokens, train, eval, optimizer, precision,
             choice.label(hardware.world_size, hardware.devices_per_node), hardware.world_size, seq_len,
             optimization.compile, optimization.gradient_checkpointing, checkpoint.keep_last, str(out_dir), start,
         )  # fmt: skip
@@ -163,16 +175,16 @@ def setup(
             timeout_minutes=strategy.timeout_minutes,
             resume_tokens=resume_tokens,
             initial_weights=initial,
-            val_tokens=manifest.tokens["val"],
+            val_tokens=tokens["val"],
             overview=overview,
         )
-        data = LitData(data_path=data_dir, split_names=SPLITS, num_workers=num_workers, seed=seed)
+        data = PreparedData(sources, num_workers=num_workers, seed=seed)
         with patched_pretrain(settings), attention_kernel_scope(optimization.flash_attention_force):
             pretrain.setup(
                 model_name=config.name, model_config=config, out_dir=out_dir, precision=precision, resume=resume,
                 initial_checkpoint_dir=initial,
                 data=data, train=train, eval=eval, log=log, optimizer=optimizer, devices=devices,
-                num_nodes=num_nodes, tokenizer_dir=data_dir / "tokenizer", logger_name=logger_name, seed=seed,
+                num_nodes=num_nodes, tokenizer_dir=tokenizer_dir, logger_name=logger_name, seed=seed,
             )  # fmt: skip
     return settings
 
@@ -320,6 +332,16 @@ def ensure_prepared(data_dir: Path) -> Path:
         f"{data_dir / MANIFEST} not found: prepare the data first with"
         f" `python prepare_data.py --source YOUR_TEXT --out_dir {data_dir}`"
     )
+
+
+def check_one_tokenizer(sources: list[DataSource], manifests: list) -> None:
+    """A mixture's token ids must mean the same things in every source."""
+    for source, manifest in zip(sources[1:], manifests[1:], strict=True):
+        if manifest.tokenizer_fingerprint != manifests[0].tokenizer_fingerprint:
+            raise UserError(
+                f"--data_dir: {source.path} was prepared with another tokenizer than {sources[0].path}; prepare it"
+                f" again with --tokenizer_dir {sources[0].path / 'tokenizer'}"
+            )
 
 
 def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int):

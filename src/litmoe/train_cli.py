@@ -226,8 +226,10 @@ def main(argv: list[str] | None = None):
     return setup(**kwargs)
 
 
-def print_estimate(model: str, data_dir: Path, precision: str | None, train: TrainArgs, optimization: OptimizationArgs,
-                   strategy: StrategyArgs, devices: int | str, num_nodes: int, **unused: Any) -> None:  # fmt: skip
+def print_estimate(
+    model: str | dict, data_dir: str | list, precision: str | None, train: TrainArgs, optimization: OptimizationArgs,
+    strategy: StrategyArgs, devices: int | str, num_nodes: int, **unused: Any,
+) -> None:  # fmt: skip
     """Parameters, FLOPs, per-device memory and speed of this run's settings, without allocating the model.
 
     An explicit --strategy (with --devices and --num_nodes) is estimated even where it could not run, so that a
@@ -240,10 +242,12 @@ def print_estimate(model: str, data_dir: Path, precision: str | None, train: Tra
     from litmoe.strategy import Hardware, requested, resolve_strategy
     from litmoe.tokenizer import load_tokenizer
     from litmoe.train import fit_vocabulary, memory_per_device
+    from litmoe.training_data import data_sources
 
     config = load_model_config(model)
-    if (Path(data_dir) / MANIFEST).is_file():  # size the vocabulary as training would
-        config = fit_vocabulary(config, load_tokenizer(Path(data_dir) / "tokenizer"))
+    first = data_sources(data_dir)[0].path
+    if (first / MANIFEST).is_file():  # size the vocabulary as training would
+        config = fit_vocabulary(config, load_tokenizer(first / "tokenizer"))
     precision = precision or default_precision(training=True)
     hardware = Hardware.here(device_count(devices), num_nodes)
     seq_len = sequence_length(train, config.block_size)

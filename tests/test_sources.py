@@ -1,0 +1,257 @@
+"""Data at pretraining scale: the formats corpora ship in, parallel workers, resuming an interrupted preparation, a
+given validation set, and existing Hugging Face tokenizers."""
+
+import gzip
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+import zstandard
+from conftest import make_documents
+from test_data import read_tokens
+
+from litmoe.data import prepare
+from litmoe.errors import UserError
+from litmoe.sources import resolve_source
+
+DOCUMENTS = make_documents(count=48, sentences=12, seed=11)
+
+
+def write_corpus(folder: Path, documents: list[str], field: str = "text") -> dict[str, list[str]]:
+    """The documents spread over every format a corpus ships in; returns {file: its documents}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {name: documents[index::6] for index, name in enumerate(
+        ["a.parquet", "b.jsonl.gz", "c.jsonl.zst", "d.jsonl", "hf/data-00000-of-00001.arrow", "e.txt"])}  # fmt: skip
+    pq.write_table(
+        pa.table({field: parts["a.parquet"], "id": range(len(parts["a.parquet"]))}),
+        folder / "a.parquet",
+        row_group_size=3,
+    )
+    lines = "".join(json.dumps({field: text, "meta": 1}) + "\n" for text in parts["b.jsonl.gz"])
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    lines = "".join(json.dumps({field: text}) + "\n" for text in parts["c.jsonl.zst"])
+    (folder / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    (folder / "d.jsonl").write_text("".join(json.dumps({field: text}) + "\n" for text in parts["d.jsonl"]))
+    (folder / "hf").mkdir(exist_ok=True)  # as `datasets.Dataset.save_to_disk` writes it: Arrow streaming format
+    table = pa.table({field: parts["hf/data-00000-of-00001.arrow"]})
+    with pa.ipc.new_stream(folder / "hf" / "data-00000-of-00001.arrow", table.schema) as writer:
+        writer.write_table(table, max_chunksize=3)
+    (folder / "hf" / "dataset_info.json").write_text("{}")
+    (folder / "hf" / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    (folder / "e.txt").write_text(parts["e.txt"][0])
+    return parts
+
+
+def test_every_format_and_a_glob_are_read_in_full(tmp_path):
+    parts = write_corpus(tmp_path / "corpus", DOCUMENTS, field="content")
+    source = resolve_source(str(tmp_path / "corpus"), tmp_path, text_field="content")
+    expected = [text for name, texts in parts.items() for text in (texts if name != "e.txt" else texts[:1])]
+    assert sorted(source.documents()) == sorted(expected)
+    by_glob = resolve_source(str(tmp_path / "corpus" / "*.jsonl*"), tmp_path, text_field="content")
+    assert sorted(by_glob.documents()) == sorted(parts["b.jsonl.gz"] + parts["c.jsonl.zst"] + parts["d.jsonl"])
+
+
+def test_workers_write_the_same_data_as_one_process(tmp_path):
+    write_corpus(tmp_path / "corpus", DOCUMENTS)
+    one = prepare(str(tmp_path / "corpus"), tmp_path / "one", vocab_size=300, val_fraction=0.2, workers=1)
+    two = prepare(str(tmp_path / "corpus"), tmp_path / "two", vocab_size=300, val_fraction=0.2, workers=2)
+    assert one.documents == two.documents and one.tokens == two.tokens
+    assert sum(one.documents.values()) == 8 * 5 + 1
+    for split in ("train", "val"):
+        assert read_tokens(tmp_path / "one" / split).tolist() == read_tokens(tmp_path / "two" / split).tolist()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus", "one", "two"]
+    assert "LITMOE_DATA_WORKER" not in os.environ  # set for the workers only: later processes register the configs
+
+
+def test_a_data_worker_imports_no_litgpt():
+    """What a spawned worker imports to run a shard: the readers, `tokenizers` and litdata, not LitGPT."""
+    code = "import sys, litmoe.data; litmoe.data.Encoder; print('litgpt' in sys.modules)"
+    env = {**os.environ, "LITMOE_DATA_WORKER": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False"]
+
+
+def test_an_interrupted_preparation_resumes_with_its_finished_shards(tmp_path, monkeypatch):
+    import litmoe.data
+
+    write_corpus(tmp_path / "corpus", DOCUMENTS)
+    done = []
+    real = litmoe.data.process_shard
+
+    def dies_after_three(job):
+        if len(done) == 3:
+            raise KeyboardInterrupt
+        done.append(job.shard.name)
+        return real(job)
+
+    monkeypatch.setattr(litmoe.data, "process_shard", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(tmp_path / "corpus"), tmp_path / "out", vocab_size=300, val_fraction=0.2, workers=1)
+    assert len(list((tmp_path / ".out.partial" / "shards").glob("*/done.json"))) == 3
+
+    redone = []
+    monkeypatch.setattr(litmoe.data, "process_shard", lambda job: redone.append(job.shard.name) or real(job))
+    resumed = prepare(str(tmp_path / "corpus"), tmp_path / "out", vocab_size=300, val_fraction=0.2, workers=1)
+    clean = prepare(str(tmp_path / "corpus"), tmp_path / "clean", vocab_size=300, val_fraction=0.2, workers=1)
+    assert resumed.tokens == clean.tokens
+    for split in ("train", "val"):
+        assert read_tokens(tmp_path / "out" / split).tolist() == read_tokens(tmp_path / "clean" / split).tolist()
+    # the finished shards were handed out again but found done: only the rest were tokenized
+    assert not (tmp_path / ".out.partial").exists()
+
+
+def test_a_given_validation_set_is_kept_as_it_is(tmp_path):
+    train, val = make_documents(30, 10, seed=1), make_documents(6, 10, seed=2)
+    write_corpus(tmp_path / "train", train)
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in val))
+    manifest = prepare(
+        str(tmp_path / "train"), tmp_path / "out", vocab_size=300, val_source=str(tmp_path / "val.jsonl")
+    )
+    assert manifest.documents == {"train": 26, "val": 6} and manifest.val_source.endswith("val.jsonl")
+
+    layout = tmp_path / "custom_text"  # the MoE-200M recipe's custom_text/train|val layout
+    for split, texts in (("train", train), ("val", val)):
+        (layout / split).mkdir(parents=True)
+        for index, text in enumerate(texts):
+            (layout / split / f"{index}.txt").write_text(text)
+    by_folders = prepare(str(layout), tmp_path / "out2", vocab_size=300)
+    assert by_folders.documents == {"train": 30, "val": 6}
+
+
+def test_a_gpt2_format_tokenizer_is_used_as_it_is(tmp_path, train_args):
+    """A Hugging Face tokenizer directory whose BOS and EOS are one token, GPT-2's <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from litmoe.train_cli import main
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tokenizer.train_from_iterator(DOCUMENTS, trainer=trainer)
+    tokenizer.save(str(gpt2 / "tokenizer.json"))
+    (gpt2 / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))  # fmt: skip
+    write_corpus(tmp_path / "corpus", DOCUMENTS)
+    manifest = prepare(str(tmp_path / "corpus"), tmp_path / "data", tokenizer_dir=gpt2, val_fraction=0.2)
+    tokens = read_tokens(tmp_path / "data" / "train")
+    assert tokens[0] == tokens[-1] == tokenizer.token_to_id("<|endoftext|>")  # BOS ... EOS, one token
+    assert (tmp_path / "data" / "tokenizer" / "tokenizer.json").read_bytes() == (gpt2 / "tokenizer.json").read_bytes()
+    assert manifest.tokens["train"] == len(tokens)
+    args = train_args(tmp_path / "run", 256 * 2)
+    args[args.index("--data_dir") + 1] = str(tmp_path / "data")
+    main(args)
+    config = yaml.safe_load((tmp_path / "run" / "final" / "model_config.yaml").read_text())
+    assert config["vocab_size"] == tokenizer.get_vocab_size()  # the model's vocabulary follows the tokenizer
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "a.parquet"), "a.parquet: no 'text' column (it has"),
+        (lambda d: (d / "a.jsonl.zst").write_bytes(b"not zstd at all"), "a.jsonl.zst: cannot read it"),
+        (lambda d: (d / "a.jsonl.gz").write_bytes(gzip.compress(b'{"text": "ok"}\n{"text": 5}\n')),
+         "a.jsonl.gz:2: record has no 'text' string"),
+        (lambda d: pq.write_table(pa.table({"text": [1, 2]}), d / "a.parquet"), "a.parquet, row 1: 'text' is int"),
+    ],
+)  # fmt: skip
+def test_bad_records_in_any_format_are_one_line(tmp_path, make, message):
+    (tmp_path / "src").mkdir()
+    make(tmp_path / "src")
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        prepare(str(tmp_path / "src"), tmp_path / "out", vocab_size=300)
+    assert "\n" not in str(error.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]  # nothing left behind
+
+
+# ----------------------------------------------------------------------------------------------- training reads
+
+
+def windows(loader) -> list[list[int]]:
+    return [row.tolist() for batch in loader for row in batch]
+
+
+def test_batches_across_chunk_boundaries_hold_the_right_tokens(tmp_path):
+    """Many small shards make many small chunks: batches that span them must still hold the windows' own tokens."""
+    from litmoe.training_data import DataSource, PreparedData
+
+    write_corpus(tmp_path / "corpus", DOCUMENTS)
+    prepare(str(tmp_path / "corpus"), tmp_path / "data", vocab_size=300, val_fraction=0.3, workers=1)
+    data = PreparedData([DataSource(tmp_path / "data")], num_workers=0)
+    data.connect(batch_size=1, max_seq_length=64)
+    one_at_a_time = windows(data.val_dataloader())
+    data.connect(batch_size=4, max_seq_length=64)
+    batched = windows(data.val_dataloader())
+    assert len(json.loads((tmp_path / "data" / "val" / "index.json").read_text())["chunks"]) > 2
+    assert batched == one_at_a_time[: len(batched)] and len(batched) >= 4
+    assert max(max(window) for window in batched) < 300
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    """Two prepared corpora with disjoint words and one tokenizer: which source a window came from is visible."""
+    root = tmp_path_factory.mktemp("mixture")
+    for name, word in (("a", "apple"), ("b", "zebra")):
+        (root / name).mkdir()
+        for index in range(40):
+            rng = random.Random(index)
+            (root / name / f"{index}.txt").write_text(" ".join(f"{word}{rng.randrange(7)}" for _ in range(200)))
+    prepare(str(root / "a"), root / "data-a", vocab_size=300, val_fraction=0.2, workers=1)
+    prepare(str(root / "b"), root / "data-b", tokenizer_dir=root / "data-a" / "tokenizer", val_fraction=0.2, workers=1)
+    return root
+
+
+def test_a_mixture_samples_each_source_by_its_weight(two_sources):
+    from litmoe.tokenizer import load_tokenizer
+    from litmoe.training_data import PreparedData, data_sources
+
+    tokenizer = load_tokenizer(two_sources / "data-a" / "tokenizer")
+    data = PreparedData(data_sources(f"{two_sources / 'data-a'}:0.7,{two_sources / 'data-b'}:0.3"), num_workers=0)
+    data.connect(batch_size=8, max_seq_length=15)
+    drawn = [tokenizer.decode(torch.tensor(window)) for window in windows(data.train_dataloader())[:800]]
+    assert len(drawn) == 800 and all(("apple" in text) != ("zebra" in text) for text in drawn)  # one source each
+    assert sum("apple" in text for text in drawn) / len(drawn) == pytest.approx(0.7, abs=0.05)
+
+
+def test_a_mixture_trains_and_resumes_each_source_where_it_stopped(two_sources, train_args, tmp_path):
+    from test_train import logged
+
+    from litmoe.train_cli import main
+
+    mixture = f"{two_sources / 'data-a'}:0.7,{two_sources / 'data-b'}:0.3"
+
+    def args(out_dir, *extra):
+        arguments = train_args(
+            out_dir, 256 * 12, extra=("--train.save_interval", "4", "--eval.interval", "100", *extra)
+        )
+        arguments[arguments.index("--data_dir") + 1] = mixture
+        return arguments
+
+    main(args(tmp_path / "full"))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "step-00000004", resumed / "step-00000004")
+    main(args(resumed, "--resume", "auto"))
+    expected, got = logged(tmp_path / "full", "loss"), logged(resumed, "loss")
+    assert sorted(got) == list(range(4, 12))
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
+
+
+def test_a_mixture_of_two_tokenizers_is_refused(two_sources, prepared, train_args, tmp_path):
+    from litmoe.train_cli import main
+
+    arguments = train_args(tmp_path / "out")
+    arguments[arguments.index("--data_dir") + 1] = f"{two_sources / 'data-a'}:0.5,{prepared}:0.5"
+    with pytest.raises(UserError, match=r"was prepared with another tokenizer than .*data-a; prepare it again"):
+        main(arguments)
