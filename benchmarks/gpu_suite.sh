@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in steps that each fit in one 10-minute call on a lent GPU machine.
 #
-#   bash benchmarks/gpu_suite.sh environment tests layer     # one call
+#   bash benchmarks/gpu_suite.sh environment tests layer attention     # one call
 #   bash benchmarks/gpu_suite.sh throughput                  # another
 #   bash benchmarks/gpu_suite.sh zero                        # and another
 #
@@ -18,10 +18,11 @@ run_step() {
     environment) $PYTHON run_train.py --check-environment ;;
     tests) $PYTHON -m pytest -q -rs tests/test_cuda.py ;;
     layer) $PYTHON benchmarks/moe_layer.py ;;
+    attention) $PYTHON benchmarks/attention_kernels.py ;;
     throughput) $PYTHON benchmarks/train_throughput.py --tokens 2000000 -- --no-cpu-profile ;;
     zero) $PYTHON benchmarks/zero_strategies.py -- --no-cpu-profile --train.max_tokens 1e6 --no-compile \
       --eval.initial_validation false --eval.final_validation false ;;
-    *) echo "unknown step '$1'; the steps are: environment tests layer throughput zero" >&2; return 2 ;;
+    *) echo "unknown step '$1'; the steps are: environment tests layer attention throughput zero" >&2; return 2 ;;
   esac
 }
 

@@ -33,7 +33,7 @@ def main() -> None:
                     [f"--health.nonfinite={policy}", f"--out_dir={out_dir}", f"--train.max_tokens={args.tokens}",
                      "--eval.final_validation=false", "--eval.initial_validation=false", *args.run_train_args]
                 )  # fmt: skip
-                rates[policy].append(run.summary.tokens / run.summary.seconds)
+                rates[policy].append(run.summary.tokens_per_sec)
     print("| health.nonfinite | tokens/s per round | median |")
     print("| --- | --- | ---: |")
     for policy, values in rates.items():

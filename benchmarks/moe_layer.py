@@ -3,6 +3,7 @@ same active FLOPs, at MoE-200M layer sizes (n_embd 768, 8 experts of 2048, top-2
 
     uv run python benchmarks/moe_layer.py                    # fp32 on CPU (bf16 on CUDA when present)
     uv run python benchmarks/moe_layer.py --tokens 512 2048 --rounds 15
+    python3 benchmarks/moe_layer.py --compile               # each layer under torch.compile, as training runs it
 
 The variants are timed interleaved (one call of each per round), so a slow patch of the machine hits all of
 them alike. Each figure is the median over rounds after warm-up, and every ratio comes from the same run.
@@ -69,14 +70,19 @@ def timed(function) -> float:
     return time.perf_counter() - start
 
 
-def run(tokens: int, rounds: int, warmup: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+def run(
+    tokens: int, rounds: int, warmup: int, device: torch.device, dtype: torch.dtype, compiled: bool
+) -> dict[str, float]:
     from functools import partial
 
     from litgpt import Config
 
     x = torch.randn(1, tokens, 768, device=device, dtype=dtype)
     grad = torch.randn_like(x)
-    variants = {name: partial(layer_step, layer, x, grad) for name, layer in build_layers(device, dtype).items()}
+    layers = build_layers(device, dtype)
+    if compiled:
+        layers = {name: torch.compile(layer) for name, layer in layers.items()}
+    variants = {name: partial(layer_step, layer, x, grad) for name, layer in layers.items()}
     variants["expert GEMMs alone (floor)"] = expert_gemms(Config.from_name("MoE-200M"), tokens, device, dtype)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(warmup + rounds):
@@ -93,6 +99,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--system-malloc", action="store_true", help="CPU: leave glibc's defaults, as before")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each layer (warm-up rounds compile)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     kept = False
@@ -103,11 +110,12 @@ def main() -> None:
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     memory = ", freed host memory kept" if kept else ""
-    print(f"# {name}, {dtype}, torch {torch.__version__}{memory}, median of {args.rounds} interleaved rounds")
+    mode = ", compiled" if args.compile else ""
+    print(f"# {name}, {dtype}{mode}, torch {torch.__version__}{memory}, median of {args.rounds} interleaved rounds")
     print("| tokens | variant | fwd+bwd ms | vs dense | vs stock |")
     print("| ---: | --- | ---: | ---: | ---: |")
     for tokens in args.tokens:
-        results = run(tokens, args.rounds, args.warmup, device, dtype)
+        results = run(tokens, args.rounds, args.warmup, device, dtype, args.compile)
         dense, stock = results["dense, same active FLOPs"], results["stock LLaMAMoE"]
         for variant, ms in results.items():
             print(f"| {tokens} | {variant} | {ms:.1f} | {ms / dense:.2f}x | {stock / ms:.2f}x faster |")

@@ -36,7 +36,7 @@ def main() -> None:
                  "--train.log_interval=1", "--eval.final_validation=false", "--eval.initial_validation=false",
                  *args.run_train_args]
             )  # fmt: skip
-            results[layer] = (run.summary.tokens / run.summary.seconds, final_train_loss(out_dir))
+            results[layer] = (run.summary.tokens_per_sec, final_train_loss(out_dir))
     print("| layer | tokens/s | train loss (last 3 logs) |")
     print("| --- | ---: | ---: |")
     for layer, (tokens_per_sec, loss) in results.items():

@@ -73,14 +73,24 @@ def test_bf16_layer_compiles_without_graph_breaks():
 @pytest.mark.skipif(
     torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8, reason="FlashAttention needs sm80+"
 )
-def test_moe_200m_attention_runs_on_flash_attention_in_bf16():
-    from torch.nn.attention import SDPBackend
+def test_moe_200m_attention_runs_fused_flash_kernels_in_bf16():
+    """PyTorch picks a FlashAttention kernel by itself (torch 2.11 on an H100 prefers cuDNN's), each of the two
+    runs and agrees with fp32 attention, and so does the pair --flash-attention-force pins."""
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
 
-    from litmoe.attention import chosen_backend, flash_blockers
+    from litmoe.attention import FLASH_KERNELS, attention_kernel_scope, chosen_backend, flash_blockers
 
     config = Config.from_name("MoE-200M")
     assert flash_blockers(DEVICE, torch.bfloat16, config.head_size) == []
-    assert chosen_backend(DEVICE, torch.bfloat16, config.n_head, config.head_size) == SDPBackend.FLASH_ATTENTION
+    assert chosen_backend(DEVICE, torch.bfloat16, config.n_head, config.head_size) in FLASH_KERNELS
+    q, k, v = torch.randn(3, 2, config.n_head, 1024, config.head_size, device=DEVICE)
+    expected = scaled_dot_product_attention(q, k, v, is_causal=True)
+    half = (q.bfloat16(), k.bfloat16(), v.bfloat16())
+    for scope in [sdpa_kernel([kernel]) for kernel in FLASH_KERNELS] + [attention_kernel_scope(force_flash=True)]:
+        with scope:
+            actual = scaled_dot_product_attention(*half, is_causal=True)
+        assert relative_error(expected, actual.float()) < 1e-2
 
 
 def test_compiled_bf16_training_run_learns_and_reports_mfu(train_args, tmp_path):

@@ -3,6 +3,7 @@
 import csv
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,11 @@ def test_the_run_says_what_it_does_and_what_its_numbers_cover(train_args, tmp_pa
     routing |= {f"moe/layer{layer}/load/expert{expert}" for layer in (0, 1) for expert in range(4)}
     assert routing | {"moe/imbalance", "moe/imbalance_max", "grad_norm"} <= set(columns)
     assert len(logged(out_dir, "tokens_per_sec")) == 2  # LitGPT's monitor reports from its fifth log on
+    assert run.summary.steady.tokens == (6 - 2) * 256  # the two warm-up steps left out
+    assert 0 < run.summary.steady.seconds < run.summary.seconds
+    steady = run.summary.steady.tokens / run.summary.steady.seconds
+    line = re.search(r"throughput     : ([\d,]+) tokens/s, .* \(after 2 warm-up steps, without validation", out)
+    assert line and int(line[1].replace(",", "")) == round(steady)
     shares = [logged(out_dir, f"moe/layer0/load/expert{expert}")[3] for expert in range(4)]
     assert sum(shares) == pytest.approx(1.0)
 
@@ -167,3 +173,21 @@ def test_stock_and_litmoe_layers_train_alike_from_the_same_seed(train_args, tmp_
     stock, ours = logged(tmp_path / "stock", "loss"), logged(tmp_path / "litmoe", "loss")
     assert sorted(ours) == sorted(stock) == list(range(10))
     assert all(ours[step] == pytest.approx(stock[step], rel=1e-4) for step in stock)
+
+
+def test_steady_throughput_leaves_out_warm_up_validation_and_saving():
+    """Time spent in the warm-up micro-batches and in validate/save calls is not training time."""
+    from litmoe.monitoring import SteadyClock
+
+    state = {"iter_num": 0}
+    clock = SteadyClock(list(range(8)), state, warmup_iters=2, device=torch.device("cpu"))
+    slow = clock.leaving_out(time.sleep)
+    started = time.perf_counter()
+    for _ in clock:
+        if state["iter_num"] < 2:
+            time.sleep(0.2)  # warm-up: compilation
+        else:
+            slow(0.2)  # validation or a checkpoint
+        state["iter_num"] += 1
+    iters, seconds = clock.measured()
+    assert iters == 6 and seconds < 0.1 < time.perf_counter() - started

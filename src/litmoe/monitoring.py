@@ -3,9 +3,11 @@
 import resource
 import shutil
 import sys
+import time
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +204,74 @@ def make_run_logger(stock_logger: Logger, out_dir: Path, token_budget: int, prog
     return RunLogger(loggers, Progress(token_budget) if progress else None)
 
 
+WARMUP_STEPS = 2  # optimizer steps left out of the steady rate: compilation and autotuning happen in them
+
+
+class SteadyClock:
+    """The train loader, unchanged, timing the rate a long run settles at: from the end of the warm-up steps
+    to the end of training, less the time spent validating and saving checkpoints.
+
+    A short benchmark's overall rate is mostly compilation (benchmarks/README.md has an H100 example). The
+    clock synchronizes the GPU when it starts and around what it leaves out (rare events), so queued kernels
+    count where they belong.
+    """
+
+    def __init__(self, loader, state: dict, warmup_iters: int, device: torch.device) -> None:
+        self.loader, self.state, self.device = loader, state, device
+        self.start_iter = state["iter_num"] + warmup_iters
+        self.started: float | None = None
+        self.started_iter = 0
+        self.left_out = 0.0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        for batch in self.loader:
+            if self.started is None and self.state["iter_num"] >= self.start_iter:
+                self.started, self.started_iter = self.now(), self.state["iter_num"]
+            yield batch
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def leaving_out(self, fn: Callable) -> Callable:
+        """`fn`, with the time it takes not counted as training."""
+
+        @wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.started is None:
+                return fn(*args, **kwargs)
+            begin = self.now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.left_out += self.now() - begin
+
+        return timed
+
+    def measured(self) -> tuple[int, float] | None:
+        """Micro-batches trained since the warm-up and the seconds they took; None if training ended first."""
+        if self.started is None or self.state["iter_num"] <= self.started_iter:
+            return None
+        return self.state["iter_num"] - self.started_iter, self.now() - self.started - self.left_out
+
+
+@dataclass
+class Rate:
+    tokens: int
+    flops: float
+    seconds: float
+
+    def describe(self, peak_flops: float | None) -> str:
+        tokens_per_sec = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        flops_per_sec = self.flops / self.seconds if self.seconds > 0 else 0.0
+        mfu = f", MFU {flops_per_sec / peak_flops:.1%}" if peak_flops else ""
+        return f"{tokens_per_sec:,.0f} tokens/s, {flops_per_sec / 1e12:.3f} TFLOP/s{mfu}"
+
+
 @dataclass
 class RunSummary:
     """Numbers of the training this process did (a resumed run counts only its own part)."""
@@ -210,23 +280,31 @@ class RunSummary:
     seconds: float
     flops: float
     peak_flops: float | None = None
+    steady: Rate | None = None  # after the warm-up steps, without validation and checkpoints (SteadyClock)
     initial_val_loss: float | None = None
     val_loss: float | None = None
     val_covers: str = ""  # which part of the validation split the validation losses score
     peak_memory_gb: float = field(default_factory=lambda: peak_memory_gb())
 
+    @property
+    def tokens_per_sec(self) -> float:
+        """The steady rate when the run was long enough to have one, else the overall rate."""
+        rate = self.steady or Rate(self.tokens, self.flops, self.seconds)
+        return rate.tokens / rate.seconds if rate.seconds > 0 else 0.0
+
     def lines(self) -> list[str]:
-        tokens_per_sec = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        flops_per_sec = self.flops / self.seconds if self.seconds > 0 else 0.0
-        mfu = f", MFU {flops_per_sec / self.peak_flops:.1%}" if self.peak_flops else ""
         memory_kind = "GPU" if torch.cuda.is_available() else "process RSS"
-        out = [
-            "Training summary",
-            f"  tokens trained : {self.tokens:,}",
-            f"  training time  : {self.seconds:.1f} s",
-            f"  throughput     : {tokens_per_sec:,.0f} tokens/s, {flops_per_sec / 1e12:.3f} TFLOP/s{mfu}",
-            f"  peak memory    : {self.peak_memory_gb:.2f} GB ({memory_kind})",
-        ]
+        overall = Rate(self.tokens, self.flops, self.seconds).describe(self.peak_flops)
+        out = ["Training summary", f"  tokens trained : {self.tokens:,}", f"  training time  : {self.seconds:.1f} s"]
+        if self.steady:
+            out += [
+                f"  throughput     : {self.steady.describe(self.peak_flops)}"
+                f" (after {WARMUP_STEPS} warm-up steps, without validation and checkpoints)",
+                f"  overall        : {overall} (the whole training time)",
+            ]
+        else:
+            out.append(f"  throughput     : {overall}")
+        out.append(f"  peak memory    : {self.peak_memory_gb:.2f} GB ({memory_kind})")
         if self.val_loss is not None:
             start = f" (initial {self.initial_val_loss:.4f})" if self.initial_val_loss is not None else ""
             out.append(f"  final val loss : {self.val_loss:.4f}{start}")

@@ -20,7 +20,8 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
   pretrain.pprint                   settings where LitGPT prints its raw arguments (class-default batch sizes)
   pretrain.choose_logger         -> LitGPT's logger plus CSV and the live progress bar
   pretrain.fit                   -> the stock loop, timed, followed by a correct summary; inside it,
-  pretrain.validate              -> records the validation losses (the initial one is otherwise only printed)
+  pretrain.validate              -> records the validation losses (the initial one is otherwise only printed);
+                                    its time and the saves' are left out of the steady throughput (SteadyClock)
 and, for the duration of `fit`: an optimizer step hook updates the experts' selection bias (aux-loss-free
 balancing); the logger reads the routing statistics and the gradient norm at each log step; every step's
 gradient norm goes through `litmoe.health` (non-finite policy); the train loader stops at a step boundary
@@ -51,7 +52,7 @@ from litmoe.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped
 from litmoe.flops import TrainingFlops
 from litmoe.health import Diverged, EventLog, TrainingHealth
 from litmoe.moe import MoELayer, moe_layers, read_routing_stats, update_expert_bias
-from litmoe.monitoring import Console, RunLogger, RunSummary, make_run_logger
+from litmoe.monitoring import WARMUP_STEPS, Console, Rate, RunLogger, RunSummary, SteadyClock, make_run_logger
 from litmoe.preemption import Preempted, StopAtStepBoundary, StopSignal
 from litmoe.saving import AtomicSave, checkpoint_bytes, warn_if_little_space
 from litmoe.strategy import StrategyChoice, fabric_builder
@@ -328,24 +329,25 @@ def timed_fit(
     val_losses = []
     accumulation = train.gradient_accumulation_iters(kwargs["devices"], kwargs.get("num_nodes", 1))
     with ExitStack() as stack:
-        stack.enter_context(swapped(pretrain, "validate", partial(recorded_validate, pretrain.validate, val_losses)))
+        loader = StopAtStepBoundary(kwargs["train_dataloader"], fabric, state, accumulation, settings.stop)
+        clock = SteadyClock(loader, state, WARMUP_STEPS * accumulation, fabric.device)
+        validate = partial(recorded_validate, pretrain.validate, val_losses)
+        stack.enter_context(swapped(pretrain, "validate", clock.leaving_out(validate)))
+        stack.enter_context(swapped(pretrain, "save_checkpoint", clock.leaving_out(pretrain.save_checkpoint)))
         stack.enter_context(balanced_routing(fabric, state, settings.moe, accumulation))
         stack.enter_context(watched_gradients(fabric, health))
         if run_logger:
             run_logger.health, run_logger.echo, run_logger.world_size = health, console.print, fabric.world_size
             if moe_layers(state["model"]):
                 run_logger.routing = partial(read_routing_stats, state["model"])
-        loader = StopAtStepBoundary(kwargs["train_dataloader"], fabric, state, accumulation, settings.stop)
-        kwargs["train_dataloader"] = (
-            DistinctDataCheck(loader, fabric, console.print) if fabric.world_size > 1 else loader
-        )
+        kwargs["train_dataloader"] = DistinctDataCheck(clock, fabric, console.print) if fabric.world_size > 1 else clock
         try:
             stock_fit(**kwargs)
         except Preempted as stop:
             stop_with_checkpoint(fabric, state, kwargs, stop.signal_name, first_step)
         except Diverged as err:
             stop_diverged(fabric, err, settings.out_dir, events, err.step or state["step_count"])
-    seconds = time.perf_counter() - start
+    seconds, steady = time.perf_counter() - start, clock.measured()
     if fabric.world_size > 1 and replicated(settings.strategy):
         in_sync = replicas_in_sync(fabric, state["model"])
         console.print(f"Data parallel: parameters {'identical' if in_sync else 'DIFFERENT'} on all"
@@ -356,7 +358,7 @@ def timed_fit(
     if initial_val_loss is not None:  # LitGPT only prints it; logged now at its step (the bar is closed)
         fabric.log_dict({"val_loss": initial_val_loss, "val_ppl": math.exp(initial_val_loss)}, step=first_iter)
     settings.summary = summarize(
-        fabric, settings, flops, state["iter_num"] - first_iter, seconds, initial_val_loss, val_losses,
+        fabric, settings, flops, state["iter_num"] - first_iter, seconds, steady, initial_val_loss, val_losses,
         kwargs["eval"].max_iters,
     )  # fmt: skip
     for line in settings.summary.lines():
@@ -377,19 +379,30 @@ def validation_coverage(settings: PatchSettings, world_size: int, max_iters: int
 
 def summarize(
     fabric, settings: PatchSettings, flops: TrainingFlops, iters: int, seconds: float,
-    initial_val_loss: float | None, val_losses: list[float], val_max_iters: int,
+    steady: tuple[int, float] | None, initial_val_loss: float | None, val_losses: list[float], val_max_iters: int,
 ) -> RunSummary:  # fmt: skip
-    """What this process's part of the run did; `iters` are micro-batches per rank."""
+    """What this process's part of the run did; `iters` are micro-batches per rank, `steady` the micro-batches
+    and seconds after the warm-up (SteadyClock)."""
     from lightning.fabric.utilities.throughput import get_available_flops
 
     peak = None
     if fabric.device.type == "cuda":
         peak = get_available_flops(fabric.device, compute_dtype(settings.precision))
+
+    def rate(iters: int, seconds: float) -> Rate:
+        return Rate(
+            tokens=iters * fabric.world_size * settings.tokens_per_micro_batch,
+            flops=iters * fabric.world_size * flops.per_micro_batch,
+            seconds=seconds,
+        )
+
+    overall = rate(iters, seconds)
     return RunSummary(
-        tokens=iters * fabric.world_size * settings.tokens_per_micro_batch,
+        tokens=overall.tokens,
         seconds=seconds,
-        flops=iters * fabric.world_size * flops.per_micro_batch,
+        flops=overall.flops,
         peak_flops=peak * fabric.world_size if peak else None,
+        steady=rate(*steady) if steady else None,
         initial_val_loss=initial_val_loss,
         val_loss=val_losses[-1] if val_losses else None,
         val_covers=validation_coverage(settings, fabric.world_size, val_max_iters) if settings.val_tokens else "",

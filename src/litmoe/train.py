@@ -11,7 +11,7 @@ import torch
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 
 from litmoe.args import CheckpointArgs, HealthArgs, MoEArgs, OptimizationArgs, StrategyArgs, UpcycleArgs
-from litmoe.attention import attention_kernel_scope, check_attention, default_precision
+from litmoe.attention import attention_kernel_scope, check_attention, default_precision, tf32_matmuls
 from litmoe.checkpoints import (
     tokenizer_vocab_size,
 )
@@ -179,7 +179,8 @@ def setup(
             overview=overview,
         )
         data = PreparedData(sources, num_workers=num_workers, seed=seed)
-        with patched_pretrain(settings), attention_kernel_scope(optimization.flash_attention_force):
+        kernels = attention_kernel_scope(optimization.flash_attention_force)
+        with patched_pretrain(settings), kernels, tf32_matmuls(cuda):
             pretrain.setup(
                 model_name=config.name, model_config=config, out_dir=out_dir, precision=precision, resume=resume,
                 initial_checkpoint_dir=initial,
