@@ -18,7 +18,7 @@ import time
 
 import torch
 
-import litmoe  # noqa: F401  (registers MoE-200M)
+from litmoe.configs import register_configs
 
 
 def build_layers(device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
@@ -27,6 +27,7 @@ def build_layers(device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn
 
     from litmoe.moe import MoELayer
 
+    register_configs()
     config = Config.from_name("MoE-200M")
     torch.manual_seed(0)
     stock = LLaMAMoE(config)

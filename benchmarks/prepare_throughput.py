@@ -2,8 +2,8 @@
 text and machine (all its threads), with every core and with one worker; and its peak memory for corpora of
 different sizes (it must not grow with the corpus).
 
-    uv run python benchmarks/prepare_throughput.py                         # 60 MB of parquet, 2 sizes for memory
-    uv run python benchmarks/prepare_throughput.py --megabytes 200 --files 32
+    uv run python benchmarks/prepare_throughput.py                         # 60 MB of parquet; memory at 1x-100x
+    uv run python benchmarks/prepare_throughput.py --megabytes 300 --files 32
 
 The corpus is generated (a toy English-like grammar) into parquet files; the tokenizer is a byte-level BPE of 8192
 tokens trained on part of it. Each preparation runs in its own process, timed from outside (the whole command:
@@ -125,11 +125,13 @@ def main() -> None:
     print("| --- | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        default = peak_memory("python-docs", root / "default", cores)
-        larger = write_corpus(root / "larger", 16.0, 8, seed=1)  # 10x the default corpus's 1.6M characters
-        generated = peak_memory(str(root / "larger"), root / "out", cores)
-        for name, characters, peak in (("python-docs (the default)", 1.6e6, default),
-                                       ("10x the default, generated", larger, generated)):  # fmt: skip
+        rows = [("python-docs (the default)", 1.6e6, peak_memory("python-docs", root / "default", cores))]
+        for scale in (10, 100):  # the default corpus has 1.6M characters; the same 8 files, 10x and 100x it
+            corpus = root / f"x{scale}"
+            characters = write_corpus(corpus, 1.6 * scale, 8, seed=scale)
+            peak = peak_memory(str(corpus), root / f"out{scale}", cores)
+            rows.append((f"{scale}x the default, generated", characters, peak))
+        for name, characters, peak in rows:
             print(f"| {name} | {characters / 1e6:.1f}M | {peak / 2**20:,.0f} MiB |")
 
 

@@ -8,7 +8,7 @@ Everything is computed from the configs on the meta device; the memory columns a
 import torch
 from litgpt import GPT, Config
 
-import litmoe  # noqa: F401  (registers the presets)
+from litmoe.configs import register_configs
 from litmoe.estimate import GiB, estimate_training, per_device_memory
 from litmoe.flops import active_parameters, total_parameters
 from litmoe.strategy import StrategyChoice
@@ -44,6 +44,7 @@ def row(name: str) -> str:
 
 
 def main() -> None:
+    register_configs()
     print(
         "| preset | layers x width | experts | block | parameters | active non-embedding | GFLOP/token (train) | "
         + " | ".join(f"GiB/GPU, {plan}" for plan in PLANS)

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import litmoe  # noqa: F401  (registers the MoE configs with LitGPT)
 from litmoe.checkpoints import resolve_checkpoint_dir
+from litmoe.configs import register_configs
+
+register_configs()  # the presets, for Config.from_name in every test
 
 REPO = Path(__file__).resolve().parents[1]
 

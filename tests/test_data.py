@@ -10,7 +10,7 @@ from litdata.streaming import StreamingDataset, TokensLoader
 from litmoe.data import MANIFEST, Encoder, TokenizerSpec, encode_documents, pieces, prepare, split_documents
 from litmoe.errors import UserError
 from litmoe.sources import python_docs_source, read_jsonl, render_chat, tinystories_source
-from litmoe.tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
+from litmoe.tokenizer import BOS_TOKEN, EOS_TOKEN, document_markers, load_tokenizer
 
 
 def read_tokens(split_dir: Path) -> torch.Tensor:
@@ -138,3 +138,42 @@ def test_failed_rebuild_keeps_existing_data(tmp_path, text_folder, monkeypatch):
         prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2, force=True)
     assert (out_dir / MANIFEST).read_text() == manifest
     assert sorted(os.listdir(tmp_path)) == [".data.partial", "data"]  # kept, to resume from
+
+
+@pytest.mark.parametrize(
+    "config, generation",
+    [
+        ({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}, None),
+        ({"tokenizer_class": "Llama", "bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"}}, None),
+        ({"tokenizer_class": "PreTrainedTokenizerFast"}, {"bos_token_id": 1, "eos_token_id": 2}),
+        ({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>"}, {"bos_token_id": 1, "eos_token_id": 0}),
+        (None, {"bos_token_id": 2, "eos_token_id": 1}),
+        ({"tokenizer_class": "X", "bos_token": "<missing>", "eos_token": "</s>"}, None),
+        ({"bos_token": "<s>", "eos_token": "</s>"}, None),  # no tokenizer_class: LitGPT's Tokenizer fails
+        ({"tokenizer_class": "X", "bos_token": "<s>"}, None),  # no EOS
+    ],
+)
+def test_document_markers_are_litgpt_s_without_importing_it(tmp_path, prepared, config, generation, monkeypatch):
+    """prepare_data.py reads BOS/EOS itself (LitGPT takes 12 s to import): the same ids as litgpt.Tokenizer, or
+    the same one-line error load_tokenizer gives."""
+    from tokenizers import Tokenizer
+
+    import litmoe.tokenizer
+
+    vocabulary = Tokenizer.from_file(str(prepared / "tokenizer" / "tokenizer.json"))
+    vocabulary.add_special_tokens(["<s>", "</s>", "<|endoftext|>"])
+    vocabulary.save(str(tmp_path / "tokenizer.json"))
+    if config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    if generation is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    try:
+        tokenizer = load_tokenizer(tmp_path)
+        expected = (tokenizer.bos_id, tokenizer.eos_id)
+    except UserError as err:
+        with pytest.raises(UserError) as raised:
+            document_markers(tmp_path)
+        assert str(raised.value) == str(err)
+    else:
+        monkeypatch.setattr(litmoe.tokenizer, "load_tokenizer", lambda path: pytest.fail("read through LitGPT"))
+        assert document_markers(tmp_path) == expected

@@ -3,7 +3,6 @@ given validation set, and existing Hugging Face tokenizers."""
 
 import gzip
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -69,15 +68,23 @@ def test_workers_write_the_same_data_as_one_process(tmp_path):
     for split in ("train", "val"):
         assert read_tokens(tmp_path / "one" / split).tolist() == read_tokens(tmp_path / "two" / split).tolist()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus", "one", "two"]
-    assert "LITMOE_DATA_WORKER" not in os.environ  # set for the workers only: later processes register the configs
 
 
-def test_a_data_worker_imports_no_litgpt():
-    """What a spawned worker imports to run a shard: the readers, `tokenizers` and litdata, not LitGPT."""
-    code = "import sys, litmoe.data; litmoe.data.Encoder; print('litgpt' in sys.modules)"
-    env = {**os.environ, "LITMOE_DATA_WORKER": "1"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["False"]
+def test_preparing_data_never_imports_litgpt(tmp_path):
+    """prepare_data.py, its workers and its checks run without LitGPT's 12 s import (BOS/EOS are read as LitGPT
+    reads them: tests/test_data.py); registering the presets, for training, imports it."""
+    write_corpus(tmp_path / "corpus", DOCUMENTS)
+    code = (
+        "import runpy, sys; sys.argv = ['prepare_data.py', *sys.argv[1:]]; runpy.run_path('prepare_data.py',"
+        " run_name='__main__'); before = 'litgpt' in sys.modules;"
+        " from litmoe.configs import register_configs; register_configs();"
+        " from litgpt import Config; print(before, Config.from_name('MoE-200M').n_expert)"
+    )
+    command = [sys.executable, "-c", code, "--source", str(tmp_path / "corpus"), "--out_dir", str(tmp_path / "out"),
+               "--vocab_size", "300", "--val_fraction", "0.2", "--workers", "2"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert result.stdout.split()[-2:] == ["False", "8"]
+    assert (tmp_path / "out" / "manifest.json").is_file()
 
 
 def test_an_interrupted_preparation_resumes_with_its_finished_shards(tmp_path, monkeypatch):

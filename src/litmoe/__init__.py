@@ -1,17 +1,9 @@
 """litmoe: pretrain Mixture-of-Experts language models with LitGPT.
 
-Importing the package registers the MoE configs (MoE-200M, MoE-tiny, ...) with LitGPT. Data-preparation
-worker processes skip that: they need only `tokenizers` and litdata, and importing LitGPT would cost each one
-12 s and 0.9 GB on two cores (litmoe.data.run_jobs sets the variable for them).
+`import litmoe` stays light: LitGPT costs about 12 s to import on two cores, and `--help`, a bad flag or a
+data-preparation worker should not wait for it. The presets (MoE-200M, MoE-tiny, ...) join LitGPT's registry
+through `litmoe.configs.register_configs()`, which resolving `--model` calls; call it yourself before
+`litgpt.Config.from_name("MoE-200M")`.
 """
-
-import os
-
-DATA_WORKER_ENV = "LITMOE_DATA_WORKER"
-
-if os.environ.get(DATA_WORKER_ENV) != "1":
-    from litmoe.configs import register_configs
-
-    register_configs()
 
 __version__ = "0.1.0"

@@ -1,8 +1,8 @@
 """The MoE model configs this project trains, registered in LitGPT's config registry, and model configs read
 from files, checked as a whole before any model is built.
 
-After `import litmoe`, `litgpt.Config.from_name("MoE-200M")` works, and so do LitGPT's own tools that look
-a config up by name.
+After `register_configs()`, `litgpt.Config.from_name("MoE-200M")` works, and so do LitGPT's own tools that
+look a config up by name in the same process.
 """
 
 import dataclasses
@@ -195,6 +195,7 @@ def load_model_config(model: str | dict[str, Any]):
 def base_model_fields(model: str) -> tuple[dict[str, Any], str]:
     from litgpt.config import name_to_config
 
+    register_configs()
     path = Path(model)
     if path.is_file():
         return read_config_file(path), str(path)

@@ -34,10 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from litmoe import DATA_WORKER_ENV
 from litmoe.errors import UserError
 from litmoe.sources import DEFAULT_SOURCE, Shard, Source, resolve_source
-from litmoe.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from litmoe.tokenizer import (
+    copy_tokenizer,
+    document_markers,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+)
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -227,10 +232,10 @@ def run_jobs(jobs: list[Job], workers: int) -> list[dict]:
             results.append(process_shard(job))
             progress.update()
     else:
-        # The workers inherit: one tokenizer thread each, and `import litmoe` without LitGPT (litmoe/__init__.py).
-        worker_env = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"), DATA_WORKER_ENV: "1"}
+        # One tokenizer thread per worker process (they inherit the environment when they start).
+        one_thread = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false")}
         context = multiprocessing.get_context("spawn")
-        with environment(worker_env), ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with environment(one_thread), ProcessPoolExecutor(workers, mp_context=context) as pool:
             for counts in pool.map(process_shard, jobs):
                 results.append(counts)
                 progress.update()
@@ -406,7 +411,7 @@ def prepare(
     train_source, held_out = resolve_sources(source, val_source, Path(cache_dir), text_field)
     wanted_tokenizer = None
     if tokenizer_dir is not None:
-        load_tokenizer(Path(tokenizer_dir))
+        document_markers(Path(tokenizer_dir))  # a tokenizer that cannot frame documents is refused now
         wanted_tokenizer = tokenizer_fingerprint(Path(tokenizer_dir))
     wanted = Manifest(
         train_source.name, train_source.fingerprint, wanted_tokenizer or "", val_fraction, {}, {},
@@ -478,8 +483,7 @@ def build(
         else:
             copy_tokenizer(Path(tokenizer_dir), made)
         made.rename(tokenizer_out)
-    tokenizer = load_tokenizer(tokenizer_out)
-    spec = TokenizerSpec(str(tokenizer_out), tokenizer.bos_id, tokenizer.eos_id)
+    spec = TokenizerSpec(str(tokenizer_out), *document_markers(tokenizer_out))
     jobs = [
         Job(shard, split, wanted.val_fraction, spec, str(scratch / "shards" / shard.name))
         for source, split in ((train_source, "hash" if held_out is None else "train"), (held_out, "val"))

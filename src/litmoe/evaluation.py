@@ -21,7 +21,6 @@ from litmoe.errors import UserError
 from litmoe.moe import moe_layers, read_routing_stats
 from litmoe.sources import read_jsonl, read_text_file
 from litmoe.tokenizer import tokenizer_fingerprint
-from litmoe.training_data import data_sources
 
 
 def prepared_windows(data_dir: Path, seq_length: int) -> Iterator[torch.Tensor]:
@@ -100,6 +99,8 @@ def training_data_dir(checkpoint_dir: Path) -> Path | None:
     path = checkpoint_dir / "hyperparameters.yaml"
     if not path.is_file():
         return None
+    from litmoe.training_data import data_sources  # imports LitGPT: not for `evaluate.py --help`
+
     data_dir = (yaml.safe_load(path.read_text()) or {}).get("data_dir")
     return data_sources(data_dir)[0].path if data_dir else None
 

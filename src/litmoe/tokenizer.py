@@ -67,6 +67,48 @@ def load_tokenizer(tokenizer_dir: Path):
     return tokenizer
 
 
+def document_markers(tokenizer_dir: Path) -> tuple[int, int]:
+    """(BOS id, EOS id) as `litgpt.Tokenizer` reads them, with `load_tokenizer`'s one-line errors.
+
+    For a tokenizer.json they are read here, as LitGPT reads them (tokenizer_config.json's bos_token and
+    eos_token, a string or {"content": ...}, then generation_config.json's ids), so that preparing data does not
+    import LitGPT (12 s on two cores). Anything else, and any problem, goes through `load_tokenizer` itself.
+    tests/test_data.py holds both to the same ids on the pinned LitGPT."""
+    try:
+        markers = read_markers(tokenizer_dir)
+    except Exception:  # noqa: BLE001  (tokenizers raises a bare Exception; load_tokenizer says what is wrong)
+        markers = None
+    if markers is None or None in markers:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        return tokenizer.bos_id, tokenizer.eos_id
+    return markers
+
+
+def read_markers(tokenizer_dir: Path) -> tuple[int | None, int | None] | None:
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    processor = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    ids: dict[str, int | None] = {"bos": None, "eos": None}
+    if (config_file := tokenizer_dir / "tokenizer_config.json").is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if "tokenizer_class" not in config:
+            return None  # LitGPT's Tokenizer fails on this (KeyError): load_tokenizer reports it
+        for name in ids:
+            token = config.get(f"{name}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is not None:
+                ids[name] = processor.token_to_id(token)
+                if ids[name] is None:
+                    return None  # LitGPT raises here: load_tokenizer reports it
+    if (generation_file := tokenizer_dir / "generation_config.json").is_file():
+        generation = json.loads(generation_file.read_text(encoding="utf-8"))
+        for name in ids:
+            ids[name] = generation.get(f"{name}_token_id") if ids[name] is None else ids[name]
+    return ids["bos"], ids["eos"]
+
+
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
     """A hash of the files that define the tokenizer: equal fingerprints encode text identically."""
     digest = hashlib.sha256()
