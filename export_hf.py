@@ -4,7 +4,6 @@ uv run python export_hf.py --checkpoint out/moe-200m/final --out_dir hf/moe-200m
 """
 
 if __name__ == "__main__":
-    from litmoe.cli import run_cli, run_function
-    from litmoe.export import export_hf
+    from litmoe.cli import run_command
 
-    run_cli(lambda: run_function(export_hf))
+    run_command("litmoe.export:export_hf")

@@ -5,7 +5,6 @@ uv run python generate.py --checkpoint out/moe-tiny --temperature 0 --max_new_to
 """
 
 if __name__ == "__main__":
-    from litmoe.cli import run_cli, run_function
-    from litmoe.generation import generate
+    from litmoe.cli import run_command
 
-    run_cli(lambda: run_function(generate))
+    run_command("litmoe.generation:generate")

@@ -1,10 +1,13 @@
+import os
 import re
+import subprocess
 import sys
 
 import litgpt.pretrain as pretrain
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from litgpt import GPT, Config
 
 from litmoe.args import MoEArgs, OptimizationArgs
@@ -212,3 +215,25 @@ def test_cli_prints_one_line_and_exits_2(capsys):
         run_cli(fails)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: data/x/manifest.json not found: prepare the data first\n"
+
+
+CLASH = "tokenizers>=0.22.0,<=0.23.0 is required for a normal functioning of this module, but found tokenizers==0.23.2."
+
+
+def test_a_dependency_that_does_not_import_is_one_line(tmp_path):
+    """As on a machine whose tokenizers is newer than its transformers accepts: every command says so in one
+    line, exit 2; an ImportError of our own is a bug and keeps its traceback."""
+    (tmp_path / "litgpt").mkdir()
+    (tmp_path / "litgpt" / "__init__.py").write_text(f"raise ImportError({CLASH!r} + '\\nTry: pip install -U')")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}  # this litgpt shadows the installed one
+    command = [sys.executable, "run_train.py", "--help"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    fix = "install the versions uv.lock pins (`uv sync`)"
+    assert result.stderr == f"error: a dependency does not import: {CLASH}; {fix}\n"
+
+    def bug():
+        raise ImportError("cannot import name 'nothing' from 'litmoe.data'", name="litmoe.data")
+
+    with pytest.raises(ImportError, match="nothing"):
+        run_cli(bug)

@@ -6,6 +6,7 @@ On top of jsonargparse's parsing, users get what they type elsewhere: a bare boo
 """
 
 import dataclasses
+import importlib
 import inspect
 import re
 import sys
@@ -20,11 +21,33 @@ import yaml
 from litmoe.errors import EXIT_INTERRUPTED, EXIT_USAGE, RunStopped, UserError
 
 
+def run_command(target: str, parses_its_flags: bool = False) -> None:
+    """Run `target` ("package.module:function") as this script's command line, with its flags parsed from its
+    signature unless it parses them itself. It is imported in here, so that a dependency that does not import
+    (a version clash) is one line too, not a traceback from deep inside it."""
+    module_name, function_name = target.split(":")
+
+    def command() -> Any:
+        function = getattr(importlib.import_module(module_name), function_name)
+        return function() if parses_its_flags else run_function(function)
+
+    run_cli(command)
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except ImportError as err:
+        if (err.name or "").startswith("litmoe"):  # ours: a bug, with its traceback
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(
+            f"error: a dependency does not import: {reason}; install the versions uv.lock pins (`uv sync`)",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_USAGE)
     except RunStopped as stop:
         if stop.message:
