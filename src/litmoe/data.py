@@ -27,7 +27,6 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -232,10 +231,8 @@ def run_jobs(jobs: list[Job], workers: int) -> list[dict]:
             results.append(process_shard(job))
             progress.update()
     else:
-        # One tokenizer thread per worker process (they inherit the environment when they start).
-        one_thread = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false")}
         context = multiprocessing.get_context("spawn")
-        with environment(one_thread), ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=one_tokenizer_thread) as pool:
             for counts in pool.map(process_shard, jobs):
                 results.append(counts)
                 progress.update()
@@ -243,19 +240,10 @@ def run_jobs(jobs: list[Job], workers: int) -> list[dict]:
     return results
 
 
-@contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """Environment variables set for the duration (for the processes started meanwhile), then restored."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def one_tokenizer_thread() -> None:
+    """In each worker process: the workers share the cores, so each tokenizes on one thread (unless the user set
+    TOKENIZERS_PARALLELISM). With one worker, the tokenizer's own threads use every core."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def merge_shards(jobs: list[Job], counts: list[dict], scratch: Path, source_names: str) -> tuple[dict, dict]:
