@@ -5,6 +5,6 @@ uv run python evaluate.py --checkpoints [out/a/final,out/b/final] --file held_ou
 """
 
 if __name__ == "__main__":  # litdata starts worker processes with spawn: keep this guard
-    from litmoe.cli import run_command
+    from litmoe.core.cli import run_command
 
-    run_command("litmoe.evaluation:evaluate")
+    run_command("litmoe.inference.evaluate:evaluate")

@@ -5,6 +5,6 @@ uv run python generate.py --checkpoint out/moe-tiny --temperature 0 --max_new_to
 """
 
 if __name__ == "__main__":
-    from litmoe.cli import run_command
+    from litmoe.core.cli import run_command
 
-    run_command("litmoe.generation:generate")
+    run_command("litmoe.inference.generate:generate")

@@ -7,6 +7,6 @@ uv run python prepare_data.py --source tinystories --out_dir data/tinystories
 """
 
 if __name__ == "__main__":  # litdata and torch start worker processes with spawn: keep this guard
-    from litmoe.cli import run_command
+    from litmoe.core.cli import run_command
 
-    run_command("litmoe.data:prepare")
+    run_command("litmoe.data.prepare:prepare")

@@ -7,6 +7,6 @@ uv run python run_train.py --help                   # every setting
 """
 
 if __name__ == "__main__":  # litdata and torch start worker processes with spawn: keep this guard
-    from litmoe.cli import run_command
+    from litmoe.core.cli import run_command
 
-    run_command("litmoe.train_cli:main", parses_its_flags=True)
+    run_command("litmoe.training.cli:main", parses_its_flags=True)

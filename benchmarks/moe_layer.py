@@ -18,14 +18,14 @@ import time
 
 import torch
 
-from litmoe.configs import register_configs
+from litmoe.model.configs import register_configs
 
 
 def build_layers(device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     from litgpt import Config
     from litgpt.model import LLaMAMLP, LLaMAMoE
 
-    from litmoe.moe import MoELayer
+    from litmoe.model.moe import MoELayer
 
     register_configs()
     config = Config.from_name("MoE-200M")
@@ -104,8 +104,8 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     kept = False
-    if not cuda and not args.system_malloc:  # as run_train.py trains on the CPU (litmoe.host_memory)
-        from litmoe.host_memory import keep_freed_host_memory
+    if not cuda and not args.system_malloc:  # as run_train.py trains on the CPU (litmoe.training.host_memory)
+        from litmoe.training.host_memory import keep_freed_host_memory
 
         kept = keep_freed_host_memory()
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)

@@ -48,8 +48,8 @@ def write_corpus(folder: Path, megabytes: float, files: int, seed: int = 0) -> i
 
 
 def train_tokenizer(corpus: Path, out_dir: Path) -> None:
-    from litmoe.sources import read_table
-    from litmoe.tokenizer import train_bpe_tokenizer
+    from litmoe.data.sources import read_table
+    from litmoe.data.tokenizer import train_bpe_tokenizer
 
     sample = [text for index, text in enumerate(read_table(next(corpus.glob("*.parquet")), "text")) if index < 2000]
     train_bpe_tokenizer(sample, 8192, out_dir)
@@ -59,7 +59,7 @@ def raw_rate(corpus: Path, tokenizer_dir: Path) -> float:
     """Tokens/s of `encode_batch` alone (all its threads), over the whole corpus already in memory."""
     from tokenizers import Tokenizer
 
-    from litmoe.sources import read_table
+    from litmoe.data.sources import read_table
 
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     documents = [text for path in sorted(corpus.glob("*.parquet")) for text in read_table(path, "text")]
@@ -72,7 +72,7 @@ def raw_rate(corpus: Path, tokenizer_dir: Path) -> float:
 def prepare_timed(corpus: Path, out_dir: Path, tokenizer_dir: Path, workers: int) -> tuple[float, int, float]:
     """(seconds, tokens written, the tokenizing phase's tokens/s as prepare_data.py reports it), run as a user
     runs it: the seconds include starting Python and importing LitGPT."""
-    from litmoe.data import read_manifest
+    from litmoe.data.prepared import read_manifest
 
     command = [sys.executable, "prepare_data.py", "--source", str(corpus), "--out_dir", str(out_dir),
                "--workers", str(workers), "--tokenizer_dir", str(tokenizer_dir)]  # fmt: skip

@@ -8,10 +8,10 @@ Everything is computed from the configs on the meta device; the memory columns a
 import torch
 from litgpt import GPT, Config
 
-from litmoe.configs import register_configs
-from litmoe.estimate import GiB, estimate_training, per_device_memory
-from litmoe.flops import active_parameters, total_parameters
-from litmoe.strategy import StrategyChoice
+from litmoe.distributed.estimate import GiB, estimate_training, per_device_memory
+from litmoe.distributed.plans import StrategyChoice
+from litmoe.model.configs import register_configs
+from litmoe.model.flops import active_parameters, total_parameters
 
 PRESETS = ("MoE-tiny", "MoE-200M", "MoE-1B", "MoE-FG-2B", "MoE-4B", "MoE-8B")
 PRECISION, MICRO_BATCH = "bf16-mixed", 4

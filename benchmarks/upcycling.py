@@ -13,7 +13,7 @@ import csv
 import tempfile
 from pathlib import Path
 
-from litmoe.train_cli import main as run_train
+from litmoe.training.cli import main as run_train
 
 EVERY = 10  # optimizer steps between evaluations
 

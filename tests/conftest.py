@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from litmoe.checkpoints import resolve_checkpoint_dir
-from litmoe.configs import register_configs
+from litmoe.inference.loading import resolve_checkpoint_dir
+from litmoe.model.configs import register_configs
 
 register_configs()  # the presets, for Config.from_name in every test
 
@@ -42,7 +42,7 @@ def text_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, text_folder) -> Path:
-    from litmoe.data import prepare
+    from litmoe.data.prepare import prepare
 
     out_dir = tmp_path_factory.mktemp("prepared") / "data"
     prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2)
@@ -125,7 +125,7 @@ def train_args(prepared, tiny_model_file, tmp_path):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, prepared, tiny_model_file) -> Path:
     """A tiny model trained once for the whole session: its training output dir."""
-    from litmoe.train_cli import main
+    from litmoe.training.cli import main
 
     out_dir = tmp_path_factory.mktemp("trained") / "out"
     main(tiny_run_args(prepared, tiny_model_file, out_dir, max_tokens=256 * 30, extra=("--eval.interval", "100")))

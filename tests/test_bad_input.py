@@ -200,7 +200,7 @@ def checkpoint_copy(trained: Path, target: Path, weights: bytes | None = None) -
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> dict[str, Path]:
     """Everything the cases point at: good data and checkpoints, and each kind of bad input."""
-    from litmoe.data import prepare
+    from litmoe.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("world")
     paths = {"train_config": REPO / "train_config.yaml", "model": tiny_model_file, "prepared": prepared,

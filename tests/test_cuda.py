@@ -10,7 +10,7 @@ from litgpt import Config
 from litgpt.model import LLaMAMoE
 from test_moe import relative_error
 
-from litmoe.moe import MoELayer, _to_stock_keys
+from litmoe.model.moe import MoELayer, _to_stock_keys
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = torch.device("cuda")
@@ -79,7 +79,7 @@ def test_moe_200m_attention_runs_fused_flash_kernels_in_bf16():
     from torch.nn.attention import sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
 
-    from litmoe.attention import FLASH_KERNELS, attention_kernel_scope, chosen_backend, flash_blockers
+    from litmoe.model.attention import FLASH_KERNELS, attention_kernel_scope, chosen_backend, flash_blockers
 
     config = Config.from_name("MoE-200M")
     assert flash_blockers(DEVICE, torch.bfloat16, config.head_size) == []
@@ -94,7 +94,7 @@ def test_moe_200m_attention_runs_fused_flash_kernels_in_bf16():
 
 
 def test_compiled_bf16_training_run_learns_and_reports_mfu(train_args, tmp_path):
-    from litmoe.train_cli import main
+    from litmoe.training.cli import main
 
     out_dir = tmp_path / "run"
     extra = ("--compile", "--flash-attention-force", "--eval.interval", "100")

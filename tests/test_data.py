@@ -7,10 +7,12 @@ import torch
 from conftest import make_documents
 from litdata.streaming import StreamingDataset, TokensLoader
 
-from litmoe.data import MANIFEST, Encoder, TokenizerSpec, encode_documents, pieces, prepare, split_documents
-from litmoe.errors import UserError
-from litmoe.sources import python_docs_source, read_jsonl, render_chat, tinystories_source
-from litmoe.tokenizer import BOS_TOKEN, EOS_TOKEN, document_markers, load_tokenizer
+from litmoe.core.errors import UserError
+from litmoe.data.prepare import prepare
+from litmoe.data.prepared import MANIFEST
+from litmoe.data.shards import Encoder, TokenizerSpec, encode_documents, pieces, split_documents
+from litmoe.data.sources import python_docs_source, read_jsonl, render_chat, tinystories_source
+from litmoe.data.tokenizer import BOS_TOKEN, EOS_TOKEN, document_markers, load_tokenizer
 
 
 def read_tokens(split_dir: Path) -> torch.Tensor:
@@ -124,7 +126,7 @@ def test_other_tokenizer_refused_and_data_kept(tmp_path, prepared, text_folder):
 
 
 def test_failed_rebuild_keeps_existing_data(tmp_path, text_folder, monkeypatch):
-    import litmoe.data
+    import litmoe.data.prepare
 
     out_dir = tmp_path / "data"
     prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2)
@@ -133,7 +135,7 @@ def test_failed_rebuild_keeps_existing_data(tmp_path, text_folder, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(litmoe.data, "run_jobs", interrupted)
+    monkeypatch.setattr(litmoe.data.prepare, "run_jobs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2, force=True)
     assert (out_dir / MANIFEST).read_text() == manifest
@@ -158,7 +160,7 @@ def test_document_markers_are_litgpt_s_without_importing_it(tmp_path, prepared, 
     the same one-line error load_tokenizer gives."""
     from tokenizers import Tokenizer
 
-    import litmoe.tokenizer
+    import litmoe.data.tokenizer
 
     vocabulary = Tokenizer.from_file(str(prepared / "tokenizer" / "tokenizer.json"))
     vocabulary.add_special_tokens(["<s>", "</s>", "<|endoftext|>"])
@@ -175,5 +177,5 @@ def test_document_markers_are_litgpt_s_without_importing_it(tmp_path, prepared, 
             document_markers(tmp_path)
         assert str(raised.value) == str(err)
     else:
-        monkeypatch.setattr(litmoe.tokenizer, "load_tokenizer", lambda path: pytest.fail("read through LitGPT"))
+        monkeypatch.setattr(litmoe.data.tokenizer, "load_tokenizer", lambda path: pytest.fail("read through LitGPT"))
         assert document_markers(tmp_path) == expected

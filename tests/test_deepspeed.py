@@ -13,8 +13,8 @@ import torch
 from conftest import final_weights, run_train_process, tiny_run_args
 from test_train import logged
 
-from litmoe.strategy import DEEPSPEED_ON_CPU
-from litmoe.train_cli import main
+from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
+from litmoe.training.cli import main
 
 pytest.importorskip("deepspeed")
 

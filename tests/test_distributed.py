@@ -10,9 +10,9 @@ from conftest import final_weights, run_train_process, tiny_run_args
 from test_long_runs import signal_when, start_run
 from test_train import logged
 
-from litmoe.errors import EXIT_PREEMPTED
-from litmoe.saving import read_progress
-from litmoe.strategy import DEEPSPEED_ON_CPU
+from litmoe.core.errors import EXIT_PREEMPTED
+from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
+from litmoe.training.saving import read_progress
 
 BUDGET = 2 * 4 * 64 * 30  # 30 iterations of micro-batch 4 x 64 tokens on each of 2 ranks
 EXTRA = ("--train.global_batch_size", "8", "--train.save_interval", "10", "--eval.interval", "100")

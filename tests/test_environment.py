@@ -1,7 +1,7 @@
 import torch
 
-from litmoe.environment import Check, check_environment
-from litmoe.train_cli import main
+from litmoe.distributed.environment import Check, check_environment
+from litmoe.training.cli import main
 
 
 def test_check_environment_reports_without_training(tmp_path, capsys):

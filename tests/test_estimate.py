@@ -5,11 +5,12 @@ import torch
 from litgpt import GPT, Config
 from litgpt.utils import chunked_cross_entropy
 
-from litmoe.estimate import TrainingEstimate, bytes_per_parameter, estimate_training, per_device_memory
-from litmoe.moe import MoELayer
-from litmoe.patches import checkpoint_blocks, swapped
-from litmoe.strategy import StrategyChoice
-from litmoe.train_cli import main
+from litmoe.core.patching import swapped
+from litmoe.distributed.estimate import TrainingEstimate, bytes_per_parameter, estimate_training, per_device_memory
+from litmoe.distributed.plans import StrategyChoice
+from litmoe.model.moe import MoELayer
+from litmoe.training.cli import main
+from litmoe.training.patches import checkpoint_blocks
 
 SINGLE = StrategyChoice("single", "")
 

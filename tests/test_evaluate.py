@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from litmoe.checkpoints import load_model
-from litmoe.errors import UserError
-from litmoe.evaluation import evaluate
+from litmoe.core.errors import UserError
+from litmoe.inference.evaluate import evaluate
+from litmoe.inference.loading import load_model
 
 
 def test_scores_validation_data_and_compares_checkpoints(trained, prepared, tmp_path, capsys):

@@ -5,9 +5,9 @@ import pytest
 import torch
 import yaml
 
-from litmoe.checkpoints import load_model
-from litmoe.errors import UserError
-from litmoe.export import export_hf
+from litmoe.core.errors import UserError
+from litmoe.inference.export import export_hf
+from litmoe.inference.loading import load_model
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_exported_tokenizer_adds_bos_like_litgpt_and_greedy_text_matches(exporte
     transformers = pytest.importorskip("transformers")
     from litgpt import Tokenizer
 
-    from litmoe.generation import generate_tokens
+    from litmoe.inference.generate import generate_tokens
 
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
     ours = Tokenizer(trained / "final")

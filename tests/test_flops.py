@@ -2,7 +2,7 @@ import pytest
 import torch
 from litgpt import GPT, Config
 
-from litmoe.flops import TrainingFlops, active_parameters, total_parameters, training_flops_per_token
+from litmoe.model.flops import TrainingFlops, active_parameters, total_parameters, training_flops_per_token
 
 
 def meta_model(name: str, **overrides) -> GPT:
@@ -60,8 +60,8 @@ def test_stock_meta_device_measure_fails_on_moe_and_ours_answers():
 def test_litmoe_layer_counts_like_stock():
     import litgpt.model
 
-    from litmoe.moe import MoELayer
-    from litmoe.patches import swapped
+    from litmoe.core.patching import swapped
+    from litmoe.model.moe import MoELayer
 
     stock = meta_model("MoE-200M")
     with swapped(litgpt.model, "LLaMAMoE", MoELayer):

@@ -2,8 +2,8 @@ import io
 
 import torch
 
-from litmoe.checkpoints import load_model, resolve_checkpoint_dir
-from litmoe.generation import generate, generate_tokens, stream_text
+from litmoe.inference.generate import generate, generate_tokens, stream_text
+from litmoe.inference.loading import load_model, resolve_checkpoint_dir
 
 
 def test_greedy_matches_full_forward_argmax(trained):
@@ -52,9 +52,9 @@ def test_newest_checkpoint_of_an_output_dir(trained):
 
 def test_a_bias_balanced_checkpoint_samples_and_scores_routing_as_trained(train_args, tmp_path, capsys):
     """Aux-loss-free balancing on the softmax router saves `mlp.expert_bias`; the tools load it and route with it."""
-    from litmoe.checkpoints import load_state
-    from litmoe.evaluation import evaluate
-    from litmoe.train_cli import main
+    from litmoe.core.checkpoint_io import load_state
+    from litmoe.inference.evaluate import evaluate
+    from litmoe.training.cli import main
 
     out_dir = tmp_path / "biased"
     main(train_args(out_dir, 256 * 8, extra=("--moe.bias_update_rate", "0.01")))

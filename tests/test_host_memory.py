@@ -6,7 +6,7 @@ import sys
 STEPS = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from litmoe.host_memory import keep_freed_host_memory
+    from litmoe.training.host_memory import keep_freed_host_memory
     assert keep_freed_host_memory()
 def step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

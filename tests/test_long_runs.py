@@ -18,12 +18,12 @@ import torch
 from conftest import REPO
 from test_train import logged
 
-import litmoe.saving
-from litmoe.checkpoints import latest_sound_checkpoint, load_state
-from litmoe.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped, UserError
-from litmoe.run_lock import LOCK_FILE, run_lock
-from litmoe.saving import AtomicSave, publish, read_progress, recover_interrupted_saves
-from litmoe.train_cli import main
+import litmoe.training.saving
+from litmoe.core.checkpoint_io import latest_sound_checkpoint, load_state
+from litmoe.core.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped, UserError
+from litmoe.core.run_lock import LOCK_FILE, run_lock
+from litmoe.training.cli import main
+from litmoe.training.saving import AtomicSave, publish, read_progress, recover_interrupted_saves
 
 # ------------------------------------------------------------------------------------------ preemption
 
@@ -106,9 +106,9 @@ class KillPoint:
                 file.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
 
-            litmoe.saving.torch.save = half_then_die
+            litmoe.training.saving.torch.save = half_then_die
             return
-        real = getattr(litmoe.saving, self.target)
+        real = getattr(litmoe.training.saving, self.target)
 
         def dying(*args, **kwargs):
             if self.when == "before":
@@ -117,7 +117,7 @@ class KillPoint:
             os.kill(os.getpid(), signal.SIGKILL)
             return result
 
-        setattr(litmoe.saving, self.target, dying)
+        setattr(litmoe.training.saving, self.target, dying)
 
 
 KILL_POINTS = [
@@ -392,8 +392,10 @@ def test_collective_timeout_reaches_every_strategy(monkeypatch):
 
     from lightning.fabric.strategies import FSDPStrategy
 
-    from litmoe.strategy import DEEPSPEED_ON_CPU, StrategyChoice, fabric_builder
-    from litmoe.zero import deepspeed_config
+    from litmoe.distributed.fabric import fabric_builder
+    from litmoe.distributed.plans import StrategyChoice
+    from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
+    from litmoe.distributed.zero import deepspeed_config
 
     cpu = {"strategy": "auto", "accelerator": "cpu", "devices": 2}
     ddp = fabric_builder(StrategyChoice("ddp", ""), timeout_minutes=7)(**cpu)

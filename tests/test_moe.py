@@ -3,8 +3,8 @@ import torch
 from litgpt import GPT, Config
 from litgpt.model import LLaMAMoE
 
-from litmoe.args import MoEArgs
-from litmoe.moe import MoELayer, _to_stock_keys, read_routing_stats, update_expert_bias
+from litmoe.core.args import MoEArgs
+from litmoe.model.moe import MoELayer, _to_stock_keys, read_routing_stats, update_expert_bias
 
 CONFIGS = {
     "softmax top-2": {},
@@ -148,7 +148,7 @@ def test_balancing_gradient_follows_the_fp16_loss_scale():
 
     from lightning.fabric.plugins.precision import MixedPrecision
 
-    from litmoe.patches import fp16_loss_scale_of
+    from litmoe.training.fit import fp16_loss_scale_of
 
     _, ours = pair(CONFIGS["softmax top-2"])
     layer = MoELayer(ours.config, MoEArgs(aux_loss_coef=0.01, z_loss_coef=0.001))
@@ -217,7 +217,7 @@ def test_litgpt_init_with_the_same_seed_gives_stock_weights(overrides):
     import litgpt.model
     from litgpt.pretrain import initialize_weights
 
-    from litmoe.patches import swapped
+    from litmoe.core.patching import swapped
 
     config = Config.from_name("MoE-tiny", n_layer=2, n_embd=64, n_head=4, moe_intermediate_size=96, **overrides)
     fabric = L.Fabric(accelerator="cpu", devices=1)

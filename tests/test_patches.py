@@ -10,16 +10,17 @@ import yaml
 from conftest import REPO
 from litgpt import GPT, Config
 
-from litmoe.args import MoEArgs, OptimizationArgs
-from litmoe.attention import check_attention, compute_dtype, flash_blockers
-from litmoe.cli import run_cli
-from litmoe.errors import UserError
-from litmoe.flops import TrainingFlops
-from litmoe.moe import MoELayer
-from litmoe.patches import PatchSettings, patched_pretrain, prepare_model
-from litmoe.resume import resolve_resume
-from litmoe.strategy import StrategyChoice
-from litmoe.train_cli import deep_merge, expand_short_flags, take_flag
+from litmoe.core.args import MoEArgs, OptimizationArgs
+from litmoe.core.cli import run_cli
+from litmoe.core.errors import UserError
+from litmoe.distributed.plans import StrategyChoice
+from litmoe.model.attention import check_attention, compute_dtype, flash_blockers
+from litmoe.model.flops import TrainingFlops
+from litmoe.model.moe import MoELayer
+from litmoe.training.cli import deep_merge, expand_short_flags, take_flag
+from litmoe.training.patches import patched_pretrain, prepare_model
+from litmoe.training.resume import resolve_resume
+from litmoe.training.settings import PatchSettings
 
 PATCHED = ("L", "measure_flops", "save_hyperparameters", "choose_logger", "fit")
 
@@ -233,7 +234,7 @@ def test_a_dependency_that_does_not_import_is_one_line(tmp_path):
     assert result.stderr == f"error: a dependency does not import: {CLASH}; {fix}\n"
 
     def bug():
-        raise ImportError("cannot import name 'nothing' from 'litmoe.data'", name="litmoe.data")
+        raise ImportError("cannot import name 'nothing' from 'litmoe.data.prepare'", name="litmoe.data.prepare")
 
     with pytest.raises(ImportError, match="nothing"):
         run_cli(bug)

@@ -9,13 +9,13 @@ import yaml
 from conftest import REPO, TINY_MODEL
 from test_train import logged
 
-from litmoe.args import UpcycleArgs
-from litmoe.checkpoints import load_model
-from litmoe.configs import load_model_config
-from litmoe.errors import UserError
-from litmoe.flops import active_parameters, total_parameters
-from litmoe.initial_weights import upcycled_weights
-from litmoe.train_cli import main
+from litmoe.core.args import UpcycleArgs
+from litmoe.core.errors import UserError
+from litmoe.inference.loading import load_model
+from litmoe.model.configs import load_model_config
+from litmoe.model.flops import active_parameters, total_parameters
+from litmoe.training.cli import main
+from litmoe.training.initial_weights import upcycled_weights
 
 DENSE_MODEL = TINY_MODEL.replace("mlp_class_name: LLaMAMoE", "mlp_class_name: LLaMAMLP").replace(
     "n_expert: 4\nn_expert_per_token: 2\n", ""
@@ -91,8 +91,8 @@ def test_an_upcycled_moe_computes_exactly_what_the_dense_model_computes(dense, t
     import litgpt.model
     from litgpt import GPT
 
-    from litmoe.moe import MoELayer
-    from litmoe.patches import swapped
+    from litmoe.core.patching import swapped
+    from litmoe.model.moe import MoELayer
 
     config = load_model_config(moe_file(tmp_path, "moe", **shape))
     dense_model, tokenizer = load_model(dense / "final", torch.device("cpu"), torch.float32)

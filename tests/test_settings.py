@@ -10,11 +10,11 @@ import pytest
 from conftest import REPO, make_documents
 from test_train import logged
 
-from litmoe.cli import flag_types, normalize_flags, normalize_settings, read_yaml, take_section_flags
-from litmoe.data import MANIFEST
-from litmoe.settings import resolve_optimizer
-from litmoe.train import setup
-from litmoe.train_cli import main
+from litmoe.core.cli import flag_types, normalize_flags, normalize_settings, read_yaml, take_section_flags
+from litmoe.data.prepared import MANIFEST
+from litmoe.training.cli import main
+from litmoe.training.run import setup
+from litmoe.training.settings import resolve_optimizer
 
 ADAMW = "torch.optim.AdamW"
 CONFIGURED = {"class_path": ADAMW, "init_args": {"lr": 3e-3, "weight_decay": 0.1}}

@@ -18,9 +18,9 @@ import zstandard
 from conftest import make_documents
 from test_data import read_tokens
 
-from litmoe.data import prepare
-from litmoe.errors import UserError
-from litmoe.sources import resolve_source
+from litmoe.core.errors import UserError
+from litmoe.data.prepare import prepare
+from litmoe.data.sources import resolve_source
 
 DOCUMENTS = make_documents(count=48, sentences=12, seed=11)
 
@@ -77,7 +77,7 @@ def test_preparing_data_never_imports_litgpt(tmp_path):
     code = (
         "import runpy, sys; sys.argv = ['prepare_data.py', *sys.argv[1:]]; runpy.run_path('prepare_data.py',"
         " run_name='__main__'); before = 'litgpt' in sys.modules;"
-        " from litmoe.configs import register_configs; register_configs();"
+        " from litmoe.model.configs import register_configs; register_configs();"
         " from litgpt import Config; print(before, Config.from_name('MoE-200M').n_expert)"
     )
     command = [sys.executable, "-c", code, "--source", str(tmp_path / "corpus"), "--out_dir", str(tmp_path / "out"),
@@ -88,11 +88,11 @@ def test_preparing_data_never_imports_litgpt(tmp_path):
 
 
 def test_an_interrupted_preparation_resumes_with_its_finished_shards(tmp_path, monkeypatch):
-    import litmoe.data
+    import litmoe.data.shards
 
     write_corpus(tmp_path / "corpus", DOCUMENTS)
     done = []
-    real = litmoe.data.process_shard
+    real = litmoe.data.shards.process_shard
 
     def dies_after_three(job):
         if len(done) == 3:
@@ -100,13 +100,13 @@ def test_an_interrupted_preparation_resumes_with_its_finished_shards(tmp_path, m
         done.append(job.shard.name)
         return real(job)
 
-    monkeypatch.setattr(litmoe.data, "process_shard", dies_after_three)
+    monkeypatch.setattr(litmoe.data.shards, "process_shard", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         prepare(str(tmp_path / "corpus"), tmp_path / "out", vocab_size=300, val_fraction=0.2, workers=1)
     assert len(list((tmp_path / ".out.partial" / "shards").glob("*/done.json"))) == 3
 
     redone = []
-    monkeypatch.setattr(litmoe.data, "process_shard", lambda job: redone.append(job.shard.name) or real(job))
+    monkeypatch.setattr(litmoe.data.shards, "process_shard", lambda job: redone.append(job.shard.name) or real(job))
     resumed = prepare(str(tmp_path / "corpus"), tmp_path / "out", vocab_size=300, val_fraction=0.2, workers=1)
     clean = prepare(str(tmp_path / "corpus"), tmp_path / "clean", vocab_size=300, val_fraction=0.2, workers=1)
     assert resumed.tokens == clean.tokens
@@ -138,7 +138,7 @@ def test_a_gpt2_format_tokenizer_is_used_as_it_is(tmp_path, train_args):
     """A Hugging Face tokenizer directory whose BOS and EOS are one token, GPT-2's <|endoftext|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from litmoe.train_cli import main
+    from litmoe.training.cli import main
 
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
@@ -192,7 +192,7 @@ def windows(loader) -> list[list[int]]:
 
 def test_batches_across_chunk_boundaries_hold_the_right_tokens(tmp_path):
     """Many small shards make many small chunks: batches that span them must still hold the windows' own tokens."""
-    from litmoe.training_data import DataSource, PreparedData
+    from litmoe.data.training_data import DataSource, PreparedData
 
     write_corpus(tmp_path / "corpus", DOCUMENTS)
     prepare(str(tmp_path / "corpus"), tmp_path / "data", vocab_size=300, val_fraction=0.3, workers=1)
@@ -221,8 +221,8 @@ def two_sources(tmp_path_factory):
 
 
 def test_a_mixture_samples_each_source_by_its_weight(two_sources):
-    from litmoe.tokenizer import load_tokenizer
-    from litmoe.training_data import PreparedData, data_sources
+    from litmoe.data.tokenizer import load_tokenizer
+    from litmoe.data.training_data import PreparedData, data_sources
 
     tokenizer = load_tokenizer(two_sources / "data-a" / "tokenizer")
     data = PreparedData(data_sources(f"{two_sources / 'data-a'}:0.7,{two_sources / 'data-b'}:0.3"), num_workers=0)
@@ -235,7 +235,7 @@ def test_a_mixture_samples_each_source_by_its_weight(two_sources):
 def test_a_mixture_trains_and_resumes_each_source_where_it_stopped(two_sources, train_args, tmp_path):
     from test_train import logged
 
-    from litmoe.train_cli import main
+    from litmoe.training.cli import main
 
     mixture = f"{two_sources / 'data-a'}:0.7,{two_sources / 'data-b'}:0.3"
 
@@ -256,7 +256,7 @@ def test_a_mixture_trains_and_resumes_each_source_where_it_stopped(two_sources, 
 
 
 def test_a_mixture_of_two_tokenizers_is_refused(two_sources, prepared, train_args, tmp_path):
-    from litmoe.train_cli import main
+    from litmoe.training.cli import main
 
     arguments = train_args(tmp_path / "out")
     arguments[arguments.index("--data_dir") + 1] = f"{two_sources / 'data-a'}:0.5,{prepared}:0.5"

@@ -8,11 +8,12 @@ from functools import partial
 
 import pytest
 
-from litmoe.args import StrategyArgs
-from litmoe.errors import UserError
-from litmoe.estimate import TrainingEstimate, per_device_memory
-from litmoe.strategy import DEEPSPEED_ON_CPU, Hardware, StrategyChoice, adopt_launcher_node_rank, resolve_strategy
-from litmoe.zero import deepspeed_config, user_deepspeed_config
+from litmoe.core.args import StrategyArgs
+from litmoe.core.errors import UserError
+from litmoe.distributed.estimate import TrainingEstimate, per_device_memory
+from litmoe.distributed.plans import Hardware, StrategyChoice
+from litmoe.distributed.strategy import DEEPSPEED_ON_CPU, adopt_launcher_node_rank, resolve_strategy
+from litmoe.distributed.zero import deepspeed_config, user_deepspeed_config
 
 GB = 10**9
 
@@ -181,7 +182,7 @@ def test_deepspeed_launcher_node_rank_reaches_lightning(monkeypatch):
 def test_strategy_section_and_flags_reach_the_run(tmp_path, capsys, monkeypatch):
     from conftest import REPO
 
-    from litmoe.train_cli import main
+    from litmoe.training.cli import main
 
     monkeypatch.delenv(DEEPSPEED_ON_CPU, raising=False)
     config = tmp_path / "train.yaml"

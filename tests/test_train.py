@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from litmoe.errors import UserError
-from litmoe.flops import training_flops_per_token
-from litmoe.train_cli import main
+from litmoe.core.errors import UserError
+from litmoe.model.flops import training_flops_per_token
+from litmoe.training.cli import main
 
 
 def logged(out_dir: Path, key: str) -> dict[int, float]:
@@ -150,7 +150,7 @@ def test_the_run_says_what_it_does_and_what_its_numbers_cover(train_args, tmp_pa
 
 
 def test_load_heatmap_is_labelled_and_shaded_by_load():
-    from litmoe.monitoring import HEATMAP_MARGIN, load_heatmap
+    from litmoe.training.monitoring import HEATMAP_MARGIN, load_heatmap
 
     loads = [[0.25, 0.25, 0.25, 0.25], [0.5, 0.0, 0.25, 0.25]]
     image = load_heatmap([{"load": load} for load in loads])
@@ -177,7 +177,7 @@ def test_stock_and_litmoe_layers_train_alike_from_the_same_seed(train_args, tmp_
 
 def test_steady_throughput_leaves_out_warm_up_validation_and_saving():
     """Time spent in the warm-up micro-batches and in validate/save calls is not training time."""
-    from litmoe.monitoring import SteadyClock
+    from litmoe.training.monitoring import SteadyClock
 
     state = {"iter_num": 0}
     clock = SteadyClock(list(range(8)), state, warmup_iters=2, device=torch.device("cpu"))

@@ -1,0 +1,119 @@
+"""Finding the checkpoints run_train.py writes and loading them safely, with one-line errors for what can go wrong.
+
+A checkpoint is a step-*/ or final/ directory holding `lit_model.pth` and the model and tokenizer configs.
+Under DeepSpeed, `lit_model.pth` is itself a directory of shards (litmoe.distributed.zero_checkpoints turns
+it into one file). Every load here is weights_only: a crafted file cannot run code.
+"""
+
+import importlib
+import pickle
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from litmoe.core.errors import UserError
+from litmoe.core.patching import swapped
+
+CHECKPOINT_FILES = ("lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json")
+CONSOLIDATED = "consolidated"
+EXPERT_BIAS_KEY = "mlp.expert_bias"  # litmoe's selection bias for a softmax router (litmoe.model.moe)
+# The only classes DeepSpeed pickles into its shards besides tensors and plain values.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
+
+
+def is_zero_checkpoint(path: Path) -> bool:
+    """A DeepSpeed checkpoint directory as `fabric.save` writes it (`latest` names the tag, written last)."""
+    return Path(path).is_dir() and (Path(path) / "latest").is_file()
+
+
+def is_complete(weights: Path) -> bool:
+    return weights.is_file() or is_zero_checkpoint(weights)
+
+
+def checkpoints_newest_first(out_dir: Path) -> list[Path]:
+    """The complete training checkpoints (step-*/ or final/) in out_dir, newest first: their lit_model.pth."""
+    candidates = [*out_dir.glob("step-*/lit_model.pth"), *out_dir.glob("final/lit_model.pth")]
+    candidates = [path for path in candidates if is_complete(path)]
+    return sorted(candidates, key=lambda path: path.stat().st_mtime_ns, reverse=True)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete training checkpoint (step-*/ or final/) in out_dir: its lit_model.pth."""
+    return next(iter(checkpoints_newest_first(out_dir)), None)
+
+
+def latest_sound_checkpoint(out_dir: Path) -> Path | None:
+    """The newest checkpoint in out_dir that loads safely; each newer one that does not is reported and skipped."""
+    for weights in checkpoints_newest_first(out_dir):
+        if (problem := checkpoint_problem(weights)) is None:
+            return weights
+        print(f"Skipping {weights.parent}: {problem}")
+    return None
+
+
+def checkpoint_problem(weights: Path) -> str | None:
+    """Why `lit_model.pth` (a file, or DeepSpeed's shard directory) cannot be loaded safely, found without reading
+    its tensors: truncated or corrupt, or pickling objects that loading would construct (code a crafted file
+    runs). None when it is sound."""
+    weights = Path(weights)
+    files, allowed = (
+        ([weights], set()) if weights.is_file() else (sorted(weights.rglob("*.pt")), set(DEEPSPEED_GLOBALS))
+    )
+    if not files:
+        return "no checkpoint file"
+    for path in files:
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
+        except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+            return f"{path.name} is incomplete or corrupt ({first_line(err)})"
+        if unsafe:
+            return (
+                f"{path.name} is refused: loading it would construct {', '.join(sorted(unsafe)[:2])}, which a crafted"
+                " file uses to run code; load only checkpoints that run_train.py or LitGPT wrote"
+            )
+    return None
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:limit]
+
+
+def load_state(weights: Path) -> dict:
+    """The contents of a `lit_model.pth` file, loaded with weights_only (no code in it can run); problems are
+    one-line errors."""
+    if (problem := checkpoint_problem(weights)) is not None:
+        raise UserError(f"{weights}: {problem}")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        raise UserError(f"{weights}: incomplete or corrupt ({first_line(err)})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{weights}: not a LitGPT checkpoint (expected a dict of weights or with a 'model' entry)")
+    return state
+
+
+@contextmanager
+def weights_only_deepspeed_loads() -> Iterator[None]:
+    """DeepSpeed loads its shards with `weights_only=False`; within this scope it loads them with weights_only,
+    allowing the few DeepSpeed classes its shards hold, so that a crafted shard cannot run code."""
+    allowed = []
+    for name in DEEPSPEED_GLOBALS:
+        module, _, attribute = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attribute))
+    stock_load = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return stock_load(*args, **kwargs)
+
+    with swapped(torch, "load", load):
+        yield

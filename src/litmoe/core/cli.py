@@ -1,0 +1,219 @@
+"""What every command line here shares: flags parsed from a function's signature (jsonargparse), and every
+expected mistake reported as one line on stderr with exit status 2, no traceback.
+
+On top of jsonargparse's parsing, users get what they type elsewhere: a bare boolean flag means true
+(`--force`), and integer settings take integral scientific notation (`--train.max_tokens 2e6`).
+"""
+
+import dataclasses
+import importlib
+import inspect
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import yaml
+
+from litmoe.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, RunStopped, UserError
+
+
+def run_command(target: str, parses_its_flags: bool = False) -> None:
+    """Run `target` ("package.module:function") as this script's command line, with its flags parsed from its
+    signature unless it parses them itself. It is imported in here, so that a dependency that does not import
+    (a version clash) is one line too, not a traceback from deep inside it."""
+    module_name, function_name = target.split(":")
+
+    def command() -> Any:
+        function = getattr(importlib.import_module(module_name), function_name)
+        return function() if parses_its_flags else run_function(function)
+
+    run_cli(command)
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except ImportError as err:
+        if (err.name or "").startswith("litmoe"):  # ours: a bug, with its traceback
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(
+            f"error: a dependency does not import: {reason}; install the versions uv.lock pins (`uv sync`)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_USAGE)
+    except RunStopped as stop:
+        if stop.message:
+            print(stop.message, file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def run_function(function: Callable[..., Any], argv: list[str] | None = None) -> Any:
+    """Call `function` with the flags of `argv` (default: sys.argv), as jsonargparse's CLI would."""
+    types_of = flag_types(function)
+    argv = normalize_flags(sys.argv[1:] if argv is None else argv, types_of)
+    kwargs = vars(parse_arguments(function_parser(function), argv, types_of))
+    kwargs.pop("config", None)
+    return function(**kwargs)
+
+
+def function_parser(function: Callable[..., Any], **kwargs: Any):
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs of dataclass arguments
+    parser = ArgumentParser(exit_on_error=False, **kwargs)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these settings.")
+    parser.add_function_arguments(function, as_positional=False)
+    return parser
+
+
+def parse_arguments(parser, argv: list[str], types_of: dict[str, Any]):
+    """The parsed and instantiated namespace; a bad flag or value is a one-line UserError."""
+    from jsonargparse import ArgumentError
+
+    try:
+        return parser.instantiate_classes(parser.parse_args(argv))
+    except ArgumentError as err:
+        raise UserError(describe_parse_error(str(err), types_of)) from None
+    except ValueError as err:  # a dataclass's own checks, e.g. LitGPT's TrainArgs.__post_init__
+        raise UserError(" ".join(str(err).split())) from None
+
+
+def describe_parse_error(message: str, types_of: dict[str, Any]) -> str:
+    """jsonargparse's several-line message as one line: the flag, the value, what it should be."""
+    key = re.search(r'[Kk]ey "([^"]+)"', message)
+    value = re.search(r"(?:Got|Given) value: (.*)", message)
+    if message.startswith("Unrecognized arguments"):
+        return f"{message.splitlines()[0].rstrip('.')}; see --help for the flags"
+    if key and f"--{key.group(1)}" in types_of and value:
+        expected = describe_type(types_of[f"--{key.group(1)}"])
+        return f"--{key.group(1)} {value.group(1).strip()}: expected {expected}"
+    if key and "required" in message:
+        return f"--{key.group(1)} is required; see --help"
+    return " ".join(message.split())
+
+
+def describe_type(annotation: Any) -> str:
+    """An annotation as users write values: `int | None` -> 'int or null'."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arg) for arg in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if annotation is type(None):
+        return "null"
+    return getattr(origin or annotation, "__name__", str(annotation))
+
+
+class _NumbersLoader(yaml.SafeLoader):
+    """YAML as users write numbers: `3e-4` and `2e6` are floats (PyYAML's YAML 1.1 wants `3.0e-4`)."""
+
+
+_NumbersLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """A YAML (or JSON) document or value; raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_NumbersLoader)
+
+
+def take_section_flags(argv: list[str], section: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """argv without its `--section[.key] value` flags, and those flags as (flag, value) in order: for settings
+    that are a name or a mapping (`--optimizer AdamW --optimizer.lr 1e-3`, `--model MoE-1B --model.n_layer 6`),
+    which jsonargparse would merge into stray keys."""
+    rest, taken = [], []
+    args = iter(argv)
+    for arg in args:
+        flag, sep, value = arg.partition("=")
+        if flag == section or flag.startswith(section + "."):
+            if not sep:
+                value = next(args, None)
+                if value is None:
+                    raise UserError(f"{flag} needs a value")
+            taken.append((flag, value))
+        else:
+            rest.append(arg)
+    return rest, taken
+
+
+# ------------------------------------------------------------------------------------------ flag types
+
+
+def flag_types(function: Callable[..., Any]) -> dict[str, Any]:
+    """`--name` -> type for each parameter of `function`, and `--name.field` for its dataclass parameters."""
+    flags = {}
+    hints = typing.get_type_hints(function)
+    for name, parameter in inspect.signature(function).parameters.items():
+        if dataclasses.is_dataclass(parameter.default):
+            field_hints = typing.get_type_hints(type(parameter.default))
+            for field in dataclasses.fields(parameter.default):
+                flags[f"--{name}.{field.name}"] = field_hints[field.name]
+        elif name in hints:
+            flags[f"--{name}"] = hints[name]
+    return flags
+
+
+def allows(annotation: Any, kind: type) -> bool:
+    """Whether `annotation` is `kind`, or a union of `kind` with None (`int | None`)."""
+    if annotation is kind:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = set(typing.get_args(annotation)) - {type(None)}
+        return members == {kind}
+    return False
+
+
+def integral(value: str) -> str:
+    """'2e6' -> '2000000'; anything that is not an integral number in scientific notation is left alone."""
+    if not re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+]?\d+", value.strip()):
+        return value
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        return value
+    return str(int(number)) if number == number.to_integral_value() else value
+
+
+def normalize_flags(argv: list[str], types_of: dict[str, Any]) -> list[str]:
+    """A bare boolean flag means true; integer flags take integral scientific notation."""
+    normalized = []
+    for index, arg in enumerate(argv):
+        name, sep, value = arg.partition("=")
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if allows(types_of.get(name), bool) and not sep and (following is None or following.startswith("--")):
+            normalized.append(f"{name}=true")
+        elif allows(types_of.get(name), int) and sep:
+            normalized.append(f"{name}={integral(value)}")
+        elif index > 0 and allows(types_of.get(argv[index - 1]), int):
+            normalized.append(integral(arg))
+        else:
+            normalized.append(arg)
+    return normalized
+
+
+def normalize_settings(settings: dict[str, Any], types_of: dict[str, Any], prefix: str = "--") -> dict[str, Any]:
+    """The same for a config file's values: `max_tokens: 2e8` (YAML reads it as a string) becomes an int."""
+    normalized = {}
+    for key, value in settings.items():
+        flag = f"{prefix}{key}"
+        if isinstance(value, dict):
+            value = normalize_settings(value, types_of, prefix=f"{flag}.")
+        elif allows(types_of.get(flag), int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            elif isinstance(value, str) and integral(value) != value:
+                value = int(integral(value))
+        normalized[key] = value
+    return normalized

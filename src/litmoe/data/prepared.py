@@ -1,0 +1,89 @@
+"""What a prepared data directory holds, and the checks that keep prepare_data.py from replacing anything else.
+
+out_dir/
+  tokenizer/        tokenizer.json + tokenizer_config.json (loads with litgpt.Tokenizer)
+  train/ val/       litdata chunks of token ids; each document is BOS ... EOS
+  manifest.json     what was prepared from what, with token counts
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from litmoe.core.errors import UserError
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+PREPARED_ENTRIES = {MANIFEST, "tokenizer", *SPLITS}  # all a prepared directory holds; --force replaces only these
+
+
+@dataclass
+class Manifest:
+    source: str
+    source_fingerprint: str
+    tokenizer_fingerprint: str
+    val_fraction: float
+    documents: dict[str, int]
+    tokens: dict[str, int]
+    val_source: str | None = None  # a given validation set, kept as it is (None: held out by content hash)
+    val_source_fingerprint: str | None = None
+    text_field: str = "text"
+
+
+def read_manifest(out_dir: Path) -> Manifest | None:
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return Manifest(**json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, OSError) as err:
+        raise UserError(f"{path}: not a manifest prepare_data.py can read ({err}); prepare the data again") from None
+
+
+def check_output_dir(out_dir: Path, sources: list[str]) -> None:
+    """Refuse an --out_dir whose replacement could delete what the user owns, with or without --force: only a
+    directory holding nothing but prepared data is ever replaced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file; give a directory for the prepared data")
+    for source in sources:
+        if not Path(source).exists():
+            continue
+        source_path, out_path = Path(source).resolve(), out_dir.resolve()
+        if out_path == source_path or source_path in out_path.parents:
+            raise UserError(
+                f"--out_dir {out_dir} is inside --source {source}; it would be read as input: choose a directory"
+                " outside the source"
+            )
+        if out_path in source_path.parents:
+            raise UserError(
+                f"--source {source} is inside --out_dir {out_dir}; replacing the output would delete it: choose"
+                " another --out_dir"
+            )
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        foreign = sorted(entry.name for entry in out_dir.iterdir() if entry.name not in PREPARED_ENTRIES)
+        if foreign or read_manifest(out_dir) is None:
+            what = ", ".join(foreign[:3]) if foreign else f"no {MANIFEST}"
+            raise UserError(
+                f"--out_dir {out_dir} holds files that are not prepared data ({what}); prepare_data.py replaces only"
+                " what it made, even with --force: move them or choose another --out_dir"
+            )
+
+
+def check_existing(out_dir: Path, wanted: Manifest, wanted_tokenizer: str | None) -> bool:
+    """True when `out_dir` already holds exactly this preparation; raises when it holds other prepared data."""
+    existing = read_manifest(out_dir)
+    if existing is None:
+        return False
+    if wanted_tokenizer is not None and existing.tokenizer_fingerprint != wanted_tokenizer:
+        raise UserError(
+            f"{out_dir / MANIFEST}: this data was made with another tokenizer"
+            f" ({existing.tokenizer_fingerprint}); pass --force to replace it, or choose another --out_dir"
+        )
+    inputs = ("source_fingerprint", "val_fraction", "val_source_fingerprint", "text_field")
+    if any(getattr(existing, key) != getattr(wanted, key) for key in inputs):
+        raise UserError(
+            f"{out_dir / MANIFEST}: this data was prepared from {existing.source} (val_fraction"
+            f" {existing.val_fraction}, val_source {existing.val_source}); pass --force to replace it, or choose"
+            " another --out_dir"
+        )
+    return True

@@ -1,0 +1,239 @@
+"""The workers of prepare_data.py: each takes one shard of the sources, splits its documents into train and
+val, tokenizes them and writes litdata chunks of its own; the finished shards are then merged into one dataset
+per split.
+
+A worker holds a batch of text and one chunk at a time, so its memory does not grow with the corpus. A shard
+marked done (`done.json`, written last) is kept by an interrupted preparation that is started again.
+"""
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from litmoe.core.errors import UserError
+from litmoe.data.prepared import SPLITS
+from litmoe.data.sources import Shard
+from litmoe.data.tokenizer import load_tokenizer
+
+PIECE_CHARS = 1 << 18  # a long document goes through the tokenizer in pieces of at most this many characters
+BATCH_CHARS = 1 << 22  # characters per tokenizer call
+SHARD_DONE = "done.json"  # written last into a shard's scratch directory: its counts
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The prepared tokenizer as a worker needs it: its directory and the BOS/EOS ids LitGPT reads from it."""
+
+    directory: str
+    bos_id: int
+    eos_id: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """One shard for a worker: where its documents go (`split`: train, val, or by content hash) and its output."""
+
+    shard: Shard
+    split: str  # train | val | hash
+    val_fraction: float
+    tokenizer: TokenizerSpec
+    out_dir: str
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+
+
+def is_validation(document: str, val_fraction: float) -> bool:
+    """Deterministic split by content: a document lands in the same split on every run and machine."""
+    return zlib.crc32(document.encode("utf-8")) / 2**32 < val_fraction
+
+
+def split_documents(documents: Iterable[str], val_fraction: float, split: str = "hash") -> Iterator[tuple[str, str]]:
+    """Yield (split, document) for each non-empty document: all into `split`, or by content hash."""
+    for document in documents:
+        if document.strip():
+            yield (
+                (("val" if is_validation(document, val_fraction) else "train") if split == "hash" else split),
+                document,
+            )
+
+
+# --------------------------------------------------------------------------------------------- tokenizing
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in pieces of at most `size` characters, each cut before a space that starts a word. Byte-level BPE
+    pre-tokenizers (GPT-2's, ours) split there anyway, so the pieces encode exactly as the whole text does;
+    a text without such a space is cut at `size`."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1 : cut + 2].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+@dataclass
+class Encoder:
+    """Text to token ids without BOS/EOS, as LitGPT's Tokenizer encodes, and the ids that frame a document.
+
+    A tokenizer.json is encoded by the `tokenizers` library directly, as LitGPT's Tokenizer does, so a worker
+    process never imports LitGPT (12 s and 0.9 GB per process on two cores); sentencepiece goes through LitGPT."""
+
+    processor: Any  # tokenizers.Tokenizer, or litgpt.Tokenizer for tokenizer.model
+    bos_id: int
+    eos_id: int
+
+    @classmethod
+    def load(cls, spec: TokenizerSpec) -> "Encoder":
+        json_file = Path(spec.directory) / "tokenizer.json"
+        if json_file.is_file():  # LitGPT prefers it over tokenizer.model too
+            from tokenizers import Tokenizer
+
+            return cls(Tokenizer.from_file(str(json_file)), spec.bos_id, spec.eos_id)
+        return cls(load_tokenizer(Path(spec.directory)), spec.bos_id, spec.eos_id)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        if hasattr(self.processor, "encode_batch"):
+            encodings = self.processor.encode_batch(texts, add_special_tokens=False)
+            return [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+        return [self.processor.encode(text, bos=False, eos=False).numpy().astype(np.int32) for text in texts]
+
+
+def encode_documents(
+    encoder: Encoder,
+    documents: Iterable[tuple[str, str]],
+    piece_chars: int = PIECE_CHARS,
+    batch_chars: int = BATCH_CHARS,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(split, token ids framed BOS ... EOS) for each (split, document). Documents are cut into pieces and the
+    pieces batched by characters, so memory follows the largest document, not the corpus or the batch count."""
+    framing = np.asarray([encoder.bos_id], dtype=np.int32), np.asarray([encoder.eos_id], dtype=np.int32)
+    batch: list[str] = []
+    owners: list[tuple[str, bool]] = []  # each piece's split, and whether it ends its document
+    done: list[np.ndarray] = []  # encoded pieces of the document being assembled
+
+    def flush() -> Iterator[tuple[str, np.ndarray]]:
+        for ids, (split, last) in zip(encoder.encode_batch(batch), owners, strict=True):
+            done.append(ids)
+            if last:
+                yield split, np.concatenate([framing[0], *done, framing[1]])
+                done.clear()
+        batch.clear()
+        owners.clear()
+
+    size = 0
+    for split, document in documents:
+        parts = list(pieces(document, piece_chars))
+        for index, piece in enumerate(parts):
+            batch.append(piece)
+            owners.append((split, index == len(parts) - 1))
+            size += len(piece)
+            if size >= batch_chars:
+                yield from flush()
+                size = 0
+    yield from flush()
+
+
+# ------------------------------------------------------------------------------------------ the workers
+
+_encoders: dict[TokenizerSpec, Encoder] = {}  # one per worker process and tokenizer
+
+
+def process_shard(job: Job) -> dict[str, dict[str, int]]:
+    """Tokenize one shard into litdata chunks of its own (`out_dir/train`, `out_dir/val`), then mark it done with
+    its counts. Runs in a worker process (or in-process with one worker)."""
+    import torch
+    from litdata.streaming import TokensLoader
+    from litdata.streaming.writer import BinaryWriter
+
+    out_dir = Path(job.out_dir)
+    if (out_dir / SHARD_DONE).is_file():  # finished by an earlier, interrupted run
+        return json.loads((out_dir / SHARD_DONE).read_text())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if job.tokenizer not in _encoders:
+        _encoders[job.tokenizer] = Encoder.load(job.tokenizer)
+    writers: dict[str, BinaryWriter] = {}
+    counts = {"documents": dict.fromkeys(SPLITS, 0), "tokens": dict.fromkeys(SPLITS, 0)}
+    documents = split_documents(job.shard.documents(), job.val_fraction, job.split)
+    for split, ids in encode_documents(_encoders[job.tokenizer], documents):
+        if split not in writers:
+            writers[split] = BinaryWriter(str(out_dir / split), chunk_bytes="64MB", item_loader=TokensLoader())
+        writers[split].add_item(counts["documents"][split], torch.from_numpy(ids))
+        counts["documents"][split] += 1
+        counts["tokens"][split] += len(ids)
+    for writer in writers.values():
+        writer.done()
+        writer.merge()
+    out_dir.mkdir(parents=True, exist_ok=True)  # a shard without documents wrote nothing yet
+    (out_dir / f"{SHARD_DONE}.partial").write_text(json.dumps(counts))
+    (out_dir / f"{SHARD_DONE}.partial").replace(out_dir / SHARD_DONE)
+    return counts
+
+
+def run_jobs(jobs: list[Job], workers: int) -> list[dict]:
+    """Every job's counts, in order; the shards run on `workers` processes (in this one when 1 is enough)."""
+    from tqdm import tqdm
+
+    progress = tqdm(total=len(jobs), unit="shard", desc="tokenizing", disable=None)
+    results = []
+    if workers <= 1 or len(jobs) == 1:
+        for job in jobs:
+            results.append(process_shard(job))
+            progress.update()
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=one_tokenizer_thread) as pool:
+            for counts in pool.map(process_shard, jobs):
+                results.append(counts)
+                progress.update()
+    progress.close()
+    return results
+
+
+def one_tokenizer_thread() -> None:
+    """In each worker process: the workers share the cores, so each tokenizes on one thread (unless the user set
+    TOKENIZERS_PARALLELISM). With one worker, the tokenizer's own threads use every core."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def merge_shards(jobs: list[Job], counts: list[dict], scratch: Path, source_names: str) -> tuple[dict, dict]:
+    """The shards' chunks as one litdata dataset per split (chunk files renamed into it, one index); returns
+    ({split: documents}, {split: tokens})."""
+    documents = {split: sum(count["documents"][split] for count in counts) for split in SPLITS}
+    tokens = {split: sum(count["tokens"][split] for count in counts) for split in SPLITS}
+    for split, number in documents.items():
+        if number == 0:
+            raise UserError(
+                f"{source_names}: no document fell into the {split} split ({documents}); give more documents"
+                " (a .txt file is split at blank lines), change --val_fraction, or give --val_source"
+            )
+    for split in SPLITS:
+        chunks, config = [], None
+        (scratch / split).mkdir(parents=True)
+        for number, job in enumerate(jobs):
+            index_file = Path(job.out_dir) / split / "index.json"
+            if not index_file.is_file():  # no document of this shard went into this split
+                continue
+            index = json.loads(index_file.read_text())
+            config = index["config"]
+            for chunk in index["chunks"]:
+                name = f"chunk-{number}-{chunk['filename'].removeprefix('chunk-')}"
+                (Path(job.out_dir) / split / chunk["filename"]).rename(scratch / split / name)
+                chunks.append({**chunk, "filename": name})
+        index = {"chunks": chunks, "config": config, "updated_at": str(time.time())}
+        (scratch / split / "index.json").write_text(json.dumps(index, sort_keys=True))
+    return documents, tokens

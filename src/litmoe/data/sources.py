@@ -1,0 +1,363 @@
+"""Where documents come from, in the formats corpora ship in, cut into shards that prepare_data.py's workers take
+one at a time (and that an interrupted preparation resumes by).
+
+  a .txt file                     documents separated by blank lines (or by <|endoftext|>, as TinyStories does)
+  a folder of .txt files          one document per file (grouped into shards of many files)
+  .jsonl, .jsonl.gz, .jsonl.zst   one JSON record per line: the `text_field` string, or chat `messages`
+  .parquet                        one row per document: the `text_field` column, or chat `messages` (FineWeb,
+                                  SlimPajama and The Stack ship as parquet)
+  .arrow                          a Hugging Face dataset saved with `save_to_disk` (its data-*.arrow files)
+  a folder or a glob              any mix of these, searched recursively; a local Hugging Face dataset (a
+                                  `save_to_disk` directory, or a snapshot of parquet files) is such a folder
+  python-docs                     Python's own documentation, the default corpus (no download)
+  tinystories                     the MoE-200M recipe's data set, downloaded once
+
+Every reading problem is one line naming the file (and line or row) and the fix.
+"""
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+from litmoe.core.errors import UserError
+
+DEFAULT_SOURCE = "python-docs"
+TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/{name}"
+TINYSTORIES_FILES = ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt")
+TINYSTORIES_SEPARATOR = "<|endoftext|>"
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow", ".txt")
+TXT_FILES_PER_SHARD = 512
+ROWS_PER_BATCH = 1024  # rows read from a parquet or Arrow file at a time
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: one data file, or a group of .txt files (one document each). Picklable, for workers."""
+
+    kind: str  # txt-files | text | jsonl | parquet | arrow | python-docs
+    paths: tuple[str, ...] = ()
+    text_field: str = "text"
+
+    @property
+    def name(self) -> str:
+        """Stable across runs (an interrupted preparation finds its finished shards by it)."""
+        digest = hashlib.sha256("\n".join((self.kind, self.text_field, *self.paths)).encode()).hexdigest()[:12]
+        return f"{Path(self.paths[0]).stem if self.paths else self.kind}-{digest}"
+
+    def documents(self) -> Iterator[str]:
+        if self.kind == "txt-files":
+            return (read_text_file(Path(path)) for path in self.paths)
+        if self.kind == "text":
+            return split_text(read_text_file(Path(self.paths[0])))
+        if self.kind == "jsonl":
+            return read_jsonl(Path(self.paths[0]), self.text_field)
+        if self.kind in ("parquet", "arrow"):
+            return read_table(Path(self.paths[0]), self.text_field)
+        return iter(python_docs())
+
+
+@dataclass(frozen=True)
+class Source:
+    """Documents from one `--source` (or `--val_source`): their shards and a fingerprint of what they were read from."""
+
+    name: str
+    fingerprint: str
+    shards: tuple[Shard, ...]
+    count: int | None = None  # documents, when known without reading them (for progress)
+    files: tuple[Path, ...] = field(default=(), repr=False)
+
+    def documents(self) -> Iterator[str]:
+        return chain.from_iterable(shard.documents() for shard in self.shards)
+
+
+# ------------------------------------------------------------------------------------------------ readers
+
+
+def render_chat(messages: list, where: str) -> str:
+    """Chat records become plain text: one `<|role|>` header line per message, then its content."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    parts = []
+    for message in messages:
+        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
+            raise UserError(f"{where}: each message needs 'role' and 'content', got {message!r:.80}")
+        role, content = message["role"], message["content"]
+        if not (isinstance(role, str) and role.strip() and isinstance(content, str)):
+            raise UserError(
+                f"{where}: a message's role must be a non-empty string and its content a string, got {message!r:.80}"
+            )
+        parts.append(f"<|{role}|>\n{content}\n")
+    return "".join(parts)
+
+
+def record_text(record, text_field: str, where: str) -> str | None:
+    """A record's document: its `text_field` string, or its rendered chat `messages`; None for a null text."""
+    if isinstance(record, dict) and isinstance(record.get(text_field), str):
+        return record[text_field]
+    if isinstance(record, dict) and record.get("messages") is not None:
+        return render_chat(record["messages"], where)
+    if isinstance(record, dict) and text_field in record and record[text_field] is None:
+        return None
+    raise UserError(
+        f"{where}: record has no {text_field!r} string or 'messages' list; add one, or name the field with --text_field"
+    )
+
+
+def open_text(path: Path):
+    """A text stream of a file, decompressing .gz and .zst."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="strict")
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
+    return open(path, encoding="utf-8", errors="strict")
+
+
+def read_jsonl(path: Path, text_field: str = "text") -> Iterator[str]:
+    """One document per line: a record with a `text_field` string, or a chat record with `messages`."""
+    try:
+        with open_text(path) as file:
+            for line_no, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from err
+                if (text := record_text(record, text_field, where)) is not None:
+                    yield text
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-encode it as UTF-8") from None
+    except (OSError, EOFError, ValueError, zstandard_error()) as err:  # corrupt compression, unreadable file
+        raise UserError(f"{path}: cannot read it ({reason(err)}); check the file, or remove it") from None
+
+
+def zstandard_error() -> type[Exception]:
+    import zstandard
+
+    return zstandard.ZstdError
+
+
+def read_table(path: Path, text_field: str) -> Iterator[str]:
+    """Rows of a parquet file or of an Arrow file (Hugging Face's save_to_disk), a batch of rows at a time."""
+    import pyarrow as pa
+
+    try:
+        batches, columns = table_batches(path)
+        column = text_field if text_field in columns else "messages" if "messages" in columns else None
+        if column is None:
+            raise UserError(
+                f"{path}: no {text_field!r} column (it has {', '.join(columns)}); name the text one with --text_field"
+            )
+        row = 0
+        for batch in batches(column):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                if value is None:
+                    continue
+                if column == "messages":
+                    value = render_chat(value, f"{path}, row {row}")
+                elif not isinstance(value, str):
+                    raise UserError(f"{path}, row {row}: {text_field!r} is {type(value).__name__}, not text")
+                yield value
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(f"{path}: cannot read it as {path.suffix[1:]} ({reason(err)}); check the file") from None
+
+
+def table_batches(path: Path):
+    """(batches(column) -> record batches of that column, column names) of a parquet or Arrow file."""
+    import pyarrow.ipc
+    import pyarrow.parquet
+
+    if path.suffix == ".parquet":
+        parquet = pyarrow.parquet.ParquetFile(path)
+        return (lambda column: parquet.iter_batches(batch_size=ROWS_PER_BATCH, columns=[column])), parquet.schema.names
+    try:  # save_to_disk writes the Arrow streaming format; the file format is tried too
+        reader = pyarrow.ipc.open_stream(path)
+        return (lambda column: (batch.select([column]) for batch in reader)), reader.schema.names
+    except pyarrow.ArrowInvalid:
+        reader = pyarrow.ipc.open_file(path)
+        batches = (reader.get_batch(index) for index in range(reader.num_record_batches))
+        return (lambda column: (batch.select([column]) for batch in batches)), reader.schema.names
+
+
+def reason(err: BaseException) -> str:
+    return " ".join(str(err).split())[:160] or type(err).__name__
+
+
+def read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start});"
+            f" re-encode it (iconv -f <encoding> -t utf-8) or remove it"
+        ) from err
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror}); fix its permissions or remove it") from None
+
+
+def split_text(text: str) -> Iterator[str]:
+    """The documents of one text file: separated by `<|endoftext|>` where the file uses it (as TinyStories
+    does), else by blank lines."""
+    separator = TINYSTORIES_SEPARATOR if TINYSTORIES_SEPARATOR in text else re.compile(r"\n[ \t]*\n")
+    parts = text.split(separator) if isinstance(separator, str) else separator.split(text)
+    return (part.strip() for part in parts if part.strip())
+
+
+# ---------------------------------------------------------------------------------------- built-in corpora
+
+_SKIPPED_STDLIB = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
+
+
+def stdlib_docstrings() -> Iterator[str]:
+    """One document per standard-library module: the module's, classes' and functions' docstrings."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if _SKIPPED_STDLIB & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        docs = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
+        if text := "\n\n".join(doc for doc in docs if doc and len(doc) > 200):
+            yield text
+
+
+def python_docs() -> list[str]:
+    """Python's own documentation: the pydoc reference topics and the standard library's docstrings (about 1.6M
+    characters; every Python installation ships it, so the default corpus needs no download)."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)] + list(stdlib_docstrings())
+
+
+def python_docs_source() -> Source:
+    version = ".".join(map(str, sys.version_info[:3]))
+    fingerprint = hashlib.sha256(version.encode()).hexdigest()[:16]
+    return Source(f"python-docs:{version}", fingerprint, (Shard("python-docs"),), count=len(python_docs()))
+
+
+def download(url: str, destination: Path) -> None:
+    """Download to `destination` through a temporary file, so an interrupted download leaves nothing."""
+    import urllib.request
+
+    from tqdm import tqdm
+
+    partial = destination.with_name(destination.name + ".partial")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length", 0)) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name) as bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    bar.update(len(block))
+        partial.replace(destination)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise UserError(
+            f"could not download {url} ({err}); without network access, prepare your own text with --source PATH"
+        ) from err
+
+
+def tinystories_source(cache_dir: Path) -> Source:
+    """TinyStories (the MoE-200M recipe's data set), downloaded once into `cache_dir`."""
+    files = [cache_dir / name for name in TINYSTORIES_FILES]
+    for path in files:
+        if not path.is_file():
+            download(TINYSTORIES_URL.format(name=path.name), path)
+    return Source("tinystories", files_fingerprint(files, "text"), tuple(Shard("text", (str(p),)) for p in files))
+
+
+# ------------------------------------------------------------------------------------------- resolving
+
+
+def files_fingerprint(files: list[Path], text_field: str) -> str:
+    digest = hashlib.sha256(text_field.encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def data_kind(path: Path) -> str | None:
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+        return "jsonl"
+    return {".parquet": "parquet", ".arrow": "arrow", ".txt": "txt"}.get(path.suffix)
+
+
+def files_in(folder: Path) -> list[Path]:
+    """Every data file under `folder`, sorted; an unreadable folder or file is an error, not skipped."""
+
+    def unreadable(err: OSError) -> None:
+        raise UserError(f"{err.filename}: cannot read this folder ({err.strerror}); fix its permissions") from None
+
+    files = []
+    for root, _, names in os.walk(folder, onerror=unreadable):
+        files += [Path(root) / name for name in names if data_kind(Path(name))]
+    for path in files:
+        if path.is_file() and not os.access(path, os.R_OK):
+            raise UserError(f"{path}: cannot read it (permission denied); fix its permissions or remove it")
+    return sorted(path for path in files if path.is_file())
+
+
+def shards_of(files: list[Path], text_field: str, lone_text_file: bool) -> tuple[Shard, ...]:
+    """One shard per data file; .txt files (one document each) in groups. A .txt file given alone is a corpus
+    of documents separated by blank lines instead."""
+    texts = [str(path) for path in files if data_kind(path) == "txt"]
+    shards = [Shard(data_kind(path), (str(path),), text_field) for path in files if data_kind(path) != "txt"]
+    if lone_text_file:
+        return (Shard("text", tuple(texts)),)
+    groups = [tuple(texts[start : start + TXT_FILES_PER_SHARD]) for start in range(0, len(texts), TXT_FILES_PER_SHARD)]
+    return (*shards, *(Shard("txt-files", group) for group in groups))
+
+
+def resolve_source(source: str, cache_dir: Path, text_field: str = "text", flag: str = "--source") -> Source:
+    if source == DEFAULT_SOURCE:
+        return python_docs_source()
+    if source == "tinystories":
+        return tinystories_source(cache_dir)
+    if glob.has_magic(source):
+        matches = [Path(match) for match in sorted(glob.glob(source, recursive=True))]
+        files = sorted({file for match in matches for file in ([match] if match.is_file() else files_in(match))})
+        files = [path for path in files if data_kind(path)]
+        if not files:
+            raise UserError(f"{flag} {source}: the pattern matches no data files ({', '.join(DATA_SUFFIXES)})")
+        return Source(f"glob:{source}", files_fingerprint(files, text_field), shards_of(files, text_field, False))
+    path = Path(source)
+    if not path.exists():
+        raise UserError(
+            f"{flag} {source}: no such file or folder; give a folder or file of {', '.join(DATA_SUFFIXES)} data, a"
+            f" glob, {DEFAULT_SOURCE!r} or 'tinystories'"
+        )
+    if path.is_dir():
+        files = files_in(path)
+        if not files:
+            raise UserError(f"{path}: no data files found ({', '.join(DATA_SUFFIXES)}); put your text in this folder")
+        txt_count = sum(data_kind(file) == "txt" for file in files)
+        count = txt_count if txt_count == len(files) else None
+        return Source(f"folder:{path}", files_fingerprint(files, text_field), shards_of(files, text_field, False),
+                      count=count)  # fmt: skip
+    kind = "jsonl" if path.suffix == ".json" else data_kind(path)
+    if kind is None:
+        raise UserError(f"{flag} {source}: unsupported file type {path.suffix!r}; use {', '.join(DATA_SUFFIXES)}")
+    shards = shards_of([path], text_field, True) if kind == "txt" else (Shard(kind, (str(path),), text_field),)
+    return Source(f"{kind}:{path}", files_fingerprint([path], text_field), shards)

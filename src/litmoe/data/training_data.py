@@ -1,0 +1,179 @@
+"""What a training run reads: one prepared directory, or a weighted mixture of several, streamed by litdata.
+
+LitGPT's `LitData` streams one directory. Here a run streams one, or several through litdata's
+`CombinedStreamingDataset`, which samples each source by its weight (`--data_dir a:0.7,b:0.3`, or a `data_dir:`
+list of `{path, weight}` in the train config). The loader's state, saved with every checkpoint, holds each
+source's position, so `--resume auto` continues each where it stopped. A mixture's sources must share one
+tokenizer; the model's vocabulary follows it.
+
+Items are copied out of litdata's memory maps. litdata's reader closes a chunk's map when reading moves on to the
+next chunk while items read from it (views into the map) may still wait in the batch to be collated: a batch that
+spans a chunk boundary would then read freed memory (wrong tokens, or a crash). Copying a window of a few KB per
+item costs nothing next to a training step.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import litdata.streaming
+import torch
+from litgpt.data import DataModule
+
+from litmoe.core.errors import UserError
+from litmoe.data.prepare import prepare
+from litmoe.data.prepared import MANIFEST, SPLITS, Manifest, read_manifest
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: Path
+    weight: float = 1.0
+
+
+class TokensLoader(litdata.streaming.TokensLoader):
+    """litdata's TokensLoader, handing out copies instead of views of a memory map that may be closed (see above).
+    It keeps litdata's class name: litdata checks it against the loader named in each dataset's index.json."""
+
+    def load_item_from_chunk(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().load_item_from_chunk(*args, **kwargs).clone()
+
+
+def data_sources(data_dir: str | Path | list) -> list[DataSource]:
+    """`data/a`, `data/a:0.7,data/b:0.3`, or a list of paths or `{path, weight}` mappings."""
+    if isinstance(data_dir, list):
+        return [source_from(item) for item in data_dir]
+    sources = []
+    for part in str(data_dir).split(","):
+        path, sep, weight = part.strip().rpartition(":") if ":" in part else (part.strip(), "", "")
+        try:
+            sources.append(DataSource(Path(path), float(weight) if sep else 1.0))
+        except ValueError:
+            raise UserError(f"--data_dir {data_dir}: {weight!r} is not a weight; write DIR:WEIGHT,DIR:WEIGHT") from None
+    return sources
+
+
+def source_from(item: Any) -> DataSource:
+    if isinstance(item, str | Path):
+        return DataSource(Path(item))
+    if isinstance(item, dict) and "path" in item and set(item) <= {"path", "weight"}:
+        return DataSource(Path(item["path"]), float(item.get("weight", 1.0)))
+    raise UserError(f"data_dir entry {item!r}: give a path, or a mapping with path and weight")
+
+
+def check_sources(sources: list[DataSource]) -> None:
+    if not sources or any(not source.weight > 0 for source in sources):
+        raise UserError(f"--data_dir: {sources}: give one or more directories, each with a positive weight")
+    paths = [source.path.resolve() for source in sources]
+    if len(set(paths)) != len(paths):
+        raise UserError("--data_dir: a directory appears twice; give each source once, with its weight")
+
+
+def describe_sources(sources: list[DataSource]) -> str:
+    if len(sources) == 1:
+        return str(sources[0].path)
+    total = sum(source.weight for source in sources)
+    return ", ".join(f"{source.path} ({source.weight / total:.0%})" for source in sources)
+
+
+def sources_key(data_dir: str | list) -> str:
+    """The data a run reads, comparable across runs (resolved paths and normalised weights)."""
+    sources = data_sources(data_dir)
+    total = sum(source.weight for source in sources)
+    return ",".join(f"{source.path.resolve()}:{source.weight / total:.6g}" for source in sources)
+
+
+@dataclass
+class PreparedData(DataModule):
+    """Prepared directories (litmoe.data.prepare) as a LitGPT data module; several are sampled by weight."""
+
+    sources: list[DataSource]
+    num_workers: int = 2
+    seed: int = 42
+    batch_size: int = field(init=False, repr=False, default=1)
+    seq_length: int = field(init=False, repr=False, default=2048)
+
+    def connect(self, tokenizer=None, batch_size: int = 1, max_seq_length: int | None = None) -> None:
+        self.batch_size = batch_size
+        self.seq_length = max_seq_length + 1  # each window also holds the next token of its last position
+
+    def train_dataloader(self):
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self.loader("val", shuffle=False)
+
+    def loader(self, split: str, shuffle: bool):
+        from litdata.streaming import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
+
+        datasets = [
+            StreamingDataset(str(source.path / split), item_loader=TokensLoader(block_size=self.seq_length),
+                             shuffle=shuffle, seed=self.seed)
+            for source in self.sources
+        ]  # fmt: skip
+        dataset = datasets[0]
+        if len(datasets) > 1:
+            weights = [source.weight for source in self.sources]
+            dataset = CombinedStreamingDataset(datasets, seed=self.seed, weights=weights, iterate_over_all=False)
+        return StreamingDataLoader(
+            dataset, batch_size=self.batch_size, pin_memory=True, num_workers=self.num_workers, drop_last=True
+        )
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The prepared data a run reads, checked: its sources, their tokens per split, and their one tokenizer."""
+
+    sources: list[DataSource]
+    tokens: dict[str, int]
+    tokenizer_dir: Path
+
+
+def training_data(data_dir: str | list, micro_batch_size: int, seq_len: int, default_dir: Path) -> TrainingData:
+    """`--data_dir` checked: every source prepared (the default corpus is prepared on first use), each split of
+    each source holding at least one micro-batch, one tokenizer for all."""
+    sources = data_sources(data_dir)
+    check_sources(sources)
+    manifests = [
+        check_data_size(ensure_prepared(source.path, default_dir), micro_batch_size, seq_len) for source in sources
+    ]
+    check_one_tokenizer(sources, manifests)
+    tokens = {split: sum(manifest.tokens[split] for manifest in manifests) for split in SPLITS}
+    return TrainingData(sources, tokens, sources[0].path / "tokenizer")
+
+
+def ensure_prepared(data_dir: Path, default_dir: Path) -> Path:
+    if (data_dir / MANIFEST).is_file():
+        return data_dir
+    if data_dir == default_dir:
+        print(f"No prepared data in {data_dir}: preparing the default corpus (Python's own documentation) ...")
+        prepare(out_dir=data_dir)
+        return data_dir
+    raise UserError(
+        f"{data_dir / MANIFEST} not found: prepare the data first with"
+        f" `python prepare_data.py --source YOUR_TEXT --out_dir {data_dir}`"
+    )
+
+
+def check_one_tokenizer(sources: list[DataSource], manifests: list[Manifest]) -> None:
+    """A mixture's token ids must mean the same things in every source."""
+    for source, manifest in zip(sources[1:], manifests[1:], strict=True):
+        if manifest.tokenizer_fingerprint != manifests[0].tokenizer_fingerprint:
+            raise UserError(
+                f"--data_dir: {source.path} was prepared with another tokenizer than {sources[0].path}; prepare it"
+                f" again with --tokenizer_dir {sources[0].path / 'tokenizer'}"
+            )
+
+
+def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int) -> Manifest:
+    """The data's manifest, once each split is known to hold at least one micro-batch."""
+    manifest = read_manifest(data_dir)
+    needed = micro_batch_size * (seq_len + 1)
+    for split in SPLITS:
+        if manifest.tokens[split] < needed:
+            raise UserError(
+                f"{data_dir / MANIFEST}: the {split} split has {manifest.tokens[split]:,} tokens, fewer than one"
+                f" micro-batch ({micro_batch_size} x {seq_len + 1}); lower --train.micro_batch_size or"
+                " --train.max_seq_length, or prepare more data"
+            )
+    return manifest

@@ -1,0 +1,187 @@
+"""`run_train.py --estimate`: parameters, FLOPs and per-device memory of a run, without allocating the model.
+
+Memory per device:
+  weights, gradients, optimizer state  bytes per parameter for the precision (AdamW: two states; DeepSpeed's
+                                       16-bit training keeps an fp32 master copy with them, 2 + 2 + 12 bytes
+                                       as in the ZeRO paper), divided by the ranks that share them:
+                                         FSDP (LitGPT: hybrid, within a node)   all three across a node's GPUs
+                                         ZeRO-1 / ZeRO-2 / ZeRO-3               optimizer / + gradients / + weights
+                                       across all ranks; offloaded parts live in CPU memory or on NVMe instead
+  gathered weights                     ZeRO-3 and FSDP gather one block at a time and prefetch the next
+  activations                          what autograd saves per token, counted from the architecture:
+      per layer   8 D + 4 n_head head_size              (norms, residuals, q/k/v, attention output)
+                + k (4 F + 3 D) + 2 E                   (routed tokens, fc_1|fc_2 output, SwiGLU, expert out)
+      logits      padded_vocab x 4 bytes                (fp32 log-softmax kept by the chunked cross-entropy)
+    with activation checkpointing only each block's input (D per layer) is kept, plus one block's
+    activations while it is recomputed.
+"""
+
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from litmoe.distributed.plans import StrategyChoice
+from litmoe.model.attention import compute_dtype
+from litmoe.model.flops import active_parameters, total_parameters, training_flops_per_token
+
+GiB = 2**30
+
+
+def bytes_per_parameter(precision: str, deepspeed: bool = False) -> tuple[int, int, int]:
+    """(weights, gradients, AdamW state) bytes per parameter.
+
+    Lightning's *-mixed keeps fp32 weights and gradients. DeepSpeed's 16-bit training keeps 16-bit weights and
+    gradients and puts an fp32 master copy next to the two AdamW states (4 + 4 + 4)."""
+    width = torch.finfo(compute_dtype(precision)).bits // 8
+    if deepspeed:
+        return (2, 2, 12) if width == 2 else (4, 4, 8)
+    if precision.endswith("-mixed"):
+        width = 4
+    return width, width, 2 * width
+
+
+@dataclass
+class TrainingEstimate:
+    """What a run needs before it is placed on devices."""
+
+    total_parameters: int
+    active_parameters: int
+    block_parameters: int
+    flops_per_token: int
+    activations: float  # bytes per micro-batch
+    activations_checkpointed: float
+
+
+@dataclass
+class DeviceMemory:
+    """One rank's bytes on its device, and what it keeps offloaded."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    gathered: float
+    activations: float
+    cpu_offload: float = 0.0
+    nvme_offload: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.gathered + self.activations
+
+
+def activation_bytes_per_token(config, act_bytes: int, checkpointing: bool) -> float:
+    D, F, E, k = config.n_embd, config.moe_intermediate_size, config.n_expert, config.n_expert_per_token
+    per_layer = 8 * D + 4 * config.n_head * config.head_size + k * (4 * F + 3 * D) + 2 * E
+    logits = config.padded_vocab_size * 4
+    if checkpointing:
+        return config.n_layer * D * act_bytes + per_layer * act_bytes + logits
+    return config.n_layer * per_layer * act_bytes + logits
+
+
+def estimate_training(config, precision: str, micro_batch_size: int, seq_len: int) -> TrainingEstimate:
+    from litgpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    act_bytes = torch.finfo(compute_dtype(precision)).bits // 8
+    tokens = micro_batch_size * seq_len
+    return TrainingEstimate(
+        total_parameters=total_parameters(model),
+        active_parameters=active_parameters(model),
+        block_parameters=total_parameters(model.transformer.h[0]),
+        flops_per_token=training_flops_per_token(model, seq_len),
+        activations=tokens * activation_bytes_per_token(config, act_bytes, checkpointing=False),
+        activations_checkpointed=tokens * activation_bytes_per_token(config, act_bytes, checkpointing=True),
+    )
+
+
+def per_device_memory(
+    estimate: TrainingEstimate, precision: str, choice: StrategyChoice, world_size: int = 1,
+    devices_per_node: int = 1, checkpointing: bool = False,
+) -> DeviceMemory:  # fmt: skip
+    """One rank's memory under a strategy (see the module docstring for what is sharded where)."""
+    weight, gradient, state = bytes_per_parameter(precision, deepspeed=choice.name == "deepspeed")
+    ranks = {"fsdp": devices_per_node, "deepspeed": world_size}.get(choice.name, 1)
+    stage = 3 if choice.name == "fsdp" else choice.zero_stage or 0
+
+    def sharded(nbytes: float, from_stage: int) -> float:
+        return estimate.total_parameters * nbytes / (ranks if stage >= from_stage else 1)
+
+    parts = {"weights": sharded(weight, 3), "gradients": sharded(gradient, 2), "optimizer": sharded(state, 1)}
+    offloaded = {"none": 0.0, "cpu": 0.0, "nvme": 0.0}
+    for part, device in (("optimizer", choice.offload_optimizer), ("weights", choice.offload_params)):
+        if device != "none":
+            offloaded[device] += parts[part]
+            parts[part] = 0.0
+    gathers = stage >= 3 and (ranks > 1 or choice.offload_params != "none")
+    return DeviceMemory(
+        **parts,
+        gathered=2 * estimate.block_parameters * weight if gathers else 0.0,
+        activations=estimate.activations_checkpointed if checkpointing else estimate.activations,
+        cpu_offload=offloaded["cpu"],
+        nvme_offload=offloaded["nvme"],
+    )
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak so far."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reference_peak_flops(precision: str) -> tuple[str, float]:
+    """The GPU here (Lightning's table), or an H100 SXM for reference."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    dtype = compute_dtype(precision)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", 0)
+        peak = get_available_flops(device, dtype)
+        if peak:
+            return torch.cuda.get_device_name(device), float(peak)
+    return "H100 SXM (reference; no GPU here)", 989.5e12 if dtype in (torch.bfloat16, torch.float16) else 494.7e12
+
+
+def describe(
+    estimate: TrainingEstimate, config, precision: str, choice: StrategyChoice, memory: DeviceMemory,
+    checkpointing: bool, world_size: int, devices_per_node: int, max_tokens: float | None, mfu: float = 0.4,
+) -> str:  # fmt: skip
+    gpu, peak = reference_peak_flops(precision)
+    tokens_per_sec = mfu * peak * world_size / estimate.flops_per_token
+    output_head = config.padded_vocab_size * config.n_embd
+    other = estimate.activations if checkpointing else estimate.activations_checkpointed
+    lines = [
+        f"{config.name}: {estimate.total_parameters:,} parameters in total,"
+        f" {estimate.active_parameters - output_head:,} active non-embedding parameters per token",
+        f"training FLOPs per token: {estimate.flops_per_token / 1e9:.4f} GFLOP",
+        f"strategy: {choice.label(world_size, devices_per_node)} ({choice.reason})",
+        f"training state per device ({precision}, micro-batch activations"
+        f" {'with' if checkpointing else 'without'} activation checkpointing):",
+        f"  weights          {memory.weights / GiB:8.2f} GiB",
+        f"  gradients        {memory.gradients / GiB:8.2f} GiB",
+        f"  optimizer state  {memory.optimizer / GiB:8.2f} GiB",
+    ]
+    if memory.gathered:
+        lines.append(f"  gathered blocks  {memory.gathered / GiB:8.2f} GiB")
+    lines += [
+        f"  activations      {memory.activations / GiB:8.2f} GiB"
+        f" ({other / GiB:.2f} GiB {'without' if checkpointing else 'with'} activation checkpointing)",
+        f"  total            {memory.total / GiB:8.2f} GiB",
+    ]
+    lines.append(
+        f"  not counted: the runtime. This process holds {resident_bytes() / GiB:.2f} GiB before any training"
+        " (Python, PyTorch, LitGPT); a run adds allocator caches and data-loader buffers, and each GPU a CUDA"
+        " context of about 0.5-1 GiB"
+    )
+    for where, nbytes in (("CPU memory", memory.cpu_offload), ("NVMe", memory.nvme_offload)):
+        if nbytes:
+            lines.append(f"  offloaded to {where}: {nbytes / GiB:.2f} GiB per rank,"
+                         f" {nbytes * devices_per_node / GiB:.2f} GiB per node")  # fmt: skip
+    budget = f", {max_tokens / tokens_per_sec / 3600:.1f} h for {max_tokens:,.0f} tokens" if max_tokens else ""
+    lines.append(f"speed at {mfu:.0%} MFU on {world_size} x {gpu}: {tokens_per_sec:,.0f} tokens/s{budget}")
+    return "\n".join(lines)

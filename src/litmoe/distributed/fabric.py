@@ -1,0 +1,64 @@
+"""The Fabric that runs a strategy choice, built where LitGPT's pretrain loop builds its own.
+
+LitGPT's `pretrain.setup` constructs one `L.Fabric(strategy=..., ...)`; the training patches swap `pretrain.L`
+for a namespace whose `Fabric` is `fabric_builder(choice, ...)`. Every Fabric built here has the collective
+timeout, and its single-file saves go straight into the scratch directory of litmoe.training.saving (no
+temporary file in $TMPDIR). LitGPT's own strategy argument (FSDP, hybrid-sharded within a node, for more than
+one device) is kept when it is the choice.
+"""
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from litmoe.distributed.plans import StrategyChoice
+from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
+
+
+class DirectCheckpointIO(TorchCheckpointIO):
+    """Lightning's single-file save without its temporary file in $TMPDIR: the scratch directory around it is
+    what makes the checkpoint appear atomically."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as file:
+            torch.save(checkpoint, file)
+
+
+def fabric_builder(
+    choice: StrategyChoice, deepspeed_config: dict[str, Any] | None = None, optimizer: str | dict = "AdamW",
+    timeout_minutes: int = 30,
+) -> Callable[..., Any]:  # fmt: skip
+    """Builds the Fabric for `choice` from the arguments LitGPT's `pretrain.setup` passes to `L.Fabric`, with the
+    collective timeout, and single-file saves written straight into litmoe.training.saving's scratch directory."""
+    import lightning as L
+
+    timeout = timedelta(minutes=timeout_minutes)
+
+    def build(*, strategy: Any, **kwargs: Any) -> L.Fabric:
+        if choice.name == "deepspeed":
+            from litmoe.distributed.zero import LoopDeepSpeedStrategy, ZeroFabric, optimizer_builder
+
+            on_cpu = os.environ.get(DEEPSPEED_ON_CPU) == "1" and not torch.cuda.is_available()
+            deepspeed = LoopDeepSpeedStrategy(config=deepspeed_config, allow_cpu=on_cpu, timeout=timeout)
+            return ZeroFabric(
+                strategy=deepspeed, build_optimizer=optimizer_builder(optimizer, deepspeed_config), **kwargs
+            )
+        if choice.name == "ddp":
+            from lightning.fabric.strategies import DDPStrategy
+
+            backend = None if torch.cuda.is_available() else "gloo"
+            strategy = DDPStrategy(process_group_backend=backend, timeout=timeout, checkpoint_io=DirectCheckpointIO())
+        elif choice.name == "fsdp":  # LitGPT's own FSDPStrategy, which saves its files directly
+            strategy._timeout = timeout
+        else:
+            kwargs["plugins"] = [DirectCheckpointIO()]
+        return L.Fabric(strategy=strategy, **kwargs)
+
+    return build

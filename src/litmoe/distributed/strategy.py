@@ -1,0 +1,171 @@
+"""How training spreads over devices: the decision (`--strategy`) and its errors.
+
+`--strategy auto` decides from the hardware and the memory estimate (litmoe.distributed.estimate), taking the first
+plan that fits in 90% of a GPU (and whose offloaded state fits in 80% of a node's CPU memory):
+  no CUDA GPU      one CPU process; several: DDP over gloo
+  one GPU          single device; DeepSpeed ZeRO-2 with the optimizer in CPU memory (ZeRO-Offload);
+                   ZeRO-3 with weights and optimizer in CPU memory; the same on NVMe (needs --nvme-path)
+  several GPUs     DDP; ZeRO-2; ZeRO-3; ZeRO-3 offloading to CPU memory; to NVMe. GPUs under 16 GB offload
+                   the optimizer to CPU memory from ZeRO-2 on. Without DeepSpeed installed: DDP, else FSDP.
+Giving any DeepSpeed option (--zero-stage, --offload-*, --deepspeed-config) means DeepSpeed.
+
+The choice runs on the Fabric that litmoe.distributed.fabric builds for it.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from litmoe.core.args import StrategyArgs
+from litmoe.core.errors import UserError
+from litmoe.distributed.estimate import DeviceMemory, GiB
+from litmoe.distributed.plans import Hardware, StrategyChoice
+
+# DeepSpeed on DeepSpeed's CPU accelerator (gloo): slow, but it runs the whole pipeline where there is no
+# GPU, which is how the tests exercise it. Lightning itself allows DeepSpeed on CUDA only.
+DEEPSPEED_ON_CPU = "LITMOE_DEEPSPEED_CPU"
+SMALL_GPU = 16 * 10**9
+
+
+def resolve_strategy(
+    args: StrategyArgs, hardware: Hardware, memory_of: Callable[[StrategyChoice], DeviceMemory] | None = None,
+    compile: bool = False,
+) -> StrategyChoice:  # fmt: skip
+    """The strategy to train with, and why; raises for contradictions, before any work starts.
+
+    `memory_of` gives one rank's memory under a choice; `auto` with a GPU needs it."""
+    if args.decided_by_auto:
+        return decide(hardware, memory_of, args.nvme_path)
+    choice = requested(args, hardware.world_size)
+    if choice.name == "deepspeed":
+        check_deepspeed(choice, args, hardware, compile)
+    return choice
+
+
+def requested(args: StrategyArgs, world_size: int) -> StrategyChoice:
+    name = "deepspeed" if args.name == "auto" else args.name
+    if args.asks_for_zero and name != "deepspeed":
+        raise UserError(
+            f"--strategy {name}: --zero-stage, --offload-optimizer, --offload-params and --deepspeed-config are"
+            " DeepSpeed options; use --strategy deepspeed or drop them"
+        )
+    if name == "single" and world_size > 1:
+        raise UserError(f"--strategy single trains on one device, but --devices x --num_nodes is {world_size}")
+    if name in ("ddp", "fsdp") and world_size == 1:
+        return StrategyChoice("single", f"one device (--strategy {name} needs more than one)")
+    if name != "deepspeed":
+        return StrategyChoice(name, f"--strategy {name}")
+    if args.deepspeed_config is not None:
+        if args.zero_stage is not None or {args.offload_optimizer, args.offload_params} - {None, "none"}:
+            raise UserError(
+                f"--deepspeed-config {args.deepspeed_config}: set the ZeRO stage and offload in that file, not"
+                " also with --zero-stage / --offload-*"
+            )
+        from litmoe.distributed.zero import offload_device, read_user_config
+
+        config = read_user_config(args.deepspeed_config)
+        return StrategyChoice(
+            "deepspeed", f"--deepspeed-config {args.deepspeed_config}",
+            int(config.get("zero_optimization", {}).get("stage", 0)),
+            offload_device(config, "offload_optimizer"), offload_device(config, "offload_param"),
+        )  # fmt: skip
+    return StrategyChoice(
+        "deepspeed", "DeepSpeed requested", args.zero_stage or 2, args.offload_optimizer or "none",
+        args.offload_params or "none",
+    )  # fmt: skip
+
+
+def check_deepspeed(choice: StrategyChoice, args: StrategyArgs, hardware: Hardware, compile: bool) -> None:
+    if not hardware.deepspeed_installed:
+        raise UserError("--strategy deepspeed: DeepSpeed is not installed; install it with `uv sync --extra deepspeed`")
+    if hardware.gpu_memory is None and os.environ.get(DEEPSPEED_ON_CPU) != "1":
+        raise UserError(
+            "--strategy deepspeed needs a CUDA GPU (Lightning runs DeepSpeed on CUDA only); on this machine use"
+            " --strategy ddp or single"
+        )
+    if choice.offload_params != "none" and choice.zero_stage != 3:
+        raise UserError(
+            f"--offload-params {choice.offload_params} needs --zero-stage 3 (ZeRO-{choice.zero_stage} keeps all"
+            " weights on every GPU)"
+        )
+    if "nvme" in (choice.offload_optimizer, choice.offload_params):
+        if choice.zero_stage != 3:
+            raise UserError(f"NVMe offload needs --zero-stage 3 (ZeRO-Infinity), not {choice.zero_stage}")
+        check_nvme_path(args.nvme_path)
+    if choice.zero_stage == 3 and compile:
+        raise UserError(
+            "ZeRO-3 with --compile: torch.compile does not work with ZeRO-3's parameter gathering hooks"
+            " (pytorch/pytorch#115484); pass --no-compile, or use --zero-stage 2"
+        )
+
+
+def check_nvme_path(path: Path | None) -> None:
+    if path is None:
+        raise UserError("NVMe offload: pass --nvme-path DIR, a directory on a fast local NVMe disk")
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".litmoe-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"--nvme-path {path}: not a writable directory ({err.strerror}); pass one on a local NVMe disk"
+        ) from err
+
+
+def decide(
+    hardware: Hardware, memory_of: Callable[[StrategyChoice], DeviceMemory], nvme_path: Path | None
+) -> StrategyChoice:
+    world = hardware.world_size
+    if hardware.gpu_memory is None:
+        if world == 1:
+            return StrategyChoice("single", "no CUDA GPU: one CPU process")
+        return StrategyChoice("ddp", f"{world} CPU processes: DDP over gloo (FSDP and DeepSpeed need CUDA)")
+    plans = candidate_plans(hardware, nvme_path is not None)
+    gpu = hardware.gpu_memory
+    needs = {plan: memory_of(plan) for plan in plans}
+
+    def fits(plan: StrategyChoice) -> bool:
+        host = needs[plan].cpu_offload * hardware.devices_per_node
+        return needs[plan].total <= 0.9 * gpu and host <= 0.8 * hardware.cpu_memory
+
+    chosen = next((plan for plan in plans if fits(plan)), plans[-1])
+    first = plans[0]
+    why = f"{world} GPU{'s' if world > 1 else ''} of {gpu / GiB:.0f} GiB"
+    why += f"; {first.label(world, hardware.devices_per_node)} needs {needs[first].total / GiB:.1f} GiB per GPU"
+    if chosen != first:
+        why += f"; {chosen.label(world, hardware.devices_per_node)} needs {needs[chosen].total / GiB:.1f} GiB"
+    if not fits(chosen):
+        why += "; nothing fits by the estimate, trying the smallest plan"
+        if not hardware.deepspeed_installed:
+            why += " (DeepSpeed offload could help: uv sync --extra deepspeed)"
+        elif nvme_path is None:
+            why += " (--nvme-path would allow NVMe offload)"
+    return replace(chosen, reason=why)
+
+
+def candidate_plans(hardware: Hardware, nvme: bool) -> list[StrategyChoice]:
+    """What `auto` tries, in order; the reason is filled in by `decide`."""
+    if hardware.world_size == 1:
+        plans = [StrategyChoice("single", ""), StrategyChoice("deepspeed", "", 2, "cpu")]
+    else:
+        offload = "cpu" if hardware.gpu_memory < SMALL_GPU else "none"
+        plans = [StrategyChoice("ddp", ""), StrategyChoice("deepspeed", "", 2, offload)]
+        plans.append(StrategyChoice("deepspeed", "", 3, offload))
+    plans.append(StrategyChoice("deepspeed", "", 3, "cpu", "cpu"))
+    if nvme:
+        plans.append(StrategyChoice("deepspeed", "", 3, "nvme", "nvme"))
+    if not hardware.deepspeed_installed:
+        plans = [plan for plan in plans if plan.name != "deepspeed"]
+        if hardware.world_size > 1:
+            plans.append(StrategyChoice("fsdp", ""))
+    return plans
+
+
+def adopt_launcher_node_rank(environ: dict[str, str] = os.environ) -> None:
+    """The DeepSpeed launcher names the node rank CROSS_RANK; Lightning reads NODE_RANK (else every node would
+    count itself node 0)."""
+    if "CROSS_RANK" in environ and "NODE_RANK" not in environ:
+        environ["NODE_RANK"] = environ["CROSS_RANK"]

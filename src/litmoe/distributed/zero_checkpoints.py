@@ -1,0 +1,71 @@
+"""DeepSpeed checkpoints as one file: the shards in `lit_model.pth/` consolidated to stock LitGPT keys.
+
+generate, evaluate and export read a DeepSpeed checkpoint through `consolidated/` beside it, made on first use
+(again when the shards are newer); the shards stay as they are, for resuming. DeepSpeed's own reader runs
+with weights_only loads (litmoe.core.checkpoint_io), so a crafted shard cannot run code.
+"""
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from litmoe.core.checkpoint_io import CONSOLIDATED, checkpoint_problem, weights_only_deepspeed_loads
+from litmoe.core.errors import UserError
+from litmoe.model.builder import build_model, has_expert_bias
+
+
+def consolidated(checkpoint_dir: Path) -> Path:
+    """`checkpoint_dir/consolidated/`: the DeepSpeed shards in `lit_model.pth/` as one file, with the configs.
+
+    Made once (again when the shards are newer); the shards stay as they are, for resuming."""
+    shards, target = checkpoint_dir / "lit_model.pth", checkpoint_dir / CONSOLIDATED
+    single_file = target / "lit_model.pth"
+    if single_file.is_file() and single_file.stat().st_mtime_ns >= (shards / "latest").stat().st_mtime_ns:
+        return target
+    if (problem := checkpoint_problem(shards)) is not None:
+        raise UserError(f"{shards}: {problem}")
+    print(f"Consolidating the DeepSpeed checkpoint {shards} into {target} ...")
+    weights = fp32_weights(shards)
+    state = consolidate(shards, weights, build_model(checkpoint_dir, has_expert_bias(weights)))
+    target.mkdir(exist_ok=True)
+    for config_file in checkpoint_dir.iterdir():
+        if config_file.is_file():
+            shutil.copy2(config_file, target / config_file.name)
+    scratch = single_file.with_suffix(".partial")
+    torch.save({"model": state}, scratch)
+    scratch.replace(single_file)
+    return target
+
+
+def fp32_weights(shards: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights and persistent buffers of a DeepSpeed checkpoint, under the names the engine saw
+    (stacked experts; torch.compile's `_orig_mod.` prefix removed)."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise UserError(
+            f"{shards}: a DeepSpeed checkpoint; consolidating it needs DeepSpeed: `uv sync --extra deepspeed`"
+        ) from None
+    tag = (shards / "latest").read_text().strip()
+    with weights_only_deepspeed_loads():
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(shards), tag=tag)
+    return {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}
+
+
+def consolidate(shards: Path, weights: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`weights` (from `fp32_weights`) loaded into `model` by name, every parameter and buffer of both sides
+    accounted for; returns the model's own state dict (stock LitGPT keys)."""
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    saved = set(dict(model.named_parameters())) | {name for name in named if name in model.state_dict()}
+    unused, missing = sorted(set(weights) - set(named)), sorted(saved - set(weights))
+    if unused or missing:
+        raise UserError(
+            f"{shards}: the DeepSpeed checkpoint does not match its model_config.yaml (in the checkpoint only:"
+            f" {unused[:3]}; in the model only: {missing[:3]})"
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            named[name].copy_(tensor)
+    return model.state_dict()

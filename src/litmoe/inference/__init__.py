@@ -1,0 +1,1 @@
+"""After training: a checkpoint loaded for sampling, scoring and export to Hugging Face format."""

@@ -1,0 +1,128 @@
+"""Export a run_train.py checkpoint to Hugging Face format (the Mixtral architecture), with LitGPT's converter.
+
+The output directory loads with `transformers.AutoModelForCausalLM.from_pretrained(dir)`:
+config.json (MixtralConfig), model.safetensors, and the tokenizer files.
+"""
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from litmoe.core.checkpoint_io import load_state
+from litmoe.core.errors import UserError
+from litmoe.data.tokenizer import TOKENIZER_FILES
+from litmoe.inference.loading import resolve_checkpoint_dir
+
+
+def mixtral_config(config, bos_id: int | None, eos_id: int | None) -> dict:
+    """The transformers MixtralConfig for a LitGPT LLaMAMoE config."""
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": config.padded_vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.moe_intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_query_groups,
+        "head_dim": config.head_size,
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_base,
+        "num_local_experts": config.n_expert,
+        "num_experts_per_tok": config.n_expert_per_token,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+    }
+
+
+def check_exportable(config, state_dict: dict, checkpoint_dir: Path) -> None:
+    unsupported = {
+        "shared experts (n_shared_expert)": config.n_shared_expert,
+        "the grouped router (n_expert_groups)": config.n_expert_groups,
+        "a routed_scaling_factor": config.routed_scaling_factor != 1.0,
+        "biases": config.bias,
+        "partial rotary embeddings": config.rotary_percentage != 1.0,
+        "a non-RMSNorm norm": config.norm_class_name != "RMSNorm",
+        "parallel residuals": config.parallel_residual,
+    }
+    reasons = [name for name, present in unsupported.items() if present]
+    if config.mlp_class_name != "LLaMAMoE":
+        reasons.append(f"mlp_class_name {config.mlp_class_name}")
+    if any(key.endswith("mlp.expert_bias") for key in state_dict):
+        reasons.append("a trained expert_bias (bias_update_rate > 0 with a softmax router)")
+    if reasons:
+        raise UserError(
+            f"{checkpoint_dir}: the Mixtral architecture cannot express {', '.join(reasons)}; export needs the"
+            " standard LLaMAMoE config"
+        )
+
+
+def export_hf(checkpoint: Path, out_dir: Path) -> Path:
+    """Convert a checkpoint to a Hugging Face Mixtral model directory.
+
+    Args:
+        checkpoint: A checkpoint dir (final/, step-*/) or a training output dir (its newest checkpoint).
+        out_dir: Where config.json, model.safetensors and the tokenizer files go (created; must be empty).
+    """
+    from litgpt import Config, Tokenizer
+    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
+    from safetensors.torch import save_file
+
+    checkpoint_dir = resolve_checkpoint_dir(checkpoint)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file; give a new directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"--out_dir {out_dir} is not empty; choose a new directory")
+    config = Config.from_file(checkpoint_dir / "model_config.yaml")
+    state = load_state(checkpoint_dir / "lit_model.pth")
+    check_exportable(config, state.get("model", state), checkpoint_dir)
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its arguments as a raw dict
+        convert_lit_checkpoint(checkpoint_dir, out_dir)  # writes out_dir/model.pth with Hugging Face names
+    converted = out_dir / "model.pth"
+    weights = {name: tensor.contiguous() for name, tensor in torch.load(converted, weights_only=True).items()}
+    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    converted.unlink()
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    (out_dir / "config.json").write_text(
+        json.dumps(mixtral_config(config, tokenizer.bos_id, tokenizer.eos_id), indent=2)
+    )
+    for name in TOKENIZER_FILES:
+        if (checkpoint_dir / name).is_file():
+            (out_dir / name).write_bytes((checkpoint_dir / name).read_bytes())
+    if (out_dir / "tokenizer.json").is_file() and tokenizer.bos_id is not None:
+        add_bos_when_encoding(out_dir / "tokenizer.json", tokenizer.bos_id)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out_dir.iterdir():  # safetensors writes 0600; every file gets the user's usual mode
+        path.chmod(0o666 & ~umask)
+    print(f"Exported {checkpoint_dir} to {out_dir} (Mixtral, {len(weights)} tensors)")
+    return out_dir
+
+
+def add_bos_when_encoding(tokenizer_json: Path, bos_id: int) -> None:
+    """Make the Hugging Face tokenizer put BOS first, as LitGPT's `encode(bos=True)` does in training and in
+    generate.py: `PreTrainedTokenizerFast` ignores `add_bos_token`, so without this every transformers user (and
+    lm-eval) would score the model without the BOS it was trained with."""
+    from tokenizers import Tokenizer, processors
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    if tokenizer.encode("a").ids[:1] == [bos_id]:
+        return  # it adds BOS already (e.g. Llama's)
+    bos = tokenizer.id_to_token(bos_id)
+    template = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    existing = tokenizer.post_processor
+    tokenizer.post_processor = template if existing is None else processors.Sequence([existing, template])
+    tokenizer.save(str(tokenizer_json))

@@ -1,0 +1,129 @@
+"""Sample text from a checkpoint with LitGPT's KV-cache generation loop, streaming tokens as they come."""
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal, TextIO
+
+import torch
+
+from litmoe.core.errors import UserError
+from litmoe.inference.loading import load_model, resolve_checkpoint_dir
+from litmoe.model.attention import compute_dtype, default_precision
+
+
+def generate_tokens(
+    model, prompt: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float, eos_id: int
+) -> Iterator[int]:
+    """New token ids after `prompt`, one at a time, stopping after EOS (not yielded) or max_new_tokens."""
+    from litgpt.generate.base import generate_fn
+
+    total = prompt.numel() + max_new_tokens
+    model.max_seq_length = total
+    model.set_kv_cache(batch_size=1, device=prompt.device)
+    top_k = None if top_k is None else min(top_k, model.config.padded_vocab_size)
+    tokens = generate_fn(
+        model, prompt, total, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_tokens=([eos_id],), include_prompt=False, include_eos=False,
+    )  # fmt: skip
+    for token in tokens:
+        yield int(token)
+    model.clear_kv_cache()
+
+
+def stream_text(tokenizer, token_ids: Iterator[int], out: TextIO) -> list[int]:
+    """Decode incrementally and write each new piece of text as soon as it is complete UTF-8."""
+    ids: list[int] = []
+    written = ""
+    for token in token_ids:
+        ids.append(token)
+        text = tokenizer.decode(torch.tensor(ids))
+        if not text.endswith("\ufffd"):  # a multi-byte character still incomplete: wait for its next token
+            out.write(text[len(written) :])
+            out.flush()
+            written = text
+    return ids
+
+
+def check_sampling(num_samples: int, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float) -> None:
+    """Sampling settings in range, before the model is loaded or anything is printed."""
+    if num_samples < 1:
+        raise UserError(f"--num_samples {num_samples}: must be at least 1")
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens {max_new_tokens}: must be at least 1")
+    if not temperature >= 0:
+        raise UserError(f"--temperature {temperature}: must be 0 (greedy decoding) or more; 0.8 is usual")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top_k {top_k}: must be at least 1 (null samples from every token)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top_p {top_p}: must be above 0 and at most 1 (1 keeps every token)")
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give either --prompt or --prompt_file, not both")
+    if prompt_file is not None:
+        if not Path(prompt_file).is_file():
+            raise UserError(f"--prompt_file {prompt_file}: no such file")
+        return Path(prompt_file).read_text(encoding="utf-8")
+    if prompt is None or prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UserError("no prompt: pass --prompt TEXT, --prompt_file FILE, or pipe text to stdin")
+        return sys.stdin.read()
+    return prompt
+
+
+def generate(
+    checkpoint: Path,
+    prompt: str | None = None,
+    prompt_file: Path | None = None,
+    num_samples: int = 1,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float = 1.0,
+    seed: int = 1234,
+    precision: Literal["bf16-true", "16-true", "32-true"] | None = None,
+) -> list[list[int]]:
+    """Sample from a checkpoint written by run_train.py; text goes to stdout, statistics to stderr.
+
+    Args:
+        checkpoint: A checkpoint dir (final/, step-*/) or a training output dir (its newest checkpoint is used).
+        prompt: The prompt text; '-' (or no prompt and no prompt_file) reads it from stdin.
+        prompt_file: A file holding the prompt.
+        num_samples: How many samples to draw.
+        max_new_tokens: The most tokens to generate per sample; generation also stops at EOS.
+        temperature: Sampling temperature; 0 is greedy (deterministic) decoding.
+        top_k: Sample only among the k most likely tokens.
+        top_p: Sample only among the most likely tokens whose probabilities add up to top_p.
+        seed: Random seed for sampling.
+        precision: Weights' precision; default bf16-true on a CUDA GPU, 32-true on CPU.
+    """
+    check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p)
+    checkpoint_dir = resolve_checkpoint_dir(checkpoint)
+    text = read_prompt(prompt, prompt_file)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(checkpoint_dir, device, compute_dtype(precision or default_precision(training=False)))
+    encoded = tokenizer.encode(text, bos=True, device=device)
+    if encoded.numel() + max_new_tokens > model.config.block_size:
+        raise UserError(
+            f"the prompt ({encoded.numel()} tokens) plus --max_new_tokens {max_new_tokens} exceeds the model's"
+            f" block size of {model.config.block_size}; shorten the prompt or lower --max_new_tokens"
+        )
+    torch.manual_seed(seed)
+    samples = []
+    for index in range(num_samples):
+        start = time.perf_counter()
+        tokens = generate_tokens(model, encoded, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id)
+        sys.stdout.write(text)
+        ids = stream_text(tokenizer, tokens, sys.stdout)
+        sys.stdout.write("\n")
+        seconds = time.perf_counter() - start
+        print(
+            f"sample {index + 1}/{num_samples}: {len(ids)} tokens in {seconds:.2f} s, {len(ids) / seconds:.1f} tokens/s"
+            f" ({checkpoint_dir}, {device.type})",
+            file=sys.stderr,
+        )
+        samples.append(ids)
+    return samples

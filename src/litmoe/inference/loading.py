@@ -1,0 +1,61 @@
+"""A checkpoint directory to a model and its tokenizer, for generate, evaluate and export.
+
+Takes a final/ or step-*/ directory, or a training output directory (its newest checkpoint); a DeepSpeed
+checkpoint is read through its consolidated copy (litmoe.distributed.zero_checkpoints). The model is built
+with litmoe's MoE layer, so stock LitGPT checkpoints load too.
+"""
+
+from pathlib import Path
+
+import torch
+
+from litmoe.core.checkpoint_io import (
+    CHECKPOINT_FILES,
+    is_complete,
+    is_zero_checkpoint,
+    latest_checkpoint,
+    load_state,
+)
+from litmoe.core.errors import UserError
+from litmoe.data.tokenizer import tokenizer_vocab_size
+from litmoe.distributed.zero_checkpoints import consolidated
+from litmoe.model.builder import build_model, has_expert_bias
+
+
+def resolve_checkpoint_dir(path: Path) -> Path:
+    """A checkpoint directory (final/, step-*/) or a training output dir (its newest checkpoint); DeepSpeed
+    shards are consolidated first."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint directory")
+    if path.is_file() or (path.name == "lit_model.pth" and is_zero_checkpoint(path)):
+        path = path.parent
+    if not (path / "lit_model.pth").exists() and (newest := latest_checkpoint(path)) is not None:
+        path = newest.parent
+    missing = [name for name in CHECKPOINT_FILES if not is_complete(path / name)]
+    if missing:
+        raise UserError(
+            f"{path}: not a complete checkpoint (missing {', '.join(missing)}); pass a final/ or step-*/ dir"
+            " written by run_train.py"
+        )
+    return consolidated(path) if is_zero_checkpoint(path / "lit_model.pth") else path
+
+
+def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) from a checkpoint dir, built with litmoe's MoE layer (reads stock checkpoints too)."""
+    from litgpt import Config, Tokenizer
+
+    config = Config.from_file(checkpoint_dir / "model_config.yaml")
+    tokenizer = Tokenizer(checkpoint_dir)
+    vocab = tokenizer_vocab_size(tokenizer)
+    if vocab > config.padded_vocab_size:
+        raise UserError(
+            f"{checkpoint_dir}: the tokenizer has {vocab:,} tokens but the model only {config.padded_vocab_size:,}"
+            " embeddings; use the tokenizer the model was trained with"
+        )
+    state = load_state(checkpoint_dir / "lit_model.pth")
+    weights = state.get("model", state)
+    model = build_model(checkpoint_dir, has_expert_bias(weights))
+    model.load_state_dict(weights)
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, tokenizer

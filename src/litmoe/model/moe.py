@@ -1,0 +1,301 @@
+"""A fast, dropless drop-in for LitGPT's `LLaMAMoE`, with load balancing and routing statistics.
+
+It routes exactly as the stock layer does and keeps exactly its state-dict keys (`gate.weight`,
+`experts.{i}.fc_1/fc_2/proj.weight`, `shared_experts.*`), so checkpoints move freely between the two. What
+changes is the dispatch. Stock LitGPT loops over experts with `torch.where(mask)`: a host sync, a gather
+and an accumulating scatter per expert, and graph breaks. Here each step happens once:
+
+    route (top-k) -> sort the (token, expert) pairs by expert -> gather the tokens once
+    -> all experts' SwiGLU as grouped GEMMs -> weight -> scatter-add back to tokens once
+
+The experts' weights are stored stacked: `w_in` (E, 2F, D) holds fc_1 and fc_2 of each expert one above
+the other, and `w_out` (E, D, F) holds proj. One grouped GEMM (`torch._grouped_mm`) then does every
+expert's fc_1 and fc_2 together, with no host sync and no data-dependent shapes, so the layer compiles
+without graph breaks and runs on the meta device. State-dict hooks convert to and from the stock keys.
+
+Load balancing (all optional, see `litmoe.core.args.MoEArgs`):
+  * Switch auxiliary loss and router z-loss. LitGPT's loop only knows cross-entropy, so their gradient is
+    injected in backward by `AuxLossGradient`, an identity on the layer's output (Megatron's trick). The
+    gradient is scaled by `1 / gradient accumulation steps`, as the cross-entropy loss is.
+  * DeepSeek-V3 auxiliary-loss-free balancing. A per-expert bias is added to the router scores for
+    choosing experts only, not for the gate weights. It is updated from token counts after every
+    optimizer step (`update_expert_bias`).
+"""
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from litmoe.core.args import MoEArgs
+
+STOCK_EXPERT_KEYS = ("fc_1.weight", "fc_2.weight", "proj.weight")
+# Running sums since the last read; counts are integers so that bf16 models keep them exact.
+STATS = {
+    "tokens_per_expert": torch.long,
+    "entropy": torch.float,
+    "aux_loss": torch.float,
+    "z_loss": torch.float,
+    "forwards": torch.long,
+}
+
+
+class GroupedExperts(nn.Module):
+    """`n_expert` bias-free SwiGLU experts in stacked storage, saved and loaded under stock LitGPT keys."""
+
+    def __init__(self, n_expert: int, n_embd: int, hidden: int, n_layer: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.n_layer = n_layer
+        self.w_in = nn.Parameter(torch.empty(n_expert, 2 * hidden, n_embd))  # [fc_1; fc_2]
+        self.w_out = nn.Parameter(torch.empty(n_expert, n_embd, hidden))  # proj
+        self.register_state_dict_post_hook(_to_stock_keys)
+        self.register_load_state_dict_pre_hook(_from_stock_keys)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LitGPT's pretraining init (GPT-NeoX), what `litgpt.pretrain.initialize_weights` gives stock experts, drawn
+        in stock's order (each expert's fc_1, fc_2, then proj) so that the same seed gives the same weights."""
+        n_embd = self.w_in.shape[-1]
+        for expert in range(self.w_in.shape[0]):  # contiguous views: the same draws as stock's own tensors get
+            nn.init.normal_(self.w_in[expert, : self.hidden], std=math.sqrt(2.0 / 5 / n_embd))  # fc_1
+            nn.init.normal_(self.w_in[expert, self.hidden :], std=math.sqrt(2.0 / 5 / n_embd))  # fc_2
+            nn.init.normal_(self.w_out[expert], std=1 / math.sqrt(n_embd) / self.n_layer)  # proj
+
+    def forward(self, xs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of each expert on its contiguous slice of the expert-sorted tokens `xs`."""
+        device = xs.device.type
+        autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else xs.dtype
+        xs, w_in, w_out = xs.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype)
+        if device == "cuda" and dtype != torch.bfloat16:  # CUDA grouped GEMMs are bf16-only
+            return looped_swiglu(xs, tokens_per_expert, w_in, w_out)
+        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+        gate, up = torch._grouped_mm(xs, w_in.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, w_out.transpose(1, 2), offs=offsets)
+
+
+def looped_swiglu(
+    xs: torch.Tensor, tokens_per_expert: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor
+) -> torch.Tensor:
+    """The same computation one expert at a time (one host sync), for devices and dtypes without grouped GEMMs."""
+    outputs = []
+    # unbind once: its backward stacks the experts' gradients in one op (indexing per expert would not)
+    chunks = xs.split(tokens_per_expert.tolist())
+    for chunk, expert_in, expert_out in zip(chunks, w_in.unbind(), w_out.unbind(), strict=True):
+        gate, up = F.linear(chunk, expert_in).chunk(2, dim=-1)
+        outputs.append(F.linear(F.silu(gate) * up, expert_out))
+    return torch.cat(outputs)
+
+
+def _to_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    w_in, w_out = state_dict[prefix + "w_in"], state_dict[prefix + "w_out"]
+    if w_in.dim() != 3:  # ZeRO-3's empty placeholder for a partitioned weight (the weights are in its shards)
+        return
+    del state_dict[prefix + "w_in"], state_dict[prefix + "w_out"]
+    for expert in range(w_in.shape[0]):
+        fc_1, fc_2 = w_in[expert].split(module.hidden)
+        for key, value in zip(STOCK_EXPERT_KEYS, (fc_1, fc_2, w_out[expert]), strict=True):
+            state_dict[f"{prefix}{expert}.{key}"] = value
+
+
+def _from_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, *args: Any) -> None:
+    if f"{prefix}0.fc_1.weight" not in state_dict:
+        return  # let load_state_dict report the missing keys
+    n_expert = module.w_in.shape[0]
+    stock = [[state_dict.pop(f"{prefix}{expert}.{key}") for key in STOCK_EXPERT_KEYS] for expert in range(n_expert)]
+    state_dict[prefix + "w_in"] = torch.stack([torch.cat((fc_1, fc_2)) for fc_1, fc_2, _ in stock])
+    state_dict[prefix + "w_out"] = torch.stack([proj for _, _, proj in stock])
+
+
+class AuxLossGradient(torch.autograd.Function):
+    """Identity on `output`; in backward, gives `aux_loss` the gradient `scale` (as if added to the loss), times
+    `loss_scale()` when given: fp16 training multiplies the loss by a scale before backward (GradScaler,
+    DeepSpeed's loss scaler) and divides the gradients by it afterwards, so the injected gradient must carry it
+    too. The scale is read in backward, after the scaler has set it for this step."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float, loss_scale=None) -> torch.Tensor:
+        ctx.scale, ctx.loss_scale = scale, loss_scale
+        ctx.aux_shape = aux_loss.shape
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        scale = ctx.scale if ctx.loss_scale is None else ctx.scale * ctx.loss_scale()
+        aux_grad = torch.as_tensor(scale, device=grad_output.device, dtype=torch.float32).reshape(ctx.aux_shape)
+        return grad_output, aux_grad, None, None
+
+
+class MoELayer(nn.Module):
+    """Drop-in replacement for `litgpt.model.LLaMAMoE`, constructed from the same `Config`.
+
+    `balance` switches on the auxiliary losses and the expert-bias updates; without it the layer computes
+    exactly what the stock layer computes. `expert_bias` keeps a selection-bias buffer without training it,
+    to load and route like a checkpoint that was trained with one.
+    """
+
+    def __init__(self, config, balance: MoEArgs | None = None, expert_bias: bool = False) -> None:
+        from litgpt.model import GroupedTopkRouter, LLaMAMLP
+
+        super().__init__()
+        if config.bias:
+            raise ValueError(f"{config.name}: litmoe's MoE layer has bias-free experts; set bias: false")
+        self.config = config
+        self.balance = balance or MoEArgs(aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=0.0)
+        self.loss_scale = 1.0  # 1 / gradient accumulation steps, set by the training patches
+        self.fp16_loss_scale = None  # under fp16 mixed precision: the current loss scale (a callable), ditto
+        self.record_routing = False  # record routing statistics outside training too (evaluation)
+        if config.n_expert_groups:
+            self.gate = GroupedTopkRouter(config)
+            # LitGPT leaves this weight as `torch.empty` and nothing resets it. The init is attached to the
+            # router itself, so that whoever resets modules one by one (ZeRO-3, gathering each) reaches it.
+            std = math.sqrt(2.0 / 5 / config.n_embd)
+            self.gate.reset_parameters = partial(nn.init.normal_, self.gate.weight, std=std)
+            self.gate.reset_parameters()
+        else:
+            self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
+            if expert_bias or self.balance.bias_update_rate > 0:  # the grouped router has e_score_correction_bias
+                self.register_buffer("expert_bias", torch.zeros(config.n_expert))
+        self.experts = GroupedExperts(config.n_expert, config.n_embd, config.moe_intermediate_size, config.n_layer)
+        if config.n_shared_expert:
+            self.shared_experts = LLaMAMLP(
+                config, intermediate_size=config.moe_intermediate_size * config.n_shared_expert
+            )
+        # Statistics stay on the device (no host sync in forward) and out of the state dict.
+        for name, dtype in STATS.items():
+            shape = (config.n_expert,) if name == "tokens_per_expert" else ()
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("step_tokens_per_expert", torch.zeros(config.n_expert, dtype=torch.long), persistent=False)
+
+    @property
+    def selection_bias(self) -> torch.Tensor | None:
+        if self.config.n_expert_groups:
+            return self.gate.e_score_correction_bias
+        return getattr(self, "expert_bias", None)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weights, indices) of the chosen experts, each (tokens, k), plus the router logits and the
+        probabilities over all experts (for the balancing losses). Weights and indices are stock LLaMAMoE's."""
+        config = self.config
+        if config.n_expert_groups:  # DeepSeek-style sigmoid router, as litgpt's GroupedTopkRouter computes it
+            logits = F.linear(x.float(), self.gate.weight.float())
+            scores = logits.sigmoid()
+            indices = self.gate.get_topk_indices(scores)
+            weights = scores.gather(1, indices)
+            if config.norm_topk_prob:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        else:
+            logits = self.gate(x)
+            bias = self.selection_bias
+            choice = logits if bias is None else logits + bias.to(logits.dtype)
+            indices = torch.topk(choice, config.n_expert_per_token).indices
+            weights = logits.gather(1, indices).softmax(dim=1, dtype=torch.float).to(dtype=x.dtype)
+            probs = logits.softmax(dim=-1, dtype=torch.float)
+        if config.routed_scaling_factor != 1.0:
+            weights = weights * config.routed_scaling_factor
+        return weights, indices, logits, probs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        tokens = x.reshape(-1, C)
+        weights, indices, logits, probs = self.route(tokens)
+        k = indices.shape[1]
+        # Sort the (token, expert) pairs by expert; a stable sort keeps token order within an expert.
+        order = indices.view(-1).argsort(stable=True)
+        token_of_slot = order // k
+        # scatter_add, not bincount: bincount's output shape depends on the data and breaks the compiled graph
+        slots = indices.view(-1)
+        tokens_per_expert = slots.new_zeros(self.config.n_expert).scatter_add_(0, slots, torch.ones_like(slots))
+        expert_out = self.experts(tokens[token_of_slot], tokens_per_expert)
+        expert_out = expert_out * weights.view(-1)[order].unsqueeze(-1).to(expert_out.dtype)
+        y = torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out.to(tokens.dtype)).view(B, T, C)
+        if self.config.n_shared_expert:
+            y = y + self.shared_experts(x)
+        if self.training or self.record_routing:
+            aux, z_loss = self.balancing_losses(tokens_per_expert, logits, probs)
+            if self.training and torch.is_grad_enabled():
+                y = self.add_balancing_gradient(y, aux, z_loss)
+            self.record(tokens_per_expert, probs, aux, z_loss)
+        return y
+
+    def balancing_losses(
+        self, tokens_per_expert: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Switch aux loss, router z-loss) of this batch."""
+        counts = tokens_per_expert.float()
+        # Switch loss generalised to top-k: E * sum_e (share of routed slots to e) * (mean probability of e)
+        aux = self.config.n_expert * (counts / counts.sum() * probs.mean(dim=0)).sum()
+        z_loss = torch.logsumexp(logits.float(), dim=-1).square().mean()
+        return aux, z_loss
+
+    def add_balancing_gradient(self, y: torch.Tensor, aux: torch.Tensor, z_loss: torch.Tensor) -> torch.Tensor:
+        coefs = self.balance
+        if coefs.aux_loss_coef == 0 and coefs.z_loss_coef == 0:
+            return y
+        penalty = coefs.aux_loss_coef * aux + coefs.z_loss_coef * z_loss
+        return AuxLossGradient.apply(y, penalty, self.loss_scale, self.fp16_loss_scale)
+
+    @torch.no_grad()
+    def record(self, tokens_per_expert: torch.Tensor, probs: torch.Tensor, aux: torch.Tensor, z_loss: torch.Tensor):
+        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
+        for name, value in zip(STATS, (tokens_per_expert, entropy, aux, z_loss, 1), strict=True):
+            getattr(self, name).add_(value)
+        if self.training:
+            self.step_tokens_per_expert.add_(tokens_per_expert)
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [module for module in model.modules() if isinstance(module, MoELayer)]
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, rate: float, all_reduce=None) -> None:
+    """DeepSeek-V3: nudge each expert's selection bias toward balance by `rate`, from the token counts of
+    the optimizer step that just ended (summed across ranks with `all_reduce` when given)."""
+    for layer in moe_layers(model):
+        counts = layer.step_tokens_per_expert.float()
+        if all_reduce is not None:
+            counts = all_reduce(counts)
+        bias = layer.selection_bias
+        if bias is not None and rate > 0:
+            bias.add_(rate * torch.sign(counts.mean() - counts))
+        layer.step_tokens_per_expert.zero_()
+
+
+@torch.no_grad()
+def read_routing_stats(model: nn.Module) -> list[dict[str, Any]]:
+    """Per-layer routing statistics averaged since the last read (one host transfer for all layers), then reset."""
+    layers = moe_layers(model)
+    if not layers:
+        return []
+    rows = []
+    for layer in layers:
+        load = layer.tokens_per_expert.float() / layer.tokens_per_expert.sum().clamp_min(1)
+        forwards = layer.forwards.float().clamp_min(1)
+        bias = layer.selection_bias
+        bias_norm = bias.float().norm() if bias is not None else load.new_zeros(())
+        averages = torch.stack([layer.entropy, layer.aux_loss, layer.z_loss]).float() / forwards
+        rows.append(torch.cat([layer.forwards.float().reshape(1), averages, bias_norm.reshape(1), load]))
+        for name in STATS:
+            getattr(layer, name).zero_()
+    stats = []
+    for forwards, entropy, aux, z_loss, bias_norm, *load in torch.stack(rows).tolist():
+        if forwards == 0:
+            continue
+        mean_load = sum(load) / len(load)
+        stats.append(
+            {
+                "load": load,
+                "imbalance": max(load) / mean_load,
+                "entropy": entropy,
+                "aux_loss": aux,
+                "z_loss": z_loss,
+                "bias_norm": bias_norm,
+            }
+        )
+    return stats

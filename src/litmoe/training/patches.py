@@ -1,0 +1,123 @@
+"""Our changes to LitGPT's pretrain loop, applied in one scoped place: `patched_pretrain(...)`.
+
+`litgpt.pretrain.setup()` runs unchanged inside the context; these names are swapped for its duration and
+restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any of them):
+
+  litgpt.model.LLaMAMoE          -> `litmoe.model.moe.MoELayer` (unless moe.layer is 'stock'), through
+                                    litmoe.model.builder: Block builds its MLP with
+                                    `getattr(litgpt.model, config.mlp_class_name)`
+  pretrain.L                     -> a namespace whose `Fabric` builds the chosen strategy's Fabric
+                                    (litmoe.distributed.fabric; LitGPT hard-codes FSDP for >1 device)
+  pretrain.reset_parameters      -> under ZeRO-3 only: re-initialise weights that DeepSpeed has already
+                                    partitioned, gathering each module's (litmoe.distributed.zero)
+  torch.compile                  -> `prepare_model`: activation checkpointing, then compile only as configured
+                                    (LitGPT compiles unconditionally right before `fabric.setup(model)`)
+  pretrain.measure_flops         -> `TrainingFlops`: active-expert FLOPs (the meta-device trace fails on MoE)
+  pretrain.save_hyperparameters  -> writes our resolved run config (the stock one re-parses sys.argv with
+                                    LitGPT's parser and dies on any flag of ours)
+  pretrain.save_checkpoint       -> the stock save inside `litmoe.training.saving.AtomicSave`: a checkpoint
+                                    directory appears only when complete, with the run's progress recorded
+  pretrain.capture_hparams,      -> our run config (for TensorBoard's hyperparameters), and the run's effective
+  pretrain.pprint                   settings where LitGPT prints its raw arguments (class-default batch sizes)
+  pretrain.choose_logger         -> LitGPT's logger plus CSV and the live progress bar
+  pretrain.fit                   -> the stock loop with our hooks around it and its steps (litmoe.training.fit):
+                                    balancing, health, preemption, routing statistics, a correct summary
+The stop signals (SIGTERM, SIGINT, SIGUSR1) are handled for the whole of `setup` (litmoe.training.preemption).
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+from torch.utils.checkpoint import checkpoint
+
+from litmoe.core.args import OptimizationArgs
+from litmoe.core.patching import swapped
+from litmoe.distributed.fabric import fabric_builder
+from litmoe.distributed.zero import zero3_reset_parameters
+from litmoe.model.builder import layer_for, moe_layer
+from litmoe.model.flops import TrainingFlops
+from litmoe.training.fit import timed_fit
+from litmoe.training.monitoring import make_run_logger
+from litmoe.training.saving import AtomicSave
+from litmoe.training.settings import PatchSettings
+
+
+@contextmanager
+def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
+    import litgpt.pretrain as pretrain
+
+    flops = TrainingFlops(settings.micro_batch_size, settings.seq_len)
+    saver = AtomicSave(pretrain.save_checkpoint, partial(progress_record, settings), settings.checkpoint.keep_last)
+    with ExitStack() as stack:
+        stack.enter_context(settings.stop.installed())
+        stack.enter_context(moe_layer(layer_for(settings.moe)))
+        stack.enter_context(
+            swapped(torch, "compile", partial(prepare_model, compile_fn=torch.compile, options=settings.optimization))
+        )
+        optimizer = settings.run_config.get("optimizer", "AdamW")
+        build_fabric = fabric_builder(settings.strategy, settings.deepspeed_config, optimizer, settings.timeout_minutes)
+        stack.enter_context(swapped(pretrain, "L", SimpleNamespace(Fabric=build_fabric)))
+        if settings.strategy.name == "deepspeed" and settings.strategy.zero_stage == 3:
+            reset = partial(zero3_reset_parameters, seed=settings.run_config["seed"])
+            stack.enter_context(swapped(pretrain, "reset_parameters", reset))
+        stack.enter_context(swapped(pretrain, "measure_flops", flops))
+        stack.enter_context(
+            swapped(pretrain, "save_hyperparameters", partial(save_run_config, run_config=settings.run_config))
+        )
+        stack.enter_context(swapped(pretrain, "save_checkpoint", saver))
+        stack.enter_context(swapped(pretrain, "capture_hparams", lambda: settings.run_config))
+        stack.enter_context(swapped(pretrain, "pprint", SimpleNamespace(pformat=lambda hparams: settings.overview)))
+        stack.enter_context(
+            swapped(pretrain, "choose_logger", partial(choose_logger, pretrain.choose_logger, settings))
+        )
+        stack.enter_context(swapped(pretrain, "fit", partial(timed_fit, pretrain.fit, flops, settings, saver)))
+        yield settings
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every transformer block (state-dict keys unchanged)."""
+    for block in model.transformer.h:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def prepare_model(model: nn.Module, *args: Any, compile_fn: Callable, options: OptimizationArgs, **kwargs: Any):
+    from litgpt.model import GPT
+
+    if not isinstance(model, GPT):  # someone else's torch.compile call: leave it alone
+        return compile_fn(model, *args, **kwargs)
+    if options.gradient_checkpointing:
+        checkpoint_blocks(model)
+    if not options.compile:
+        return model
+    return compile_fn(
+        model, mode=options.compile_mode, dynamic=options.compile_dynamic, fullgraph=options.compile_fullgraph
+    )
+
+
+def progress_record(settings: PatchSettings, fabric, state: dict) -> dict[str, Any]:
+    """What a checkpoint records of the run that wrote it (litmoe.training.resume checks a resumed run against it)."""
+    return {
+        "iter_num": state["iter_num"],
+        "step_count": state["step_count"],
+        "tokens": state["iter_num"] * settings.tokens_per_micro_batch * fabric.world_size,
+        "world_size": fabric.world_size,
+        "micro_batch_size": settings.micro_batch_size,
+        "seq_len": settings.seq_len,
+    }
+
+
+def save_run_config(function: Callable, checkpoint_dir: Path, run_config: dict[str, Any]) -> None:
+    with open(Path(checkpoint_dir) / "hyperparameters.yaml", "w", encoding="utf-8") as file:
+        yaml.safe_dump(run_config, file, sort_keys=False)
+
+
+def choose_logger(stock_choose_logger: Callable, settings: PatchSettings, logger_name, out_dir, *args, **kwargs):
+    stock = stock_choose_logger(logger_name, out_dir, *args, **kwargs)
+    return make_run_logger(stock, Path(out_dir), settings.token_budget, settings.progress)

@@ -1,0 +1,187 @@
+"""Resuming a run: which checkpoint, whether this run's settings can continue it, and whether it is already done.
+
+The checkpoint's hyperparameters.yaml holds the settings it was trained with and its progress (litmoe.training.saving):
+optimizer steps, micro-batches, tokens, ranks, micro-batch size and sequence length. Against those, a resumed
+run may change:
+  allowed      the token budget (raising it continues a finished run), the global batch size (gradient
+               accumulation follows), the micro-batch size (the iteration count is converted, so the token
+               budget stays exact), optimizer and schedule settings, logging
+  not allowed  the model (its weights belong to the checkpoint's model), the sequence length, the data
+               directory, the seed, the number of data workers (litdata saves one position per worker), the
+               number of ranks (the data position and DeepSpeed's shards are per rank)
+Each change is one line saying so, before anything is built.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from litmoe.core.checkpoint_io import (
+    checkpoint_problem,
+    is_complete,
+    is_zero_checkpoint,
+    latest_checkpoint,
+    latest_sound_checkpoint,
+)
+from litmoe.core.errors import UserError
+from litmoe.data.training_data import sources_key
+from litmoe.training.saving import read_progress
+
+IGNORED_MODEL_FIELDS = {"name", "hf_config"}
+
+
+def resolve_resume(resume: bool | str | Path, out_dir: Path, deepspeed: bool = False) -> bool | Path:
+    """What to pass LitGPT as `resume`; refuses to start a fresh run over existing checkpoints, and to resume
+    DeepSpeed shards without DeepSpeed (or a single-file checkpoint with it)."""
+    if resume == "auto" or resume is True:
+        found = latest_sound_checkpoint(out_dir)
+        if found is None and latest_checkpoint(out_dir) is not None:
+            raise UserError(
+                f"--resume {resume}: no checkpoint in {out_dir} can be loaded (see above); move them aside to start"
+                " fresh, or choose another --out_dir"
+            )
+        if found is None and resume is True:
+            raise UserError(
+                f"--resume: no checkpoint in {out_dir}; use --resume auto to start fresh when there is none"
+            )
+        if found is not None:
+            check_resumable(found, deepspeed)
+            print(f"Resuming from {found}")
+        return found or False
+    if resume:
+        path = Path(resume)
+        if path.is_dir() and not is_zero_checkpoint(path):
+            path = path / "lit_model.pth"
+        if not is_complete(path):
+            raise UserError(
+                f"--resume {resume}: no checkpoint there (expected a step-*/ or final/ dir with lit_model.pth)"
+            )
+        if (problem := checkpoint_problem(path)) is not None:
+            raise UserError(f"--resume {path}: {problem}")
+        check_resumable(path, deepspeed)
+        return path
+    if (existing := latest_checkpoint(out_dir)) is not None:
+        raise UserError(
+            f"{out_dir} already holds checkpoints ({existing.parent.name}/); pass --resume auto to continue that run"
+            " or choose another --out_dir"
+        )
+    return False
+
+
+def check_resumable(checkpoint: Path, deepspeed: bool) -> None:
+    if is_zero_checkpoint(checkpoint) and not deepspeed:
+        raise UserError(
+            f"{checkpoint}: DeepSpeed shards; resume with the --strategy deepspeed settings that wrote them"
+            " (generate.py and evaluate.py read them as they are)"
+        )
+    if deepspeed and not is_zero_checkpoint(checkpoint):
+        raise UserError(
+            f"{checkpoint}: a single-file checkpoint; DeepSpeed resumes only its own shard directories, so resume"
+            " with the strategy that wrote it"
+        )
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a checkpoint's run and the resuming run are compared on."""
+
+    model: dict[str, Any]
+    world_size: int
+    micro_batch_size: int
+    global_batch_size: int
+    seq_len: int
+    data_dir: str
+    seed: int
+    num_workers: int
+
+
+def saved_shape(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """(model config, run settings, progress) as the checkpoint recorded them."""
+    model, settings = {}, {}
+    for name in ("model_config.yaml", "hyperparameters.yaml"):
+        path = checkpoint_dir / name
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UserError(
+                f"{path}: unreadable ({' '.join(str(err).split())}); this checkpoint cannot be resumed"
+            ) from None
+        if name == "model_config.yaml":
+            model = loaded or {}
+        else:
+            settings = loaded or {}
+    return model, settings, read_progress(checkpoint_dir)
+
+
+def check_continuation(weights: Path, run: RunShape) -> int | None:
+    """Compare the checkpoint with this run; raises for a change that is not allowed, prints the allowed ones.
+    Returns the tokens the checkpoint had trained (None when it did not record them)."""
+    checkpoint_dir = Path(weights).parent
+    model, settings, progress = saved_shape(checkpoint_dir)
+    where = f"--resume {checkpoint_dir}"
+    changed = [
+        f"{key} {model.get(key)} -> {run.model.get(key)}"
+        for key in sorted(set(model) | set(run.model))
+        if key not in IGNORED_MODEL_FIELDS and model.get(key) != run.model.get(key)
+    ]
+    if model and changed:
+        raise UserError(
+            f"{where}: the model differs from the checkpoint's ({'; '.join(changed[:3])}): not allowed, the weights"
+            " belong to the checkpoint's model; resume with its model_config.yaml, or choose another --out_dir"
+        )
+    if settings.get("data_dir") is not None:
+        refuse_changed(where, "data_dir", sources_key(settings["data_dir"]), run.data_dir)
+    refuse_changed(where, "seed", settings.get("seed"), run.seed)
+    workers = settings.get("num_workers")
+    if workers is not None and max(1, int(workers)) != max(1, run.num_workers):
+        refuse_changed(where, "num_workers", workers, run.num_workers)
+    if progress is None:
+        return None
+    refuse_changed(where, "train.max_seq_length", progress["seq_len"], run.seq_len)
+    if progress["world_size"] != run.world_size:
+        raise UserError(
+            f"{where}: written by {progress['world_size']} ranks, this run has {run.world_size}: not allowed, the"
+            " data position (and DeepSpeed's shards) are per rank; resume with the same --devices x --num_nodes"
+        )
+    tokens = int(progress["tokens"])
+    per_iteration = run.micro_batch_size * run.seq_len * run.world_size
+    if progress["micro_batch_size"] != run.micro_batch_size:
+        if tokens % per_iteration:
+            raise UserError(
+                f"{where}: train.micro_batch_size {progress['micro_batch_size']} -> {run.micro_batch_size}: not"
+                f" allowed here, {tokens:,} tokens trained is not a whole number of the new micro-batches"
+            )
+        print(
+            f"Resuming with train.micro_batch_size {progress['micro_batch_size']} -> {run.micro_batch_size}: allowed;"
+            f" iteration {progress['iter_num']} continues as {tokens // per_iteration}, so the budget stays exact"
+        )
+    previous_global = (settings.get("train") or {}).get("global_batch_size")
+    if previous_global not in (None, run.global_batch_size):
+        print(
+            f"Resuming with train.global_batch_size {previous_global} -> {run.global_batch_size}: allowed; gradient"
+            " accumulation follows"
+        )
+    return tokens
+
+
+def refuse_changed(where: str, key: str, saved: Any, now: Any) -> None:
+    if saved is None:
+        return
+    if saved != now:
+        raise UserError(
+            f"{where}: {key} {saved} -> {now}: not allowed, the checkpoint's data position depends on it; resume"
+            f" with --{key} {saved}"
+        )
+
+
+def finished_run(weights: Path, budget: int) -> str | None:
+    """When the checkpoint is a run's final/ and has trained the whole budget: what to tell the user."""
+    progress = read_progress(Path(weights).parent)
+    if Path(weights).parent.name != "final" or progress is None or int(progress["tokens"]) < budget:
+        return None
+    return (
+        f"{Path(weights).parent.parent} already trained its budget ({int(progress['tokens']):,} tokens, final/);"
+        " nothing to do. Raise --train.max_tokens to continue it"
+    )
