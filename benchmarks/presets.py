@@ -1,5 +1,6 @@
-"""The README's table of model presets: parameters, FLOPs per token, and --estimate's memory per GPU for one GPU
-and for 8 GPUs under ZeRO-2 and ZeRO-3 (bf16-mixed, micro-batch 4 of full blocks, activation checkpointing on).
+"""The table of model presets in docs/training.md (and README.md): parameters, FLOPs per token, and --estimate's
+memory per GPU for one GPU and for 8 GPUs under ZeRO-2 and ZeRO-3 (bf16-mixed, micro-batch 4 of full blocks,
+activation checkpointing on).
 Everything is computed from the configs on the meta device; the memory columns are estimates.
 
     uv run python benchmarks/presets.py
