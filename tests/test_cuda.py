@@ -10,7 +10,8 @@ from litgpt import Config
 from litgpt.model import LLaMAMoE
 from test_moe import relative_error
 
-from litmoe.model.moe import MoELayer, _to_stock_keys
+from litmoe.model.experts import _to_stock_keys
+from litmoe.model.moe import MoELayer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = torch.device("cuda")

@@ -4,7 +4,8 @@ from litgpt import GPT, Config
 from litgpt.model import LLaMAMoE
 
 from litmoe.core.args import MoEArgs
-from litmoe.model.moe import MoELayer, _to_stock_keys, read_routing_stats, update_expert_bias
+from litmoe.model.experts import _to_stock_keys
+from litmoe.model.moe import MoELayer, read_routing_stats, update_expert_bias
 
 CONFIGS = {
     "softmax top-2": {},

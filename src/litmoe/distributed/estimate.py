@@ -25,6 +25,7 @@ import torch
 
 from litmoe.distributed.plans import StrategyChoice
 from litmoe.model.attention import compute_dtype
+from litmoe.model.experts import expert_size, looped_experts_reason
 from litmoe.model.flops import active_parameters, total_parameters, training_flops_per_token
 
 GiB = 2**30
@@ -73,7 +74,7 @@ class DeviceMemory:
 
 
 def activation_bytes_per_token(config, act_bytes: int, checkpointing: bool) -> float:
-    D, F, E, k = config.n_embd, config.moe_intermediate_size, config.n_expert, config.n_expert_per_token
+    D, F, E, k = config.n_embd, expert_size(config), config.n_expert, config.n_expert_per_token
     per_layer = 8 * D + 4 * config.n_head * config.head_size + k * (4 * F + 3 * D) + 2 * E
     logits = config.padded_vocab_size * 4
     if checkpointing:
@@ -159,6 +160,7 @@ def describe(
         f"{config.name}: {estimate.total_parameters:,} parameters in total,"
         f" {estimate.active_parameters - output_head:,} active non-embedding parameters per token",
         f"training FLOPs per token: {estimate.flops_per_token / 1e9:.4f} GFLOP",
+        *([f"experts: {reason}"] if (reason := looped_experts_reason(config, precision)) else []),
         f"strategy: {choice.label(world_size, devices_per_node)} ({choice.reason})",
         f"training state per device ({precision}, micro-batch activations"
         f" {'with' if checkpointing else 'without'} activation checkpointing):",

@@ -14,8 +14,10 @@ import torch
 
 from litmoe.core.checkpoint_io import load_state
 from litmoe.core.errors import UserError
+from litmoe.core.outputs import check_output_dir
 from litmoe.data.tokenizer import TOKENIZER_FILES
 from litmoe.inference.loading import resolve_checkpoint_dir
+from litmoe.model.experts import expert_size
 
 
 def mixtral_config(config, bos_id: int | None, eos_id: int | None) -> dict:
@@ -25,7 +27,7 @@ def mixtral_config(config, bos_id: int | None, eos_id: int | None) -> dict:
         "model_type": "mixtral",
         "vocab_size": config.padded_vocab_size,
         "hidden_size": config.n_embd,
-        "intermediate_size": config.moe_intermediate_size,
+        "intermediate_size": expert_size(config),
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_query_groups,
@@ -77,9 +79,7 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out_dir {out_dir} is a file; give a new directory")
+    out_dir = check_output_dir(out_dir, "--out_dir", [("--checkpoint", checkpoint)])
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out_dir {out_dir} is not empty; choose a new directory")
     config = Config.from_file(checkpoint_dir / "model_config.yaml")

@@ -45,9 +45,9 @@ MOE_CONFIGS: list[dict[str, Any]] = [
         n_expert_per_token=2,
         **_LLAMA_MOE,
     ),
-    # A ladder for scaling runs, from about 1B to about 8B parameters in total (README: "Presets"). Coarse experts
-    # (8, top-2, Mixtral-style) and one fine-grained model in the DeepSeekMoE/OLMoE style: many small experts, a
-    # higher top-k and a shared expert always on.
+    # A ladder for scaling runs, from about 1B to about 8B parameters in total (docs/training.md: "Presets").
+    # Coarse experts (8, top-2, Mixtral-style) and one fine-grained model in the DeepSeekMoE/OLMoE style: many
+    # small experts, a higher top-k and a shared expert always on.
     dict(
         name="MoE-1B",
         hf_config=dict(org="litmoe", name="MoE-1B"),
@@ -265,8 +265,6 @@ def check_experts(config: dict[str, Any], where: str) -> None:
             f"{where}: n_expert_per_token {top_k} with n_expert {n_expert}; an MoE layer routes each token to"
             " between 1 and n_expert experts"
         )
-    if config["moe_intermediate_size"] is None:
-        raise UserError(f"{where}: LLaMAMoE needs moe_intermediate_size (each expert's hidden size)")
     groups = config["n_expert_groups"]
     if groups is not None and (n_expert % groups or not 1 <= (config["n_topk_groups"] or 0) <= groups):
         raise UserError(

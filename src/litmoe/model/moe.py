@@ -8,10 +8,9 @@ and an accumulating scatter per expert, and graph breaks. Here each step happens
     route (top-k) -> sort the (token, expert) pairs by expert -> gather the tokens once
     -> all experts' SwiGLU as grouped GEMMs -> weight -> scatter-add back to tokens once
 
-The experts' weights are stored stacked: `w_in` (E, 2F, D) holds fc_1 and fc_2 of each expert one above
-the other, and `w_out` (E, D, F) holds proj. One grouped GEMM (`torch._grouped_mm`) then does every
-expert's fc_1 and fc_2 together, with no host sync and no data-dependent shapes, so the layer compiles
-without graph breaks and runs on the meta device. State-dict hooks convert to and from the stock keys.
+The experts' weights are stored stacked, and one grouped GEMM runs every expert at once (litmoe.model.experts),
+so the layer compiles without graph breaks and runs on the meta device. State-dict hooks convert to and from
+the stock keys, and `experts[i].fc_1.weight` reads as on stock's layer.
 
 Load balancing (all optional, see `litmoe.core.args.MoEArgs`):
   * Switch auxiliary loss and router z-loss. LitGPT's loop only knows cross-entropy, so their gradient is
@@ -31,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from litmoe.core.args import MoEArgs
+from litmoe.model.experts import GroupedExperts, expert_size
 
-STOCK_EXPERT_KEYS = ("fc_1.weight", "fc_2.weight", "proj.weight")
 # Running sums since the last read; counts are integers so that bf16 models keep them exact.
 STATS = {
     "tokens_per_expert": torch.long,
@@ -41,74 +40,6 @@ STATS = {
     "z_loss": torch.float,
     "forwards": torch.long,
 }
-
-
-class GroupedExperts(nn.Module):
-    """`n_expert` bias-free SwiGLU experts in stacked storage, saved and loaded under stock LitGPT keys."""
-
-    def __init__(self, n_expert: int, n_embd: int, hidden: int, n_layer: int) -> None:
-        super().__init__()
-        self.hidden = hidden
-        self.n_layer = n_layer
-        self.w_in = nn.Parameter(torch.empty(n_expert, 2 * hidden, n_embd))  # [fc_1; fc_2]
-        self.w_out = nn.Parameter(torch.empty(n_expert, n_embd, hidden))  # proj
-        self.register_state_dict_post_hook(_to_stock_keys)
-        self.register_load_state_dict_pre_hook(_from_stock_keys)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """LitGPT's pretraining init (GPT-NeoX), what `litgpt.pretrain.initialize_weights` gives stock experts, drawn
-        in stock's order (each expert's fc_1, fc_2, then proj) so that the same seed gives the same weights."""
-        n_embd = self.w_in.shape[-1]
-        for expert in range(self.w_in.shape[0]):  # contiguous views: the same draws as stock's own tensors get
-            nn.init.normal_(self.w_in[expert, : self.hidden], std=math.sqrt(2.0 / 5 / n_embd))  # fc_1
-            nn.init.normal_(self.w_in[expert, self.hidden :], std=math.sqrt(2.0 / 5 / n_embd))  # fc_2
-            nn.init.normal_(self.w_out[expert], std=1 / math.sqrt(n_embd) / self.n_layer)  # proj
-
-    def forward(self, xs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of each expert on its contiguous slice of the expert-sorted tokens `xs`."""
-        device = xs.device.type
-        autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else xs.dtype
-        xs, w_in, w_out = xs.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype)
-        if device == "cuda" and dtype != torch.bfloat16:  # CUDA grouped GEMMs are bf16-only
-            return looped_swiglu(xs, tokens_per_expert, w_in, w_out)
-        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-        gate, up = torch._grouped_mm(xs, w_in.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, w_out.transpose(1, 2), offs=offsets)
-
-
-def looped_swiglu(
-    xs: torch.Tensor, tokens_per_expert: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor
-) -> torch.Tensor:
-    """The same computation one expert at a time (one host sync), for devices and dtypes without grouped GEMMs."""
-    outputs = []
-    # unbind once: its backward stacks the experts' gradients in one op (indexing per expert would not)
-    chunks = xs.split(tokens_per_expert.tolist())
-    for chunk, expert_in, expert_out in zip(chunks, w_in.unbind(), w_out.unbind(), strict=True):
-        gate, up = F.linear(chunk, expert_in).chunk(2, dim=-1)
-        outputs.append(F.linear(F.silu(gate) * up, expert_out))
-    return torch.cat(outputs)
-
-
-def _to_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    w_in, w_out = state_dict[prefix + "w_in"], state_dict[prefix + "w_out"]
-    if w_in.dim() != 3:  # ZeRO-3's empty placeholder for a partitioned weight (the weights are in its shards)
-        return
-    del state_dict[prefix + "w_in"], state_dict[prefix + "w_out"]
-    for expert in range(w_in.shape[0]):
-        fc_1, fc_2 = w_in[expert].split(module.hidden)
-        for key, value in zip(STOCK_EXPERT_KEYS, (fc_1, fc_2, w_out[expert]), strict=True):
-            state_dict[f"{prefix}{expert}.{key}"] = value
-
-
-def _from_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, *args: Any) -> None:
-    if f"{prefix}0.fc_1.weight" not in state_dict:
-        return  # let load_state_dict report the missing keys
-    n_expert = module.w_in.shape[0]
-    stock = [[state_dict.pop(f"{prefix}{expert}.{key}") for key in STOCK_EXPERT_KEYS] for expert in range(n_expert)]
-    state_dict[prefix + "w_in"] = torch.stack([torch.cat((fc_1, fc_2)) for fc_1, fc_2, _ in stock])
-    state_dict[prefix + "w_out"] = torch.stack([proj for _, _, proj in stock])
 
 
 class AuxLossGradient(torch.autograd.Function):
@@ -142,8 +73,6 @@ class MoELayer(nn.Module):
         from litgpt.model import GroupedTopkRouter, LLaMAMLP
 
         super().__init__()
-        if config.bias:
-            raise ValueError(f"{config.name}: litmoe's MoE layer has bias-free experts; set bias: false")
         self.config = config
         self.balance = balance or MoEArgs(aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=0.0)
         self.loss_scale = 1.0  # 1 / gradient accumulation steps, set by the training patches
@@ -160,11 +89,10 @@ class MoELayer(nn.Module):
             self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
             if expert_bias or self.balance.bias_update_rate > 0:  # the grouped router has e_score_correction_bias
                 self.register_buffer("expert_bias", torch.zeros(config.n_expert))
-        self.experts = GroupedExperts(config.n_expert, config.n_embd, config.moe_intermediate_size, config.n_layer)
+        hidden = expert_size(config)
+        self.experts = GroupedExperts(config.n_expert, config.n_embd, hidden, config.n_layer, config.bias)
         if config.n_shared_expert:
-            self.shared_experts = LLaMAMLP(
-                config, intermediate_size=config.moe_intermediate_size * config.n_shared_expert
-            )
+            self.shared_experts = LLaMAMLP(config, intermediate_size=hidden * config.n_shared_expert)
         # Statistics stay on the device (no host sync in forward) and out of the state dict.
         for name, dtype in STATS.items():
             shape = (config.n_expert,) if name == "tokens_per_expert" else ()

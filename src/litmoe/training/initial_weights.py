@@ -31,6 +31,7 @@ from litmoe.core.checkpoint_io import checkpoint_problem, load_state
 from litmoe.core.errors import UserError
 from litmoe.model.builder import has_expert_bias
 from litmoe.model.configs import model_fields
+from litmoe.model.experts import expert_size
 
 SCRATCH = ".initial_weights.partial"  # under out_dir; left over by a killed run, it is removed at the next start
 # What the dense and the MoE model must share for the copied weights to mean the same thing.
@@ -88,11 +89,11 @@ def check_upcyclable(dense, config, where: str) -> int:
             raise refuse(f"{field} {getattr(dense, field)} vs {getattr(config, field)}; they must be equal")
     if config.n_expert_groups or config.n_shared_expert or config.routed_scaling_factor != 1.0:
         raise refuse("grouped routers, shared experts and routed_scaling_factor are not upcycled (gates must sum to 1)")
-    slices, remainder = divmod(dense.intermediate_size, config.moe_intermediate_size)
+    slices, remainder = divmod(dense.intermediate_size, expert_size(config))
     fits = remainder == 0 and (slices == 1 or (config.n_expert_per_token == slices and config.n_expert % slices == 0))
     if not fits:
         raise refuse(
-            f"intermediate_size {dense.intermediate_size} vs moe_intermediate_size {config.moe_intermediate_size}:"
+            f"intermediate_size {dense.intermediate_size} vs moe_intermediate_size {expert_size(config)}:"
             " use equal sizes (coarse experts), or a size G times smaller with n_expert_per_token G and n_expert a"
             " multiple of G (fine-grained)"
         )
@@ -113,7 +114,7 @@ def upcycled_weights(args: UpcycleArgs, config, seed: int) -> dict[str, torch.Te
         return tensor + args.noise * tensor.std() * noise
 
     state = {key: tensor for key, tensor in dense.items() if ".mlp." not in key}
-    width = config.moe_intermediate_size
+    width = expert_size(config)
     for layer in range(config.n_layer):
         prefix = f"transformer.h.{layer}.mlp."
         fc_1, fc_2, proj = (dense[f"{prefix}{name}.weight"] for name in ("fc_1", "fc_2", "proj"))

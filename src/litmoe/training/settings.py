@@ -22,6 +22,7 @@ from litmoe.core.args import CheckpointArgs, HealthArgs, MoEArgs, OptimizationAr
 from litmoe.core.cli import read_yaml
 from litmoe.core.errors import UserError
 from litmoe.distributed.plans import StrategyChoice
+from litmoe.model.experts import expert_size, looped_experts_reason
 from litmoe.training.monitoring import RunSummary
 from litmoe.training.preemption import StopSignal
 
@@ -207,7 +208,7 @@ def run_overview(
     and batch sizes are the class defaults rather than the run's)."""
     steps = int(train.max_tokens) // (train.global_batch_size * seq_len)
     accumulation = train.global_batch_size // (train.micro_batch_size * world_size)
-    experts = f"{config.n_expert} experts of {config.moe_intermediate_size}, top-{config.n_expert_per_token}"
+    experts = f"{config.n_expert} experts of {expert_size(config)}, top-{config.n_expert_per_token}"
     mlp = experts if config.mlp_class_name == "LLaMAMoE" else f"{config.mlp_class_name} of {config.intermediate_size}"
     arguments = ", ".join(f"{key}={value}" for key, value in optimizer["init_args"].items())
     lines = [
@@ -215,6 +216,7 @@ def run_overview(
         f"  model        {config.name}: {config.n_layer} layers, n_embd {config.n_embd}, {config.n_head} heads"
         f" ({config.n_query_groups} query groups), {mlp}; vocabulary {config.vocab_size:,}"
         f" (padded to {config.padded_vocab_size:,}), block size {config.block_size}",
+        *([f"  experts      {reason}"] if (reason := looped_experts_reason(config, precision)) else []),
         f"  data         {data}: {tokens['train']:,} train / {tokens['val']:,} val tokens",
         f"  budget       {int(train.max_tokens):,} tokens: {steps:,} optimizer steps of {train.global_batch_size}"
         f" sequences x {seq_len} tokens (micro-batch {train.micro_batch_size} x {world_size} device(s)"
