@@ -387,6 +387,41 @@ def test_a_finished_run_is_left_alone_until_its_budget_is_raised(train_args, tmp
     assert run.summary.tokens == 256 * 2 and read_progress(out_dir / "final")["tokens"] == 256 * 6
 
 
+def test_the_default_cpu_run_is_finished_where_litgpt_stops_it(tmp_path):
+    """The CPU profile's budget is not a multiple of the tokens per micro-batch: LitGPT's loop stops below it
+    (`max_tokens // world_size // (micro_batch_size x seq_len)` micro-batches), and that run is finished."""
+    import yaml
+
+    from litmoe.training.resume import RunShape, finished_run
+    from litmoe.training.saving import record_progress
+
+    train = yaml.safe_load((REPO / "train_config.yaml").read_text())["profiles"]["cpu"]["train"]
+    budget, per_iter = train["max_tokens"], train["micro_batch_size"] * train["max_seq_length"]
+    assert budget % per_iter  # the case that matters: a budget that does not divide evenly
+    shape = RunShape({}, 1, train["micro_batch_size"], train["global_batch_size"], train["max_seq_length"], "", 0, 0)
+    final = tmp_path / "out" / "final"
+    final.mkdir(parents=True)
+    (final / "lit_model.pth").touch()
+    stopped_at = budget // 1 // per_iter * per_iter  # where LitGPT's fit ends (698,368 of 700,000 tokens)
+    record_progress(final / "hyperparameters.yaml", {"tokens": stopped_at - per_iter})
+    assert finished_run(final / "lit_model.pth", budget, shape) is None  # one micro-batch left to train
+    record_progress(final / "hyperparameters.yaml", {"tokens": stopped_at})
+    assert f"already trained its budget ({stopped_at:,} tokens, final/)" in finished_run(
+        final / "lit_model.pth", budget, shape
+    )
+
+
+def test_a_run_whose_budget_does_not_divide_into_micro_batches_stays_finished(train_args, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    budget = 256 * 4 + 100  # 4 micro-batches of 4 x 64 tokens, and 100 tokens that LitGPT's loop never trains
+    main(train_args(out_dir, budget))
+    assert read_progress(out_dir / "final")["tokens"] == 256 * 4
+    before = {path: path.stat().st_mtime_ns for path in out_dir.rglob("*")}
+    assert main(train_args(out_dir, budget, extra=("--resume", "auto"))) is None
+    assert "already trained its budget (1,024 tokens, final/); nothing to do" in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in out_dir.rglob("*")} == before
+
+
 def test_collective_timeout_reaches_every_strategy(monkeypatch):
     from datetime import timedelta
 

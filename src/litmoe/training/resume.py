@@ -176,10 +176,16 @@ def refuse_changed(where: str, key: str, saved: Any, now: Any) -> None:
         )
 
 
-def finished_run(weights: Path, budget: int) -> str | None:
-    """When the checkpoint is a run's final/ and has trained the whole budget: what to tell the user."""
+def finished_run(weights: Path, budget: int, run: RunShape) -> str | None:
+    """When the checkpoint is a run's final/ and LitGPT's loop would train no further step with this budget: what
+    to tell the user. The loop stops at `max_tokens // world_size // (micro_batch_size x seq_len)` micro-batches
+    per rank, so a budget that is not a multiple of the tokens per step ends a little below it."""
     progress = read_progress(Path(weights).parent)
-    if Path(weights).parent.name != "final" or progress is None or int(progress["tokens"]) < budget:
+    if Path(weights).parent.name != "final" or progress is None:
+        return None
+    tokens_per_iter = run.micro_batch_size * run.seq_len
+    max_iters = budget // run.world_size // tokens_per_iter
+    if int(progress["tokens"]) // (tokens_per_iter * run.world_size) < max_iters:
         return None
     return (
         f"{Path(weights).parent.parent} already trained its budget ({int(progress['tokens']):,} tokens, final/);"

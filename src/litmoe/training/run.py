@@ -268,7 +268,7 @@ def resume_point(
     if not resume:
         return resume, None
     tokens = check_continuation(resume, shape)
-    if (done := finished_run(resume, budget)) is not None:
+    if (done := finished_run(resume, budget, shape)) is not None:
         print(done)
         return None
     return resume, tokens
