@@ -59,6 +59,45 @@ def test_every_format_and_a_glob_are_read_in_full(tmp_path):
     assert sorted(by_glob.documents()) == sorted(parts["b.jsonl.gz"] + parts["c.jsonl.zst"] + parts["d.jsonl"])
 
 
+def test_links_back_up_are_walked_once_and_said(tmp_path, capsys):
+    corpus = tmp_path / "src"
+    (corpus / "deep").mkdir(parents=True)
+    for index, document in enumerate(DOCUMENTS[:12]):
+        (corpus / ("deep" if index % 2 else ".") / f"doc{index:02d}.txt").write_text(document)
+    (corpus / "a").symlink_to(".")  # two loops: a glob with ** or a walk following links would never end
+    (corpus / "deep" / "b").symlink_to("..")
+    (corpus / "again.txt").symlink_to(corpus / "doc00.txt")  # a second name for a file already read
+    for source in (str(corpus / "**" / "*.txt"), str(corpus)):
+        assert sorted(resolve_source(source, tmp_path).documents()) == sorted(DOCUMENTS[:12])
+        assert "skipped 3 links to folders or files already read" in capsys.readouterr().out
+
+
+def test_a_folder_named_like_a_glob_is_that_folder(tmp_path):
+    for name, documents in (("corpus[1]", DOCUMENTS[:3]), ("corpus1", DOCUMENTS[3:9])):
+        (tmp_path / name).mkdir()
+        for index, document in enumerate(documents):
+            (tmp_path / name / f"{index}.txt").write_text(document)
+    assert sorted(resolve_source(str(tmp_path / "corpus[1]"), tmp_path).documents()) == sorted(DOCUMENTS[:3])
+    as_pattern = resolve_source(str(tmp_path / "corpus[0-9]" / "*.txt"), tmp_path)  # no such folder: a pattern
+    assert sorted(as_pattern.documents()) == sorted(DOCUMENTS[3:9])
+
+
+def test_globs_match_as_python_globs_do_on_a_tree_without_links(tmp_path):
+    import glob
+
+    from litmoe.data.files import data_kind, glob_files
+
+    for name in ("a/x.txt", "a/b/y.jsonl", "a/b/c/z.txt", "top.txt", "a/b/w.parquet.bak", "q/r.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    for pattern in ("**/*.txt", "a/**/*.txt", "a/*/*", "?/*.txt", "[aq]/**", "a/[b]", "[!a]/*"):
+        expected = set()
+        for match in glob.glob(str(tmp_path / pattern), recursive=True):
+            found = [Path(match)] if Path(match).is_file() else [p for p in Path(match).rglob("*") if p.is_file()]
+            expected |= {path for path in found if data_kind(path)}
+        assert set(glob_files(str(tmp_path / pattern))) == expected, pattern
+
+
 def test_workers_write_the_same_data_as_one_process(tmp_path):
     write_corpus(tmp_path / "corpus", DOCUMENTS)
     one = prepare(str(tmp_path / "corpus"), tmp_path / "one", vocab_size=300, val_fraction=0.2, workers=1)

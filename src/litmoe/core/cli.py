@@ -1,5 +1,7 @@
 """What every command line here shares: flags parsed from a function's signature (jsonargparse), and every
-expected mistake reported as one line on stderr with exit status 2, no traceback.
+expected mistake reported as one line on stderr with exit status 2, no traceback: a `UserError`, a dependency
+that does not import, and an OS error on a path (a read-only or missing directory, a file where a directory
+should be); any other exception keeps its traceback, since it is a bug.
 
 On top of jsonargparse's parsing, users get what they type elsewhere: a bare boolean flag means true
 (`--force`), and integer settings take integral scientific notation (`--train.max_tokens 2e6`).
@@ -8,17 +10,19 @@ On top of jsonargparse's parsing, users get what they type elsewhere: a bare boo
 import dataclasses
 import importlib
 import inspect
+import os
 import re
 import sys
 import types
 import typing
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from litmoe.core.errors import EXIT_INTERRUPTED, EXIT_USAGE, RunStopped, UserError
+from litmoe.core.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE, RunStopped, UserError
 
 
 def run_command(target: str, parses_its_flags: bool = False) -> None:
@@ -48,6 +52,14 @@ def run_cli(main: Callable[[], Any]) -> None:
             f"error: a dependency does not import: {reason}; install the versions uv.lock pins (`uv sync`)",
             file=sys.stderr,
         )
+        sys.exit(EXIT_USAGE)
+    except BrokenPipeError:  # the reader went away (`generate.py ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        sys.exit(EXIT_BROKEN_PIPE)
+    except OSError as err:
+        if err.filename is None:  # not about a path: the system or a bug, shown with its traceback
+            raise
+        print(f"error: {err.filename}: {err.strerror or err}; check this path and its permissions", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except RunStopped as stop:
         if stop.message:
@@ -187,11 +199,15 @@ def integral(value: str) -> str:
 
 
 def normalize_flags(argv: list[str], types_of: dict[str, Any]) -> list[str]:
-    """A bare boolean flag means true; integer flags take integral scientific notation."""
+    """A bare boolean flag means true; integer flags take integral scientific notation; an empty path is refused
+    (it would mean the current directory)."""
     normalized = []
     for index, arg in enumerate(argv):
         name, sep, value = arg.partition("=")
         following = argv[index + 1] if index + 1 < len(argv) else None
+        given = value if sep else following
+        if allows(types_of.get(name), Path) and given is not None and not given.strip():
+            raise UserError(f"{name} '': give a path")
         if allows(types_of.get(name), bool) and not sep and (following is None or following.startswith("--")):
             normalized.append(f"{name}=true")
         elif allows(types_of.get(name), int) and sep:

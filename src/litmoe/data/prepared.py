@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from litmoe.core.errors import UserError
+from litmoe.core.outputs import check_output
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -43,6 +44,7 @@ def read_manifest(out_dir: Path) -> Manifest | None:
 def check_output_dir(out_dir: Path, sources: list[str]) -> None:
     """Refuse an --out_dir whose replacement could delete what the user owns, with or without --force: only a
     directory holding nothing but prepared data is ever replaced."""
+    check_output(out_dir, "--out_dir", replaces="prepared-data")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir {out_dir} is a file; give a directory for the prepared data")
     for source in sources:

@@ -15,12 +15,10 @@ one at a time (and that an interrupted preparation resumes by).
 Every reading problem is one line naming the file (and line or row) and the fix.
 """
 
-import glob
 import gzip
 import hashlib
 import io
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -29,12 +27,12 @@ from itertools import chain
 from pathlib import Path
 
 from litmoe.core.errors import UserError
+from litmoe.data.files import DATA_SUFFIXES, data_kind, files_in, glob_files, is_glob
 
 DEFAULT_SOURCE = "python-docs"
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/{name}"
 TINYSTORIES_FILES = ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt")
 TINYSTORIES_SEPARATOR = "<|endoftext|>"
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow", ".txt")
 TXT_FILES_PER_SHARD = 512
 ROWS_PER_BATCH = 1024  # rows read from a parquet or Arrow file at a time
 
@@ -297,28 +295,6 @@ def files_fingerprint(files: list[Path], text_field: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def data_kind(path: Path) -> str | None:
-    name = path.name
-    if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
-        return "jsonl"
-    return {".parquet": "parquet", ".arrow": "arrow", ".txt": "txt"}.get(path.suffix)
-
-
-def files_in(folder: Path) -> list[Path]:
-    """Every data file under `folder`, sorted; an unreadable folder or file is an error, not skipped."""
-
-    def unreadable(err: OSError) -> None:
-        raise UserError(f"{err.filename}: cannot read this folder ({err.strerror}); fix its permissions") from None
-
-    files = []
-    for root, _, names in os.walk(folder, onerror=unreadable):
-        files += [Path(root) / name for name in names if data_kind(Path(name))]
-    for path in files:
-        if path.is_file() and not os.access(path, os.R_OK):
-            raise UserError(f"{path}: cannot read it (permission denied); fix its permissions or remove it")
-    return sorted(path for path in files if path.is_file())
-
-
 def shards_of(files: list[Path], text_field: str, lone_text_file: bool) -> tuple[Shard, ...]:
     """One shard per data file; .txt files (one document each) in groups. A .txt file given alone is a corpus
     of documents separated by blank lines instead."""
@@ -335,10 +311,8 @@ def resolve_source(source: str, cache_dir: Path, text_field: str = "text", flag:
         return python_docs_source()
     if source == "tinystories":
         return tinystories_source(cache_dir)
-    if glob.has_magic(source):
-        matches = [Path(match) for match in sorted(glob.glob(source, recursive=True))]
-        files = sorted({file for match in matches for file in ([match] if match.is_file() else files_in(match))})
-        files = [path for path in files if data_kind(path)]
+    if is_glob(source):
+        files = glob_files(source)
         if not files:
             raise UserError(f"{flag} {source}: the pattern matches no data files ({', '.join(DATA_SUFFIXES)})")
         return Source(f"glob:{source}", files_fingerprint(files, text_field), shards_of(files, text_field, False))

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from litmoe.core.errors import UserError
+from litmoe.core.outputs import check_output_file, write_file
 from litmoe.data.prepared import MANIFEST, SPLITS, read_manifest
 from litmoe.data.sources import read_jsonl, read_text_file
 from litmoe.data.tokenizer import tokenizer_fingerprint
@@ -136,9 +137,8 @@ def evaluate_checkpoint(
 
 
 def check_evaluation(
-    checkpoints: list[Path], seq_length: int | None, batch_size: int, max_batches: int | None, out: Path | None,
-    tasks_limit: int | None,
-) -> None:  # fmt: skip
+    checkpoints: list[Path], seq_length: int | None, batch_size: int, max_batches: int | None, tasks_limit: int | None
+) -> None:
     """Settings in range before any checkpoint is loaded."""
     if not checkpoints:
         raise UserError("--checkpoints is empty; give one or more checkpoint dirs, e.g. [out/moe-tiny/final]")
@@ -146,8 +146,17 @@ def check_evaluation(
     for flag, value in (counts | {"--tasks_limit": tasks_limit}).items():
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
-    if out is not None and (Path(out).is_dir() or not Path(out).parent.is_dir()):
-        raise UserError(f"--out {out}: give a file path in an existing directory")
+
+
+def is_results_file(path: Path) -> bool:
+    """Whether `path` holds results that evaluate.py wrote (which a new --out may replace)."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(results, list) and all(
+        isinstance(row, dict) and {"checkpoint", "loss"} <= set(row) for row in results
+    )
 
 
 def check_same_tokenizer(data_dir: Path, checkpoint_dir: Path) -> None:
@@ -216,6 +225,7 @@ def evaluate(
     out: Path | None = None,
     tasks: str | None = None,
     tasks_limit: int | None = None,
+    force: bool = False,
 ) -> list[dict[str, Any]]:
     """Score one or more checkpoints on the same text and print a comparison table.
 
@@ -231,8 +241,17 @@ def evaluate(
         tasks: Also run these lm-eval-harness tasks, comma-separated (e.g. 'hellaswag,arc_easy'); needs lm-eval
             installed and the task data downloadable or cached.
         tasks_limit: Evaluate at most this many examples per task.
+        force: Let --out replace a file that is not an earlier results file of evaluate.py.
     """
-    check_evaluation(checkpoints, seq_length, batch_size, max_batches, out, tasks_limit)
+    check_evaluation(checkpoints, seq_length, batch_size, max_batches, tasks_limit)
+    if out is not None:
+        inputs = [("--checkpoints", checkpoint) for checkpoint in checkpoints] + [
+            ("--data_dir", data_dir),
+            ("--file", file),
+        ]
+        out = check_output_file(out, "--out", inputs, written_by_us=is_results_file, force=force)
+        if not out.parent.is_dir():
+            raise UserError(f"--out {out}: give a file path in an existing directory")
     if tasks is not None:
         require_lm_eval()  # fail before any scoring when it is missing
     dtype = compute_dtype(precision or default_precision(training=False))
@@ -249,6 +268,6 @@ def evaluate(
             load = " ".join(f"{share:.2f}" for share in layer["load"])
             print(f"{result['checkpoint']} layer {index}: expert load [{load}] imbalance {layer['imbalance']:.2f}")
     if out is not None:
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        write_file(out, json.dumps(results, indent=2) + "\n")
         print(f"Results written to {out}", file=sys.stderr)
     return results

@@ -13,6 +13,7 @@ from litgpt.args import EvalArgs, LogArgs, TrainArgs
 
 from litmoe.core.args import CheckpointArgs, HealthArgs, MoEArgs, OptimizationArgs, StrategyArgs, UpcycleArgs
 from litmoe.core.errors import UserError
+from litmoe.core.outputs import check_output_dir
 from litmoe.core.run_lock import launching_process, run_lock
 from litmoe.data.tokenizer import load_tokenizer, tokenizer_vocab_size
 from litmoe.data.training_data import PreparedData, TrainingData, describe_sources, sources_key, training_data
@@ -107,7 +108,9 @@ def setup(
         model, data_dir, precision, train, eval, optimizer, optimization, strategy, checkpoint, health,
         initial_checkpoint_dir, upcycle, devices, num_nodes, num_workers,
     )  # fmt: skip
-    out_dir = Path(out_dir)
+    inputs = [("--data_dir", source.path) for source in plan.data.sources]
+    inputs += [("--initial_checkpoint_dir", initial_checkpoint_dir), ("--upcycle-from", upcycle.dense_checkpoint)]
+    out_dir = check_output_dir(out_dir, "--out_dir", inputs)
     shape = RunShape(
         model_fields(plan.config), plan.hardware.world_size, train.micro_batch_size, train.global_batch_size,
         plan.seq_len, sources_key(data_dir), seed, num_workers,
