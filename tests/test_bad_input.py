@@ -185,6 +185,42 @@ CASES = [
     ("prepare_data.py", ["--source", "{texts}", "--out_dir", "{checkpoint}/data"], "is inside the checkpoint"),
     ("prepare_data.py", ["--source", "{texts}", "--out_dir", "{prepared}/tokenizer", "--force"],
      "is inside the prepared-data directory {prepared}"),
+    # every user file read one guarded way: YAML, JSON, tokenizer, checkpoint config
+    ("run_train.py", RUN + ["--config", "{duplicate_keys}"], "the key 'train' is given twice; keep one"),
+    ("run_train.py", RUN + ["--model", "{model_python_tag}"], "model_python_tag.yaml: not valid YAML at line 1"),
+    ("run_train.py", RUN + ["--model.n_layer", "[2"], "--model.n_layer [2: not a valid value"),
+    ("run_train.py", RUN + ["--optimizer.betas", "[0.9,"], "--optimizer.betas [0.9,: not a valid value"),
+    ("run_train.py", RUN + ["--initial_checkpoint_dir", "{config_empty}"],
+     "config_empty/model_config.yaml: expected a mapping of litgpt.Config fields"),
+    ("run_train.py", RUN + ["--strategy", "deepspeed", "--deepspeed-config", "{ds_expert_parallel}"],
+     "remove expert_parallel; DeepSpeed's AutoEP would replace litmoe's MoE layer"),
+    ("generate.py", GENERATE + ["--checkpoint", "{config_empty}"], "model_config.yaml: expected a mapping of"),
+    ("generate.py", GENERATE + ["--checkpoint", "{config_broken}"], "model_config.yaml: not valid YAML at line"),
+    ("generate.py", GENERATE + ["--checkpoint", "{config_python_tag}"], "model_config.yaml: not valid YAML at line 1"),
+    ("generate.py", GENERATE + ["--checkpoint", "{config_disagrees}"],
+     "the weights do not match its model_config.yaml"),
+    ("generate.py", GENERATE + ["--checkpoint", "{tokenizer_garbage}"],
+     "tokenizer.json: not valid JSON at line 1"),
+    ("generate.py", GENERATE + ["--checkpoint", "{tokenizer_no_bos}"], "needs both bos_token and eos_token"),
+    ("generate.py", GENERATE[:2] + ["--prompt_file", "{latin1}"], "--prompt_file {latin1}: not UTF-8 text"),
+    ("generate.py", GENERATE + ["--checkpoint", "{zero_traversal}"],
+     "its latest file names '../../../outside', not a folder inside lit_model.pth/"),
+    ("evaluate.py", EVALUATE + ["--checkpoints", "{tokenizer_garbage}"], "tokenizer.json: not valid JSON"),
+    ("export_hf.py", EXPORT + ["--checkpoint", "{config_disagrees}"], "config_disagrees"),
+    ("prepare_data.py", ["--source", "{texts}", "--tokenizer_dir", "{tokenizer_garbage}", *PREPARE],
+     "tokenizer.json: not valid JSON"),
+    # --data_dir as the user wrote it
+    ("run_train.py", RUN + ["--data_dir", "{prepared}:inf,{other_prepared}:1"],
+     "weight inf of {prepared}: weights must be positive numbers"),
+    ("run_train.py", RUN + ["--data_dir", "{prepared}:heavy,{other_prepared}:1"],
+     "--data_dir {prepared}:heavy,{other_prepared}:1: 'heavy' is not a weight"),
+    ("run_train.py", RUN + ["--data_dir", "{prepared}:-1,{other_prepared}:1"], "weight -1 of {prepared}"),
+    ("run_train.py", RUN + ["--data_dir", "{prepared},{prepared}"], "a directory appears twice"),
+    # validation data that would also train
+    ("prepare_data.py", ["--source", "{texts}", "--val_source", "{texts}", *PREPARE],
+     "--val_source {texts} is --source {texts}: its documents would train too"),
+    ("prepare_data.py", ["--source", "{texts}", "--val_source", "{texts}/doc000.txt", *PREPARE],
+     "is inside --source {texts}: its documents would train too"),
 ]  # fmt: skip
 
 
@@ -262,6 +298,28 @@ def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> 
     paths["small_vocab"] = checkpoint_copy(trained, root / "small_vocab")
     config = paths["small_vocab"] / "model_config.yaml"
     config.write_text(config.read_text().replace("padded_vocab_size: 320", "padded_vocab_size: 128"))
+    paths["duplicate_keys"] = write(
+        root / "duplicate_keys.yaml", "train:\n  max_tokens: 2048\ntrain:\n  log_interval: 1\n"
+    )
+    paths["model_python_tag"] = write(models / "model_python_tag.yaml", "name: !!python/object/apply:os.getcwd []\n")
+    paths["ds_expert_parallel"] = write(root / "ds.json", '{"expert_parallel": {"enabled": true, "autoep_size": 2}}')
+    for name, text in (("config_empty", ""), ("config_broken", "n_layer: [2\n"),
+                       ("config_python_tag", "name: !!python/object/apply:os.getcwd []\n")):  # fmt: skip
+        (checkpoint_copy(trained, root / name) / "model_config.yaml").write_text(text)
+    paths.update({name: root / name for name in ("config_empty", "config_broken", "config_python_tag")})
+    paths["config_disagrees"] = checkpoint_copy(trained, root / "config_disagrees")
+    config = paths["config_disagrees"] / "model_config.yaml"
+    config.write_text(config.read_text().replace("n_layer: 2", "n_layer: 1"))
+    paths["tokenizer_garbage"] = checkpoint_copy(trained, root / "tokenizer_garbage")
+    (paths["tokenizer_garbage"] / "tokenizer.json").write_text("<html>not a tokenizer</html>")
+    paths["tokenizer_no_bos"] = checkpoint_copy(trained, root / "tokenizer_no_bos")
+    settings = json.loads((paths["tokenizer_no_bos"] / "tokenizer_config.json").read_text())
+    (paths["tokenizer_no_bos"] / "tokenizer_config.json").write_text(json.dumps(settings | {"bos_token": None}))
+    paths["zero_traversal"] = checkpoint_copy(trained, root / "zero_traversal")
+    shards = paths["zero_traversal"] / "lit_model.pth"
+    shards.unlink()
+    write(shards / "checkpoint" / "mp_rank_00_model_states.pt", checkpoint)
+    write(shards / "latest", "../../../outside")
     paths["corrupt_run"] = root / "corrupt_run"
     checkpoint_copy(trained, paths["corrupt_run"] / "step-00000004", weights=checkpoint[:1000])
     return paths

@@ -59,3 +59,11 @@ def test_downstream_tasks_without_lm_eval_say_how_to_install(trained, monkeypatc
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     with pytest.raises(UserError, match=r"--tasks needs lm-eval-harness: install it with `uv pip install lm-eval`"):
         evaluate([trained], tasks="hellaswag")
+
+
+def test_one_checkpoint_may_be_given_as_a_bare_path(trained, prepared):
+    from litmoe.core.cli import run_function
+
+    results = run_function(evaluate, ["--checkpoints", str(trained / "final"), "--data_dir", str(prepared),
+                                      "--max_batches", "1"])  # fmt: skip
+    assert len(results) == 1 and results[0]["checkpoint"] == str(trained / "final")

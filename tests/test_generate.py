@@ -76,3 +76,20 @@ def test_a_bias_balanced_checkpoint_samples_and_scores_routing_as_trained(train_
     assert capsys.readouterr().out.startswith("The cat") and len(sample) == 5
     (result,) = evaluate([out_dir / "final"], max_batches=2)
     assert result["tokens"] > 0
+
+
+def test_a_reader_that_goes_away_ends_generation_quietly(trained):
+    """`generate.py ... | head -c 20`: a closed pipe stops the command as it stops Unix tools, with no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    command = [sys.executable, str(REPO / "generate.py"), "--checkpoint", str(trained / "final"), "--prompt", "The",
+               "--max_new_tokens", "50", "--num_samples", "200", "--temperature", "1.0"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.read(20)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr

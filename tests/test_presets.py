@@ -120,3 +120,10 @@ def test_a_dense_model_of_another_shape_cannot_be_upcycled(dense, train_args, tm
     with pytest.raises(UserError, match=r"intermediate_size 128 vs moe_intermediate_size 48: use equal sizes"):
         main(train_args(tmp_path / "out", extra=("--upcycle-from", str(dense / "final"), "--model", odd)))
     assert not (tmp_path / "out").exists()
+
+
+def test_integer_fields_take_scientific_notation_from_the_command_line():
+    from litmoe.model.configs import load_model_config, model_setting
+
+    config = load_model_config(model_setting("MoE-tiny", [("--model.rope_base", "5e5"), ("--model.n_layer", "2")]))
+    assert config.rope_base == 500000 and isinstance(config.rope_base, int) and config.n_layer == 2

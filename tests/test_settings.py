@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, make_documents
 from test_train import logged
 
-from litmoe.core.cli import flag_types, normalize_flags, normalize_settings, read_yaml, take_section_flags
+from litmoe.core.cli import flag_types, normalize_flags, normalize_settings, take_section_flags
+from litmoe.core.user_files import read_yaml
 from litmoe.data.prepared import MANIFEST
 from litmoe.training.cli import main
 from litmoe.training.run import setup

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 import zstandard
-from conftest import make_documents
+from conftest import REPO, make_documents
 from test_data import read_tokens
 
 from litmoe.core.errors import UserError
@@ -301,3 +301,87 @@ def test_a_mixture_of_two_tokenizers_is_refused(two_sources, prepared, train_arg
     arguments[arguments.index("--data_dir") + 1] = f"{two_sources / 'data-a'}:0.5,{prepared}:0.5"
     with pytest.raises(UserError, match=r"was prepared with another tokenizer than .*data-a; prepare it again"):
         main(arguments)
+
+
+def children_of(pid: int) -> set[int]:
+    """The live processes whose parent is `pid` (Linux /proc)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.add(int(stat.parent.name))
+    return children
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and "Z" not in stat_state(pid)}
+
+
+def stat_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stopping_a_preparation_leaves_no_worker_running(how, tmp_path, prepared):
+    """SIGTERM: the pool stops, finished shards are kept, one line, exit 75, and the same command continues.
+    kill -9 of the parent: its workers die with it (nothing goes on writing into the partial build)."""
+    import signal
+    import time
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(24):
+        lines = "".join(json.dumps({"text": document * 4}) + "\n" for document in make_documents(200, 12, seed=index))
+        (corpus / f"part{index:02d}.jsonl").write_text(lines)
+    command = [sys.executable, str(REPO / "prepare_data.py"), "--source", str(corpus), "--out_dir",
+               str(tmp_path / "out"), "--tokenizer_dir", str(prepared / "tokenizer"), "--workers", "2"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, workers = time.monotonic() + 120, set()
+    while len(workers) < 2 and time.monotonic() < deadline and process.poll() is None:
+        workers = {
+            pid for pid in children_of(process.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        }
+        time.sleep(0.2)
+    assert len(workers) == 2, "the workers did not start"
+    time.sleep(1.0)
+    process.send_signal(getattr(signal, how))
+    _, err = process.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while alive(workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(workers)
+    if how == "SIGTERM":
+        lines = err.strip().splitlines()
+        assert process.returncode == 75 and len(lines) == 1, err[-2000:]
+        assert lines[0].startswith("Stopped by SIGTERM:") and "run the same command again to continue" in lines[0]
+        rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert "Resuming the preparation in" in rerun.stdout and (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_chat_parquet_of_message_structs_and_a_cut_off_zst(tmp_path):
+    chats = [[{"role": "user", "content": f"question {index}"}, {"role": "assistant", "content": "answer"}]
+             for index in range(5)]  # fmt: skip
+    pq.write_table(pa.table({"messages": chats}), tmp_path / "chat.parquet")  # a list of {role, content} structs
+    documents = list(resolve_source(str(tmp_path / "chat.parquet"), tmp_path).documents())
+    assert documents[0] == "<|user|>\nquestion 0\n<|assistant|>\nanswer\n" and len(documents) == 5
+    lines = "".join(json.dumps({"text": document}) + "\n" for document in DOCUMENTS).encode()
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(lines)
+    (tmp_path / "cut.jsonl.zst").write_bytes(frame[: len(frame) // 2])  # an interrupted download
+    with pytest.raises(UserError, match=r"cut.jsonl.zst: cannot read it \(the file ends inside a zstd frame"):
+        list(resolve_source(str(tmp_path / "cut.jsonl.zst"), tmp_path).documents())
+
+
+def test_a_data_dir_whose_name_holds_a_colon_is_that_directory(tmp_path):
+    from litmoe.data.training_data import DataSource, data_sources
+
+    (tmp_path / "run:2").mkdir()
+    assert data_sources(str(tmp_path / "run:2")) == [DataSource(tmp_path / "run:2", 1.0)]
+    assert data_sources(f"{tmp_path / 'a'}:3,{tmp_path / 'b'}") == [DataSource(tmp_path / "a", 3.0),
+                                                                     DataSource(tmp_path / "b", 1.0)]  # fmt: skip

@@ -63,6 +63,8 @@ def checkpoint_problem(weights: Path) -> str | None:
     its tensors: truncated or corrupt, or pickling objects that loading would construct (code a crafted file
     runs). None when it is sound."""
     weights = Path(weights)
+    if is_zero_checkpoint(weights) and (problem := zero_tag_problem(weights)) is not None:
+        return problem
     files, allowed = (
         ([weights], set()) if weights.is_file() else (sorted(weights.rglob("*.pt")), set(DEEPSPEED_GLOBALS))
     )
@@ -78,6 +80,17 @@ def checkpoint_problem(weights: Path) -> str | None:
                 f"{path.name} is refused: loading it would construct {', '.join(sorted(unsafe)[:2])}, which a crafted"
                 " file uses to run code; load only checkpoints that run_train.py or LitGPT wrote"
             )
+    return None
+
+
+def zero_tag_problem(shards: Path) -> str | None:
+    """A DeepSpeed checkpoint's `latest` must name a folder of its own (DeepSpeed would follow `../..` anywhere)."""
+    try:
+        tag = (shards / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"its latest file cannot be read ({first_line(err)})"
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or not (shards / tag).is_dir():
+        return f"its latest file names {tag[:60]!r}, not a folder inside {shards.name}/; the checkpoint is damaged"
     return None
 
 

@@ -20,8 +20,6 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from litmoe.core.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE, RunStopped, UserError
 
 
@@ -125,20 +123,6 @@ def describe_type(annotation: Any) -> str:
     if annotation is type(None):
         return "null"
     return getattr(origin or annotation, "__name__", str(annotation))
-
-
-class _NumbersLoader(yaml.SafeLoader):
-    """YAML as users write numbers: `3e-4` and `2e6` are floats (PyYAML's YAML 1.1 wants `3.0e-4`)."""
-
-
-_NumbersLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
-)
-
-
-def read_yaml(text: str) -> Any:
-    """A YAML (or JSON) document or value; raises yaml.YAMLError."""
-    return yaml.load(text, Loader=_NumbersLoader)
 
 
 def take_section_flags(argv: list[str], section: str) -> tuple[list[str], list[tuple[str, str]]]:

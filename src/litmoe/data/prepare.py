@@ -20,9 +20,19 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from litmoe.core.errors import UserError
+from litmoe.core.errors import EXIT_PREEMPTED, RunStopped, UserError
 from litmoe.data.prepared import MANIFEST, Manifest, check_existing, check_output_dir, read_manifest
-from litmoe.data.shards import SHARD_DONE, Job, TokenizerSpec, merge_shards, pieces, run_jobs, split_documents
+from litmoe.data.shards import (
+    SHARD_DONE,
+    Job,
+    PreparationStopped,
+    TokenizerSpec,
+    merge_shards,
+    pieces,
+    run_jobs,
+    split_documents,
+    stop_signals,
+)
 from litmoe.data.sources import DEFAULT_SOURCE, Source, resolve_source
 from litmoe.data.tokenizer import copy_tokenizer, document_markers, tokenizer_fingerprint, train_bpe_tokenizer
 
@@ -41,6 +51,14 @@ def resolve_sources(
             resolve_source(str(path / "train"), cache_dir, text_field),
             resolve_source(str(path / "val"), cache_dir, text_field, flag="--source (val/)"),
         )
+    if val_source is not None and Path(source).exists() and Path(val_source).exists():
+        train_path, val_path = Path(source).resolve(), Path(val_source).resolve()
+        if val_path == train_path or train_path in val_path.parents:
+            raise UserError(
+                f"--val_source {val_source} is {'--source' if val_path == train_path else 'inside --source'}"
+                f" {source}: its documents would train too; give a validation set outside the training data, or drop"
+                " --val_source to hold out --val_fraction of the documents"
+            )
     train = resolve_source(source, cache_dir, text_field)
     return train, (resolve_source(val_source, cache_dir, text_field, "--val_source") if val_source else None)
 
@@ -109,10 +127,18 @@ def prepare(
         inputs = json.dumps({**asdict(wanted), "vocab_size": vocab_size}, sort_keys=True)
         resume_scratch(scratch, inputs)
         try:
-            manifest = build(train_source, held_out, scratch, tokenizer_dir, vocab_size, wanted, workers)
+            with stop_signals():
+                manifest = build(train_source, held_out, scratch, tokenizer_dir, vocab_size, wanted, workers)
         except UserError:  # bad input: nothing worth resuming (an interruption keeps the scratch directory)
             shutil.rmtree(scratch, ignore_errors=True)
             raise
+        except PreparationStopped as stop:
+            done = len(list(scratch.glob(f"shards/*/{SHARD_DONE}")))
+            raise RunStopped(
+                f"Stopped by {stop.signal_name}: {done} finished shard(s) are kept in {scratch}; run the same command"
+                " again to continue",
+                EXIT_PREEMPTED,
+            ) from None
         replace_dir(scratch, out_dir)
     print(
         f"Prepared {out_dir}: {manifest.documents['train']:,} train / {manifest.documents['val']:,} val documents,"

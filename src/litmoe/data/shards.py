@@ -6,14 +6,17 @@ A worker holds a batch of text and one chunk at a time, so its memory does not g
 marked done (`done.json`, written last) is kept by an interrupted preparation that is started again.
 """
 
+import ctypes
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,18 +199,64 @@ def run_jobs(jobs: list[Job], workers: int) -> list[dict]:
             progress.update()
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=one_tokenizer_thread) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(),))
+        try:
             for counts in pool.map(process_shard, jobs):
                 results.append(counts)
                 progress.update()
+        except BaseException:  # a stop signal, Ctrl-C or a failed shard: no worker goes on without us
+            for process in list(pool._processes.values()):  # the executor has no API to stop running workers
+                process.kill()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
     progress.close()
     return results
 
 
-def one_tokenizer_thread() -> None:
-    """In each worker process: the workers share the cores, so each tokenizes on one thread (unless the user set
-    TOKENIZERS_PARALLELISM). With one worker, the tokenizer's own threads use every core."""
+def start_worker(parent: int) -> None:
+    """In each worker process: die with the parent, leave signals to it, and tokenize on one thread."""
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the workers share the cores, so each tokenizes on one thread (unless the user set TOKENIZERS_PARALLELISM);
+    # with one worker, the tokenizer's own threads use every core
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def die_with_parent(parent: int) -> None:
+    """On Linux the kernel kills this process when its parent dies, even by kill -9 (PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent kills its workers when it stops
+        return
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+class PreparationStopped(Exception):
+    """SIGTERM or SIGINT during a preparation; the finished shards are kept."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise `PreparationStopped` in the main thread, where the pool is stopped and the finished
+    shards kept."""
+
+    def stop(signum: int, frame) -> None:
+        raise PreparationStopped(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def merge_shards(jobs: list[Job], counts: list[dict], scratch: Path, source_names: str) -> tuple[dict, dict]:
@@ -217,9 +266,11 @@ def merge_shards(jobs: list[Job], counts: list[dict], scratch: Path, source_name
     tokens = {split: sum(count["tokens"][split] for count in counts) for split in SPLITS}
     for split, number in documents.items():
         if number == 0:
+            lone_text = any(job.shard.kind == "text" for job in jobs)
+            paragraphs = " (a .txt file is split at blank lines)" if lone_text else ""
             raise UserError(
                 f"{source_names}: no document fell into the {split} split ({documents}); give more documents"
-                " (a .txt file is split at blank lines), change --val_fraction, or give --val_source"
+                f"{paragraphs}, change --val_fraction, or give --val_source"
             )
     for split in SPLITS:
         chunks, config = [], None

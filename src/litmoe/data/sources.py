@@ -115,10 +115,47 @@ def open_text(path: Path):
     if path.name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8", errors="strict")
     if path.name.endswith(".zst"):
+        return io.TextIOWrapper(io.BufferedReader(ZstdFrames(path)), encoding="utf-8")
+    return open(path, encoding="utf-8", errors="strict")
+
+
+class ZstdFrames(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame; a file that ends inside a frame (a cut-off download)
+    is an EOFError at its end, not a silently shorter corpus."""
+
+    def __init__(self, path: Path) -> None:
         import zstandard
 
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
-    return open(path, encoding="utf-8", errors="strict")
+        self.file, self.decompressor = open(path, "rb"), zstandard.ZstdDecompressor()
+        self.frame, self.pending, self.started = self.decompressor.decompressobj(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.file.read(1 << 20)
+            if not chunk:
+                if self.started and not self.frame.eof:
+                    raise EOFError("the file ends inside a zstd frame: it is truncated (an interrupted download?)")
+                return 0
+            self.pending = self.decompress(chunk)
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size
+
+    def decompress(self, chunk: bytes) -> bytes:
+        self.started, out = True, b""
+        while chunk:
+            if self.frame.eof:  # the next frame of a multi-frame file
+                self.frame = self.decompressor.decompressobj()
+            out += self.frame.decompress(chunk)
+            chunk = self.frame.unused_data if self.frame.eof else b""
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
 
 
 def read_jsonl(path: Path, text_field: str = "text") -> Iterator[str]:
@@ -180,7 +217,8 @@ def table_batches(path: Path):
 
     if path.suffix == ".parquet":
         parquet = pyarrow.parquet.ParquetFile(path)
-        return (lambda column: parquet.iter_batches(batch_size=ROWS_PER_BATCH, columns=[column])), parquet.schema.names
+        columns = parquet.schema_arrow.names  # the top-level columns (schema.names lists a struct's leaves)
+        return (lambda column: parquet.iter_batches(batch_size=ROWS_PER_BATCH, columns=[column])), columns
     try:  # save_to_disk writes the Arrow streaming format; the file format is tried too
         reader = pyarrow.ipc.open_stream(path)
         return (lambda column: (batch.select([column]) for batch in reader)), reader.schema.names

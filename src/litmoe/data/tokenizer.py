@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from litmoe.core.errors import UserError
+from litmoe.core.user_files import read_json_file
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -55,6 +56,7 @@ def load_tokenizer(tokenizer_dir: Path):
         raise UserError(f"tokenizer dir {tokenizer_dir} does not exist: pass a directory with tokenizer.json")
     if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise UserError(f"{tokenizer_dir} has no tokenizer.json or tokenizer.model: pass a LitGPT tokenizer dir")
+    check_tokenizer_files(tokenizer_dir)
     try:
         tokenizer = Tokenizer(tokenizer_dir)
     except (KeyError, ValueError, OSError) as err:
@@ -65,6 +67,17 @@ def load_tokenizer(tokenizer_dir: Path):
             " (documents start with BOS and end with EOS)"
         )
     return tokenizer
+
+
+def check_tokenizer_files(tokenizer_dir: Path) -> None:
+    """The tokenizer's JSON files parse, and tokenizer.json is a tokenizer (one line naming the file otherwise)."""
+    fix = "copy the tokenizer files again from where they came from"
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (tokenizer_dir / name).is_file():
+            content = read_json_file(tokenizer_dir / name, f"a tokenizer's {name}", fix)
+            expected = {"model"} if name == "tokenizer.json" else set()
+            if not isinstance(content, dict) or not expected <= set(content):
+                raise UserError(f"{tokenizer_dir / name}: not a tokenizer's {name} (a JSON object expected); {fix}")
 
 
 def document_markers(tokenizer_dir: Path) -> tuple[int, int]:

@@ -12,6 +12,7 @@ spans a chunk boundary would then read freed memory (wrong tokens, or a crash). 
 item costs nothing next to a training step.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,33 +41,51 @@ class TokensLoader(litdata.streaming.TokensLoader):
 
 
 def data_sources(data_dir: str | Path | list) -> list[DataSource]:
-    """`data/a`, `data/a:0.7,data/b:0.3`, or a list of paths or `{path, weight}` mappings."""
+    """`data/a`, `data/a:0.7,data/b:0.3`, or a list of paths or `{path, weight}` mappings. A path that exists is
+    that path, even with a colon or comma in its name (`data/run:2`)."""
     if isinstance(data_dir, list):
-        return [source_from(item) for item in data_dir]
-    sources = []
-    for part in str(data_dir).split(","):
-        path, sep, weight = part.strip().rpartition(":") if ":" in part else (part.strip(), "", "")
-        try:
-            sources.append(DataSource(Path(path), float(weight) if sep else 1.0))
-        except ValueError:
-            raise UserError(f"--data_dir {data_dir}: {weight!r} is not a weight; write DIR:WEIGHT,DIR:WEIGHT") from None
+        sources = [source_from(item, data_dir) for item in data_dir]
+    elif Path(str(data_dir)).exists() or not str(data_dir).strip():
+        sources = [DataSource(Path(str(data_dir)))]
+    else:
+        sources = [source_from(part.strip(), data_dir) for part in str(data_dir).split(",")]
+    check_sources(sources, data_dir)
     return sources
 
 
-def source_from(item: Any) -> DataSource:
-    if isinstance(item, str | Path):
-        return DataSource(Path(item))
+def source_from(item: Any, data_dir: str | Path | list) -> DataSource:
+    """One `DIR`, `DIR:WEIGHT` or `{path, weight}` of `--data_dir`; a bad one is named as the user wrote it."""
+    where = f"--data_dir {shown(data_dir)}"
     if isinstance(item, dict) and "path" in item and set(item) <= {"path", "weight"}:
-        return DataSource(Path(item["path"]), float(item.get("weight", 1.0)))
-    raise UserError(f"data_dir entry {item!r}: give a path, or a mapping with path and weight")
+        path, weight = str(item["path"]), item.get("weight", 1.0)
+    elif isinstance(item, str | Path):
+        path, weight = str(item), 1.0
+        if ":" in path and not Path(path).exists():
+            path, _, weight = path.rpartition(":")
+    else:
+        raise UserError(f"{where}: entry {item!r}: give a path, or a mapping with path and weight")
+    try:
+        weight = float(weight)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {weight!r} is not a weight; write DIR:WEIGHT,DIR:WEIGHT (a:0.7,b:0.3)") from None
+    if not math.isfinite(weight) or weight <= 0:
+        raise UserError(f"{where}: weight {weight:g} of {path}: weights must be positive numbers")
+    return DataSource(Path(path), weight)
 
 
-def check_sources(sources: list[DataSource]) -> None:
-    if not sources or any(not source.weight > 0 for source in sources):
-        raise UserError(f"--data_dir: {sources}: give one or more directories, each with a positive weight")
+def shown(data_dir: str | Path | list) -> str:
+    """`--data_dir` as the user wrote it: a path or `DIR:WEIGHT,...`; a config list as `[a, b]`."""
+    if isinstance(data_dir, list):
+        return "[" + ", ".join(str(item.get("path") if isinstance(item, dict) else item) for item in data_dir) + "]"
+    return str(data_dir)
+
+
+def check_sources(sources: list[DataSource], data_dir: str | Path | list) -> None:
+    if not sources or any(not str(source.path).strip() for source in sources):
+        raise UserError(f"--data_dir {shown(data_dir)!r}: give one or more prepared data directories")
     paths = [source.path.resolve() for source in sources]
     if len(set(paths)) != len(paths):
-        raise UserError("--data_dir: a directory appears twice; give each source once, with its weight")
+        raise UserError(f"--data_dir {shown(data_dir)}: a directory appears twice; give each source once")
 
 
 def describe_sources(sources: list[DataSource]) -> str:
@@ -133,7 +152,6 @@ def training_data(data_dir: str | list, micro_batch_size: int, seq_len: int, def
     """`--data_dir` checked: every source prepared (the default corpus is prepared on first use), each split of
     each source holding at least one micro-batch, one tokenizer for all."""
     sources = data_sources(data_dir)
-    check_sources(sources)
     manifests = [
         check_data_size(ensure_prepared(source.path, default_dir), micro_batch_size, seq_len) for source in sources
     ]

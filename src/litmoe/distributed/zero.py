@@ -20,7 +20,6 @@ A DeepSpeed checkpoint is a directory (`step-*/lit_model.pth/` holding `checkpoi
 `latest`); litmoe.distributed.zero_checkpoints turns one into a single `lit_model.pth` with stock LitGPT keys.
 """
 
-import json
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from functools import partial
@@ -34,6 +33,7 @@ from lightning.fabric.strategies import DeepSpeedStrategy
 
 from litmoe.core.checkpoint_io import weights_only_deepspeed_loads
 from litmoe.core.errors import UserError
+from litmoe.core.user_files import read_json_file
 
 
 def loop_settings(micro_batch_size: int, max_norm: float | None) -> dict[str, Any]:
@@ -69,14 +69,16 @@ def deepspeed_config(
 
 
 def read_user_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"--deepspeed-config {path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"--deepspeed-config {path}: not valid JSON ({err})") from None
+    if not Path(path).exists():
+        raise UserError(f"--deepspeed-config {path}: file not found")
+    config = read_json_file(Path(path), "a DeepSpeed config", "fix it, or drop the flag", flag="--deepspeed-config")
     if not isinstance(config, dict):
         raise UserError(f"--deepspeed-config {path}: expected a JSON object of DeepSpeed settings")
+    if "expert_parallel" in config:
+        raise UserError(
+            f"--deepspeed-config {path}: remove expert_parallel; DeepSpeed's AutoEP would replace litmoe's MoE layer"
+            " and silently drop its load balancing, selection bias and routing statistics"
+        )
     return config
 
 

@@ -215,7 +215,7 @@ def comparison_table(results: list[dict[str, Any]]) -> str:
 
 
 def evaluate(
-    checkpoints: list[Path],
+    checkpoints: list[Path] | Path,
     data_dir: Path | None = None,
     file: Path | None = None,
     seq_length: int | None = None,
@@ -230,7 +230,8 @@ def evaluate(
     """Score one or more checkpoints on the same text and print a comparison table.
 
     Args:
-        checkpoints: Checkpoint dirs (final/, step-*/) or training output dirs (their newest checkpoint).
+        checkpoints: Checkpoint dirs (final/, step-*/) or training output dirs (their newest checkpoint): one
+            path, or several as [a,b].
         data_dir: Prepared data whose validation split is scored; default: the data each checkpoint trained on.
         file: Score this .txt or .jsonl file instead of prepared data.
         seq_length: Window length in tokens; default the model's block size.
@@ -243,6 +244,7 @@ def evaluate(
         tasks_limit: Evaluate at most this many examples per task.
         force: Let --out replace a file that is not an earlier results file of evaluate.py.
     """
+    checkpoints = [checkpoints] if isinstance(checkpoints, str | Path) else checkpoints
     check_evaluation(checkpoints, seq_length, batch_size, max_batches, tasks_limit)
     if out is not None:
         inputs = [("--checkpoints", checkpoint) for checkpoint in checkpoints] + [

@@ -15,8 +15,9 @@ import torch
 from litmoe.core.checkpoint_io import load_state
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_dir
-from litmoe.data.tokenizer import TOKENIZER_FILES
-from litmoe.inference.loading import resolve_checkpoint_dir
+from litmoe.data.tokenizer import TOKENIZER_FILES, load_tokenizer
+from litmoe.inference.loading import check_weights_match, resolve_checkpoint_dir
+from litmoe.model.configs import checkpoint_model_config
 from litmoe.model.experts import expert_size
 
 
@@ -74,7 +75,6 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
         checkpoint: A checkpoint dir (final/, step-*/) or a training output dir (its newest checkpoint).
         out_dir: Where config.json, model.safetensors and the tokenizer files go (created; must be empty).
     """
-    from litgpt import Config, Tokenizer
     from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
     from safetensors.torch import save_file
 
@@ -82,9 +82,11 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     out_dir = check_output_dir(out_dir, "--out_dir", [("--checkpoint", checkpoint)])
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out_dir {out_dir} is not empty; choose a new directory")
-    config = Config.from_file(checkpoint_dir / "model_config.yaml")
+    config = checkpoint_model_config(checkpoint_dir)
+    tokenizer = load_tokenizer(checkpoint_dir)
     state = load_state(checkpoint_dir / "lit_model.pth")
     check_exportable(config, state.get("model", state), checkpoint_dir)
+    check_weights_match(checkpoint_dir, state.get("model", state))
 
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its arguments as a raw dict
         convert_lit_checkpoint(checkpoint_dir, out_dir)  # writes out_dir/model.pth with Hugging Face names
@@ -93,7 +95,6 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
     converted.unlink()
 
-    tokenizer = Tokenizer(checkpoint_dir)
     (out_dir / "config.json").write_text(
         json.dumps(mixtral_config(config, tokenizer.bos_id, tokenizer.eos_id), indent=2)
     )

@@ -9,6 +9,7 @@ from typing import Literal, TextIO
 import torch
 
 from litmoe.core.errors import UserError
+from litmoe.core.user_files import read_text
 from litmoe.inference.loading import load_model, resolve_checkpoint_dir
 from litmoe.model.attention import compute_dtype, default_precision
 
@@ -64,9 +65,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise UserError("give either --prompt or --prompt_file, not both")
     if prompt_file is not None:
-        if not Path(prompt_file).is_file():
-            raise UserError(f"--prompt_file {prompt_file}: no such file")
-        return Path(prompt_file).read_text(encoding="utf-8")
+        return read_text(Path(prompt_file), "a prompt", flag="--prompt_file")
     if prompt is None or prompt == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise UserError("no prompt: pass --prompt TEXT, --prompt_file FILE, or pipe text to stdin")

@@ -17,9 +17,10 @@ from litmoe.core.checkpoint_io import (
     load_state,
 )
 from litmoe.core.errors import UserError
-from litmoe.data.tokenizer import tokenizer_vocab_size
+from litmoe.data.tokenizer import load_tokenizer, tokenizer_vocab_size
 from litmoe.distributed.zero_checkpoints import consolidated
 from litmoe.model.builder import build_model, has_expert_bias
+from litmoe.model.configs import checkpoint_model_config
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:
@@ -43,10 +44,8 @@ def resolve_checkpoint_dir(path: Path) -> Path:
 
 def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer) from a checkpoint dir, built with litmoe's MoE layer (reads stock checkpoints too)."""
-    from litgpt import Config, Tokenizer
-
-    config = Config.from_file(checkpoint_dir / "model_config.yaml")
-    tokenizer = Tokenizer(checkpoint_dir)
+    config = checkpoint_model_config(checkpoint_dir)
+    tokenizer = load_tokenizer(checkpoint_dir)
     vocab = tokenizer_vocab_size(tokenizer)
     if vocab > config.padded_vocab_size:
         raise UserError(
@@ -55,7 +54,27 @@ def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype):
         )
     state = load_state(checkpoint_dir / "lit_model.pth")
     weights = state.get("model", state)
+    check_weights_match(checkpoint_dir, weights)
     model = build_model(checkpoint_dir, has_expert_bias(weights))
     model.load_state_dict(weights)
     model = model.to(device=device, dtype=dtype).eval()
     return model, tokenizer
+
+
+def check_weights_match(checkpoint_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    """The weights are the ones the checkpoint's model_config.yaml builds: the same names and shapes (a config
+    edited or copied from another model would otherwise load with errors, or export a model without some of them)."""
+    with torch.device("meta"):
+        model = build_model(checkpoint_dir, has_expert_bias(weights))
+    built = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    saved = {name: tuple(tensor.shape) for name, tensor in weights.items()}
+    if built == saved:
+        return
+    differences = [f"{name} only in the weights" for name in sorted(set(saved) - set(built))]
+    differences += [f"{name} only in the config" for name in sorted(set(built) - set(saved))]
+    differences += [f"{name} {saved[name]} vs {built[name]}" for name in sorted(set(saved) & set(built))
+                    if saved[name] != built[name]]  # fmt: skip
+    raise UserError(
+        f"{checkpoint_dir}: the weights do not match its model_config.yaml ({len(differences)} differences, e.g."
+        f" {differences[0]}); use the config the checkpoint was written with"
+    )

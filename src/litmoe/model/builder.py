@@ -13,6 +13,7 @@ import torch
 
 from litmoe.core.args import MoEArgs
 from litmoe.core.patching import swapped
+from litmoe.model.configs import checkpoint_model_config
 from litmoe.model.moe import MoELayer
 
 EXPERT_BIAS_KEY = "mlp.expert_bias"  # litmoe's selection bias for a softmax router (litmoe.model.moe)
@@ -42,10 +43,11 @@ def has_expert_bias(state: dict) -> bool:
 def build_model(checkpoint_dir: Path, expert_bias: bool = False):
     """The checkpoint's model on the CPU, in fp32, built with litmoe's MoE layer (with the experts' selection
     bias when the checkpoint has one, so that it routes exactly as training did)."""
-    from litgpt import GPT, Config
+    from litgpt import GPT
 
+    config = checkpoint_model_config(checkpoint_dir)
     with moe_layer(partial(MoELayer, expert_bias=expert_bias)):
-        return GPT(Config.from_file(checkpoint_dir / "model_config.yaml"))
+        return GPT(config)
 
 
 def expected_state(config, moe: MoEArgs) -> dict:

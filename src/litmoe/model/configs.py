@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
-from litmoe.core.cli import describe_type, read_yaml
+from litmoe.core.cli import allows, describe_type
 from litmoe.core.errors import UserError
+from litmoe.core.user_files import read_flag_value, read_yaml_file
 
 # Shared by every config here: a LLaMA-style decoder (pre-norm RMSNorm, full RoPE, SwiGLU experts).
 _LLAMA_MOE = dict(
@@ -167,7 +168,7 @@ def model_setting(configured: str | dict[str, Any], flags: list[tuple[str, str]]
     setting = dict(configured) if isinstance(configured, dict) else {"from": configured}
     for flag, text in flags:
         field = flag.removeprefix("--model").removeprefix(".")
-        setting[field or "from"] = read_yaml(text) if field else text
+        setting[field or "from"] = read_flag_value(flag, text) if field else text
     return setting if set(setting) != {"from"} else setting["from"]
 
 
@@ -180,9 +181,12 @@ def load_model_config(model: str | dict[str, Any]):
     base = str(changes.pop("from", "model_config.yaml"))
     fields, where = base_model_fields(base)
     if changes:
-        for key in changes:
-            if key not in {field.name for field in dataclasses.fields(Config)}:
+        types = {field.name: field.type for field in dataclasses.fields(Config)}
+        for key, value in changes.items():
+            if key not in types:
                 raise UserError(f"--model.{key}: not a field of litgpt.Config; see model_config.yaml for the fields")
+            if isinstance(value, float) and value.is_integer() and allows(types[key], int):  # --model.rope_base 5e5
+                changes[key] = int(value)
         for derived, sources in DERIVED_FIELDS.items():
             if derived not in changes and set(sources) & set(changes):
                 fields.pop(derived, None)
@@ -208,17 +212,23 @@ def base_model_fields(model: str) -> tuple[dict[str, Any], str]:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        fields = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}: not valid YAML{line} ({getattr(err, 'problem', None) or err})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read the model config ({err})") from None
+    fields = read_yaml_file(path, "a model config", "fix the file, or pass a registered name such as MoE-200M")
     if not isinstance(fields, dict):
         raise UserError(f"{path}: expected a mapping of litgpt.Config fields (name: MoE-200M, n_layer: 12, ...)")
     return fields
+
+
+def checkpoint_model_config(checkpoint_dir: Path, flag: str = "--checkpoint"):
+    """A checkpoint's model_config.yaml as a `litgpt.Config`, checked as a --model file is: a missing, empty,
+    unparsable or impossible config is one line naming the file."""
+    from litgpt import Config
+
+    path = Path(checkpoint_dir) / "model_config.yaml"
+    if not path.is_file():
+        raise UserError(f"{flag} {checkpoint_dir}: no model_config.yaml; give a checkpoint dir written by LitGPT")
+    fields = read_config_file(path)
+    check_model_fields(fields, str(path))
+    return Config(**fields)
 
 
 def check_model_fields(fields: dict[str, Any], where: str) -> None:

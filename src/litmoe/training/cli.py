@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from jsonargparse import DefaultHelpFormatter
 from litgpt.args import TrainArgs
 
@@ -25,10 +24,10 @@ from litmoe.core.cli import (
     normalize_flags,
     normalize_settings,
     parse_arguments,
-    read_yaml,
     take_section_flags,
 )
 from litmoe.core.errors import UserError
+from litmoe.core.user_files import read_yaml_file
 from litmoe.model.configs import model_setting
 from litmoe.training.run import KNOWN_WARNINGS, setup
 from litmoe.training.settings import resolve_optimizer
@@ -106,10 +105,7 @@ def take_flag(argv: list[str], flag: str, with_value: bool = False) -> tuple[lis
 def load_train_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: train config not found; pass --config FILE or restore train_config.yaml")
-    try:
-        config = read_yaml(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    config = read_yaml_file(path, "a train config", "fix the file (train_config.yaml shows every section)") or {}
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a mapping of settings at the top level")
     if isinstance(config.get("strategy"), str):  # `strategy: deepspeed` for `strategy: {name: deepspeed}`

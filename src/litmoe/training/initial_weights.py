@@ -30,7 +30,7 @@ from litmoe.core.args import UpcycleArgs
 from litmoe.core.checkpoint_io import checkpoint_problem, load_state
 from litmoe.core.errors import UserError
 from litmoe.model.builder import has_expert_bias
-from litmoe.model.configs import model_fields
+from litmoe.model.configs import checkpoint_model_config, model_fields
 from litmoe.model.experts import expert_size
 
 SCRATCH = ".initial_weights.partial"  # under out_dir; left over by a killed run, it is removed at the next start
@@ -52,18 +52,10 @@ def checkpoint_weights(checkpoint_dir: Path, flag: str) -> dict[str, torch.Tenso
     return state.get("model", state)
 
 
-def checkpoint_config(checkpoint_dir: Path, flag: str):
-    from litgpt import Config
-
-    path = checkpoint_dir / "model_config.yaml"
-    if not path.is_file():
-        raise UserError(f"{flag} {checkpoint_dir}: no model_config.yaml; give a checkpoint dir written by LitGPT")
-    return Config.from_file(path)
-
-
 def same_model_weights(checkpoint_dir: Path, config) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint of this very model (`--initial_checkpoint_dir`)."""
-    saved, ours = model_fields(checkpoint_config(checkpoint_dir, "--initial_checkpoint_dir")), model_fields(config)
+    saved = model_fields(checkpoint_model_config(checkpoint_dir, "--initial_checkpoint_dir"))
+    ours = model_fields(config)
     changed = [f"{key} {saved.get(key)} -> {ours.get(key)}" for key in sorted(ours) if key not in ("name", "hf_config")
                and saved.get(key) != ours.get(key)]  # fmt: skip
     if changed:
@@ -103,7 +95,7 @@ def check_upcyclable(dense, config, where: str) -> int:
 def upcycled_weights(args: UpcycleArgs, config, seed: int) -> dict[str, torch.Tensor]:
     """The MoE's state dict (stock LitGPT keys) from the dense checkpoint; see the module docstring."""
     dense_dir = Path(args.dense_checkpoint)
-    slices = check_upcyclable(checkpoint_config(dense_dir, "--upcycle-from"), config, str(dense_dir))
+    slices = check_upcyclable(checkpoint_model_config(dense_dir, "--upcycle-from"), config, str(dense_dir))
     dense = checkpoint_weights(dense_dir, "--upcycle-from")
     generator = torch.Generator().manual_seed(seed)
 

@@ -19,8 +19,8 @@ import torch
 from litgpt.args import EvalArgs, TrainArgs
 
 from litmoe.core.args import CheckpointArgs, HealthArgs, MoEArgs, OptimizationArgs
-from litmoe.core.cli import read_yaml
 from litmoe.core.errors import UserError
+from litmoe.core.user_files import read_flag_value
 from litmoe.distributed.plans import StrategyChoice
 from litmoe.model.experts import expert_size, looped_experts_reason
 from litmoe.training.monitoring import RunSummary
@@ -38,7 +38,7 @@ def resolve_optimizer(configured: str | dict | None, flags: list[tuple[str, str]
     by building it once on a dummy parameter (so that torch's own range checks speak before training)."""
     optimizer = as_optimizer(configured or "AdamW", "the train config's optimizer")
     for flag, text in flags:
-        value = read_yaml(text)
+        value = read_flag_value(flag, text)
         key = flag.removeprefix(OPTIMIZER_FLAG).removeprefix(".")
         if not key:
             optimizer = as_optimizer(value, f"{flag} {text}")
