@@ -57,29 +57,40 @@ def looped_experts_reason(config, precision: str) -> str | None:
 
 
 class GroupedExperts(nn.Module):
-    """`n_expert` SwiGLU experts in stacked storage, saved and loaded under stock LitGPT keys."""
+    """`n_expert` SwiGLU experts in stacked storage, saved and loaded under stock LitGPT keys. Under expert
+    parallelism a rank holds only the experts `held` (global ids), and its state dict only their keys."""
 
-    def __init__(self, n_expert: int, n_embd: int, hidden: int, n_layer: int, bias: bool = False) -> None:
+    def __init__(
+        self, n_expert: int, n_embd: int, hidden: int, n_layer: int, bias: bool = False, held: range | None = None
+    ) -> None:
         super().__init__()
         self.n_expert = n_expert  # ZeRO-3 empties the parameters between uses: their shapes do not tell
+        self.held = held if held is not None else range(n_expert)
         self.hidden = hidden
         self.n_layer = n_layer
-        self.w_in = nn.Parameter(torch.empty(n_expert, 2 * hidden, n_embd))  # [fc_1; fc_2]
-        self.w_out = nn.Parameter(torch.empty(n_expert, n_embd, hidden))  # proj
-        self.b_in = nn.Parameter(torch.empty(n_expert, 2 * hidden)) if bias else None
-        self.b_out = nn.Parameter(torch.empty(n_expert, n_embd)) if bias else None
+        count = len(self.held)
+        self.w_in = nn.Parameter(torch.empty(count, 2 * hidden, n_embd))  # [fc_1; fc_2]
+        self.w_out = nn.Parameter(torch.empty(count, n_embd, hidden))  # proj
+        self.b_in = nn.Parameter(torch.empty(count, 2 * hidden)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(count, n_embd)) if bias else None
         self.register_state_dict_post_hook(_to_stock_keys)
         self.register_load_state_dict_pre_hook(_from_stock_keys)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """LitGPT's pretraining init (GPT-NeoX), what `litgpt.pretrain.initialize_weights` gives stock experts, drawn
-        in stock's order (each expert's fc_1, fc_2, then proj) so that the same seed gives the same weights."""
+        in stock's order (each expert's fc_1, fc_2, then proj) so that the same seed gives the same weights. Experts
+        held by other ranks are drawn too, and dropped, so that every rank's experts are the ones a single process
+        would have."""
         n_embd = self.w_in.shape[-1]
         for expert in range(self.n_expert):  # contiguous views: the same draws as stock's own tensors get
-            nn.init.normal_(self.w_in[expert, : self.hidden], std=math.sqrt(2.0 / 5 / n_embd))  # fc_1
-            nn.init.normal_(self.w_in[expert, self.hidden :], std=math.sqrt(2.0 / 5 / n_embd))  # fc_2
-            nn.init.normal_(self.w_out[expert], std=1 / math.sqrt(n_embd) / self.n_layer)  # proj
+            if expert in self.held:
+                w_in, w_out = self.w_in[expert - self.held.start], self.w_out[expert - self.held.start]
+            else:
+                w_in, w_out = torch.empty_like(self.w_in[0]), torch.empty_like(self.w_out[0])
+            nn.init.normal_(w_in[: self.hidden], std=math.sqrt(2.0 / 5 / n_embd))  # fc_1
+            nn.init.normal_(w_in[self.hidden :], std=math.sqrt(2.0 / 5 / n_embd))  # fc_2
+            nn.init.normal_(w_out, std=1 / math.sqrt(n_embd) / self.n_layer)  # proj
         for bias in (self.b_in, self.b_out):
             if bias is not None:
                 nn.init.zeros_(bias)
@@ -107,7 +118,7 @@ class GroupedExperts(nn.Module):
     # Stock's reading surface: an nn.ModuleList of LLaMAMLP experts.
 
     def __len__(self) -> int:
-        return self.n_expert
+        return len(self.held)
 
     def __getitem__(self, index: int) -> "ExpertView":
         if not isinstance(index, int):
@@ -208,17 +219,20 @@ def _to_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, local_
         if prefix + stacked[0] not in state_dict:
             continue
         tensor_in, tensor_out = state_dict.pop(prefix + stacked[0]), state_dict.pop(prefix + stacked[1])
-        for expert in range(tensor_in.shape[0]):
-            fc_1, fc_2 = tensor_in[expert].split(module.hidden)
-            for name, value in zip(STOCK_EXPERT_LINEARS, (fc_1, fc_2, tensor_out[expert]), strict=True):
+        for index, expert in enumerate(module.held):
+            fc_1, fc_2 = tensor_in[index].split(module.hidden)
+            for name, value in zip(STOCK_EXPERT_LINEARS, (fc_1, fc_2, tensor_out[index]), strict=True):
                 state_dict[f"{prefix}{expert}.{name}.{kind}"] = value
 
 
 def _from_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, *args: Any) -> None:
     for kind, stacked in (("weight", ("w_in", "w_out")), ("bias", ("b_in", "b_out"))):
-        keys = [[f"{prefix}{expert}.{name}.{kind}" for name in STOCK_EXPERT_LINEARS] for expert in range(len(module))]
+        keys = [[f"{prefix}{expert}.{name}.{kind}" for name in STOCK_EXPERT_LINEARS] for expert in module.held]
         if not all(key in state_dict for row in keys for key in row):
             continue  # let load_state_dict report what is missing
+        for expert in set(range(module.n_expert)) - set(module.held):  # other ranks' experts (expert parallelism)
+            for name in STOCK_EXPERT_LINEARS:
+                state_dict.pop(f"{prefix}{expert}.{name}.{kind}", None)
         stock = [[state_dict.pop(key) for key in row] for row in keys]
         state_dict[prefix + stacked[0]] = torch.stack([torch.cat((fc_1, fc_2)) for fc_1, fc_2, _ in stock])
         state_dict[prefix + stacked[1]] = torch.stack([proj for _, _, proj in stock])

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from litmoe.core.args import MoEArgs
+from litmoe.model.dispatch import ExpertGroup, send_back, send_to_experts
 from litmoe.model.experts import GroupedExperts, expert_size
 
 # Running sums since the last read; counts are integers so that bf16 models keep them exact.
@@ -69,7 +70,9 @@ class MoELayer(nn.Module):
     to load and route like a checkpoint that was trained with one.
     """
 
-    def __init__(self, config, balance: MoEArgs | None = None, expert_bias: bool = False) -> None:
+    def __init__(
+        self, config, balance: MoEArgs | None = None, expert_bias: bool = False, expert_group: ExpertGroup | None = None
+    ) -> None:
         from litgpt.model import GroupedTopkRouter, LLaMAMLP
 
         super().__init__()
@@ -90,7 +93,9 @@ class MoELayer(nn.Module):
             if expert_bias or self.balance.bias_update_rate > 0:  # the grouped router has e_score_correction_bias
                 self.register_buffer("expert_bias", torch.zeros(config.n_expert))
         hidden = expert_size(config)
-        self.experts = GroupedExperts(config.n_expert, config.n_embd, hidden, config.n_layer, config.bias)
+        self.expert_group = expert_group  # expert parallelism: this rank holds only its share of the experts
+        held = expert_group.experts(config.n_expert) if expert_group is not None else None
+        self.experts = GroupedExperts(config.n_expert, config.n_embd, hidden, config.n_layer, config.bias, held)
         if config.n_shared_expert:
             self.shared_experts = LLaMAMLP(config, intermediate_size=hidden * config.n_shared_expert)
         # Statistics stay on the device (no host sync in forward) and out of the state dict.
@@ -139,7 +144,7 @@ class MoELayer(nn.Module):
         # scatter_add, not bincount: bincount's output shape depends on the data and breaks the compiled graph
         slots = indices.view(-1)
         tokens_per_expert = slots.new_zeros(self.config.n_expert).scatter_add_(0, slots, torch.ones_like(slots))
-        expert_out = self.experts(tokens[token_of_slot], tokens_per_expert)
+        expert_out = self.run_experts(tokens[token_of_slot], tokens_per_expert)
         expert_out = expert_out * weights.view(-1)[order].unsqueeze(-1).to(expert_out.dtype)
         y = torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out.to(tokens.dtype)).view(B, T, C)
         if self.config.n_shared_expert:
@@ -150,6 +155,14 @@ class MoELayer(nn.Module):
                 y = self.add_balancing_gradient(y, aux, z_loss)
             self.record(tokens_per_expert, probs, aux, z_loss)
         return y
+
+    def run_experts(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs for `rows` sorted by expert; under expert parallelism the rows travel to the ranks
+        that hold their experts and back (litmoe.model.dispatch)."""
+        if self.expert_group is None:
+            return self.experts(rows, tokens_per_expert)
+        arrived, per_local_expert, exchange = send_to_experts(rows, tokens_per_expert, self.expert_group)
+        return send_back(self.experts(arrived, per_local_expert), exchange, self.expert_group)
 
     def balancing_losses(
         self, tokens_per_expert: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
