@@ -33,3 +33,17 @@ def test_verdicts_come_with_fixes_where_something_is_missing(tmp_path):
         buildable = get_accelerator().create_op_builder(builder).is_compatible(verbose=False)
         assert (check.verdict == "ok") == buildable, check  # the verdict is DeepSpeed's own, on this machine
     assert Check("x", "missing", "gone", "install it").line() == "[missing] x                  gone  -> install it"
+
+
+def test_the_report_is_ours_alone_in_a_real_process(tmp_path):
+    """No dependency's log line (DeepSpeed's guess of the accelerator) among the report's lines."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    command = [sys.executable, "run_train.py", "--check-environment", "--out_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "] DeepSpeed" in result.stdout
+    assert "real_accelerator" not in result.stdout + result.stderr and "[WARNING]" not in result.stdout + result.stderr

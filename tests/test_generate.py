@@ -93,3 +93,14 @@ def test_a_reader_that_goes_away_ends_generation_quietly(trained):
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+
+
+def test_a_sample_of_only_blanks_says_why(trained, capsys, monkeypatch):
+    import litmoe.inference.generate
+
+    _, tokenizer = load_model(trained / "final", torch.device("cpu"), torch.float32)
+    blanks = tokenizer.encode("\n\n\n").tolist()
+    monkeypatch.setattr(litmoe.inference.generate, "generate_tokens", lambda *args: iter(blanks))
+    generate(trained, prompt="The cat", max_new_tokens=5, temperature=0.0)
+    err = capsys.readouterr().err
+    assert "sample 1: only whitespace: after this prompt the model's most likely tokens are blanks" in err

@@ -191,3 +191,25 @@ def test_steady_throughput_leaves_out_warm_up_validation_and_saving():
         state["iter_num"] += 1
     iters, seconds = clock.measured()
     assert iters == 6 and seconds < 0.1 < time.perf_counter() - started
+
+
+def test_a_run_ends_with_a_report_a_person_can_look_at(trained):
+    from litmoe.training.report import read_log, report_figure
+
+    report = trained / "logs" / "report.png"
+    assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report.stat().st_size > 20_000
+    figure = report_figure(read_log(trained))
+    titles = {axes.get_title(): (axes.get_xlabel(), axes.get_ylabel()) for axes in figure.axes if axes.get_title()}
+    assert titles == {
+        "Loss": ("optimizer step", "cross-entropy (nats/token)"),
+        "Throughput": ("optimizer step", "tokens/s (all ranks)"),
+        "Gradient norm": ("optimizer step", "global L2 norm (before clipping)"),
+        "Expert load (1 = a fair share of the routed tokens)": ("optimizer step", "layer, expert"),
+    }
+    load = next(axes for axes in figure.axes if axes.get_title().startswith("Expert load"))
+    rows = [f"L{layer} E{expert}" for layer in (0, 1) for expert in range(4)]  # the tiny model: 2 layers, 4 experts
+    assert [label.get_text() for label in load.get_yticklabels()] == rows
+    loss = next(axes for axes in figure.axes if axes.get_title() == "Loss")
+    assert [line.get_label() for line in loss.get_lines()] == ["training loss", "validation loss"]
+    assert len(loss.get_lines()[0].get_xdata()) == 30  # every optimizer step of the run was logged
+

@@ -15,12 +15,27 @@ import re
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 from litmoe.core.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE, RunStopped, UserError
+
+# Noise from pinned dependencies: litdata asks PyPI for a newer version of itself (we pin it deliberately),
+# LitData pins memory even when there is no accelerator to pin it for, and LitGPT's TrainArgs warns about
+# max_steps, which its pretrain loop ignores (and litmoe.training.settings refuses).
+KNOWN_WARNINGS = (
+    "A newer version of litdata is available",
+    "'pin_memory' argument is set as true",
+    "`--train.lr_warmup_steps` should be less than `--train.max_steps`",
+)
+
+
+def quiet_known_warnings() -> None:
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def run_command(target: str, parses_its_flags: bool = False) -> None:
@@ -30,6 +45,7 @@ def run_command(target: str, parses_its_flags: bool = False) -> None:
     module_name, function_name = target.split(":")
 
     def command() -> Any:
+        quiet_known_warnings()
         function = getattr(importlib.import_module(module_name), function_name)
         return function() if parses_its_flags else run_function(function)
 

@@ -95,6 +95,8 @@ def deepspeed_checks() -> list[Check]:
         ]
     ops = "CUDA GPU present" if torch.cuda.is_available() else "no CUDA GPU: DeepSpeed cannot train here"
     checks = [Check("DeepSpeed", "ok" if torch.cuda.is_available() else "warn", f"{version}; {ops}")]
+    if not torch.cuda.is_available():  # said above; otherwise DeepSpeed logs its guess as a warning of its own
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.accelerator import get_accelerator
 
     for builder_name, op, used_for, fix in DEEPSPEED_OPS:

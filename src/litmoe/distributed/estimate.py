@@ -135,6 +135,12 @@ def resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s" if seconds >= 1 else "under a second"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def reference_peak_flops(precision: str) -> tuple[str, float]:
     """The GPU here (Lightning's table), or an H100 SXM for reference."""
     from lightning.fabric.utilities.throughput import get_available_flops
@@ -184,6 +190,12 @@ def describe(
         if nbytes:
             lines.append(f"  offloaded to {where}: {nbytes / GiB:.2f} GiB per rank,"
                          f" {nbytes * devices_per_node / GiB:.2f} GiB per node")  # fmt: skip
-    budget = f", {max_tokens / tokens_per_sec / 3600:.1f} h for {max_tokens:,.0f} tokens" if max_tokens else ""
-    lines.append(f"speed at {mfu:.0%} MFU on {world_size} x {gpu}: {tokens_per_sec:,.0f} tokens/s{budget}")
+    budget = f", {duration(max_tokens / tokens_per_sec)} for {max_tokens:,.0f} tokens" if max_tokens else ""
+    if torch.cuda.is_available():
+        lines.append(f"speed at {mfu:.0%} MFU on {world_size} x {gpu}: {tokens_per_sec:,.0f} tokens/s{budget}")
+    else:  # a planning figure for a GPU machine, not this machine's speed
+        lines.append(
+            f"no GPU here: for planning, {world_size} x H100 SXM at {mfu:.0%} MFU would train this model at"
+            f" {tokens_per_sec:,.0f} tokens/s{budget} (this machine's own speed is printed at the end of a run)"
+        )
     return "\n".join(lines)

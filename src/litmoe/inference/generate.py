@@ -124,5 +124,11 @@ def generate(
             f" ({checkpoint_dir}, {device.type})",
             file=sys.stderr,
         )
+        if ids and not tokenizer.decode(torch.tensor(ids)).strip():  # e.g. greedy decoding of a small model
+            print(
+                f"sample {index + 1}: only whitespace: after this prompt the model's most likely tokens are blanks"
+                " and line breaks; sample with --temperature 0.8, or a longer prompt",
+                file=sys.stderr,
+            )
         samples.append(ids)
     return samples

@@ -9,7 +9,6 @@ named set of overrides in the file's `profiles:` section, chosen with `--profile
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,13 @@ from litmoe.core.cli import (
     normalize_flags,
     normalize_settings,
     parse_arguments,
+    quiet_known_warnings,
     take_section_flags,
 )
 from litmoe.core.errors import UserError
 from litmoe.core.user_files import read_yaml_file
 from litmoe.model.configs import model_setting
-from litmoe.training.run import KNOWN_WARNINGS, setup
+from litmoe.training.run import setup
 from litmoe.training.settings import resolve_optimizer
 
 DEFAULT_TRAIN_CONFIG = Path("train_config.yaml")
@@ -49,7 +49,7 @@ SWITCHES = {
     "--stock-moe": ("--moe.layer=stock", "train with LitGPT's stock LLaMAMoE, for comparison"),
 }
 RENAMED = {
-    "--compile-mode": ("--optimization.compile_mode", "torch.compile mode: default, reduce-overhead, max-autotune"),
+    "--compile-mode": ("--optimization.compile_mode", "torch.compile mode (default, max-autotune, ...)"),
     "--strategy": ("--strategy.name", "auto, single, ddp, fsdp or deepspeed"),
     "--zero-stage": ("--strategy.zero_stage", "DeepSpeed ZeRO stage 1, 2 or 3 (means --strategy deepspeed)"),
     "--offload-optimizer": ("--strategy.offload_optimizer", "DeepSpeed: optimizer state to cpu or nvme"),
@@ -181,8 +181,7 @@ def build_parser(settings: dict[str, Any], types_of: dict[str, Any], config_path
 
 def main(argv: list[str] | None = None):
     """Train; or only report: what this machine can do (--check-environment), or what the run needs (--estimate)."""
-    for message in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
+    quiet_known_warnings()
     argv = expand_short_flags(sys.argv[1:] if argv is None else argv)
     argv, config_file = take_flag(argv, "--config", with_value=True)
     argv, profile_name = take_flag(argv, "--profile", with_value=True)

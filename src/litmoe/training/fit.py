@@ -8,7 +8,8 @@
              selection bias; every step's gradient norm goes through the health monitor; the logger reads the
              routing statistics at log steps; data-parallel ranks check that they read different batches
   a stop     a signal saves a checkpoint at the step boundary (exit 75); divergence keeps the last good one (exit 3)
-  the end    data-parallel replicas compared, the initial validation loss logged, and the summary printed
+  the end    data-parallel replicas compared, the initial validation loss logged, the summary printed and the
+             report drawn (litmoe.training.report)
 """
 
 import math
@@ -36,6 +37,7 @@ from litmoe.model.moe import moe_layers, read_routing_stats, update_expert_bias
 from litmoe.training.health import Diverged, EventLog, TrainingHealth
 from litmoe.training.monitoring import WARMUP_STEPS, Console, Rate, RunLogger, RunSummary, SteadyClock
 from litmoe.training.preemption import Preempted, StopAtStepBoundary
+from litmoe.training.report import write_report
 from litmoe.training.saving import AtomicSave, checkpoint_bytes, warn_if_little_space
 from litmoe.training.settings import PatchSettings
 
@@ -265,6 +267,10 @@ def finish_run(
     )  # fmt: skip
     for line in settings.summary.lines():
         run.console.print(line)
+    if fabric.is_global_zero and isinstance(fabric.logger, RunLogger):
+        fabric.logger.save()  # the CSV rows so far, for the report
+        if (report := write_report(settings.out_dir)) is not None:
+            run.console.print(f"  report         : {report} (loss, throughput, gradient norm, expert load)")
     run.console.training_done = True
 
 

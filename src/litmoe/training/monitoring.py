@@ -72,6 +72,10 @@ class RunLogger(Logger):
             if not isinstance(logger, CSVLogger):  # it raises NotImplementedError
                 logger.log_hyperparams(params, *args, **kwargs)
 
+    def save(self) -> None:
+        for logger in self.loggers:
+            logger.save()
+
     def finalize(self, status: str) -> None:
         for logger in self.loggers:
             logger.finalize(status)

@@ -38,15 +38,6 @@ from litmoe.training.settings import (
 
 DEFAULT_DATA_DIR = Path("data/default")
 
-# Noise from pinned dependencies: litdata asks PyPI for a newer version of itself (we pin it deliberately),
-# LitData pins memory even when there is no accelerator to pin it for, and LitGPT's TrainArgs warns about
-# max_steps, which its pretrain loop ignores (and litmoe.training.settings refuses).
-KNOWN_WARNINGS = (
-    "A newer version of litdata is available",
-    "'pin_memory' argument is set as true",
-    "`--train.lr_warmup_steps` should be less than `--train.max_steps`",
-)
-
 
 def setup(
     model: str | dict = "model_config.yaml",
@@ -72,7 +63,7 @@ def setup(
     seed: int = 42,
     progress: bool = False,
 ) -> PatchSettings | None:
-    """Pretrain an MoE model with LitGPT's pretrain loop (returns None when --resume finds the run finished).
+    """Pretrain an MoE model with LitGPT's pretrain loop.
 
     Args:
         model: A model config YAML file (a LitGPT Config) or the name of a registered config (MoE-200M, MoE-1B, ...),

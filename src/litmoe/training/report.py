@@ -1,0 +1,90 @@
+"""A run report a person can look at: `logs/report.png`, drawn from the run's CSV log at the end of a run.
+
+Four panels, each with labelled axes: the training loss with the validation loss, throughput (tokens/s, all
+ranks), the gradient norm, and each MoE layer's expert load over time (the share of routed tokens per expert,
+relative to a fair share). A resumed run opens a new CSV version; the report reads them all, in order, so it
+covers the whole run. TensorBoard keeps the same numbers; this is the page one attaches to a message.
+"""
+
+import csv
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+LOAD_COLUMN = re.compile(r"moe/layer(\d+)/load/expert(\d+)")
+
+
+def read_log(out_dir: Path) -> list[dict[str, float]]:
+    """Every logged row of the run (all CSV versions, oldest first), as numbers; empty cells left out."""
+    versions = sorted((out_dir / "logs" / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    rows = []
+    for path in versions:
+        with path.open(newline="", encoding="utf-8") as file:
+            for row in csv.DictReader(file):
+                rows.append({key: float(value) for key, value in row.items() if key and value not in ("", None)})
+    return rows
+
+
+def series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows that have `key`, by optimizer step (LitGPT's `step` column)."""
+    points = [(row["step"], row[key]) for row in rows if key in row and "step" in row and math.isfinite(row[key])]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def load_over_time(rows: list[dict[str, float]]) -> tuple[np.ndarray, list[float], list[str]]:
+    """(experts' load relative to a fair share, one row per (layer, expert) and one column per log step; the steps;
+    the row labels)."""
+    columns = sorted({(int(m[1]), int(m[2])) for row in rows for key in row if (m := LOAD_COLUMN.fullmatch(key))})
+    logged = [row for row in rows if any(f"moe/layer{layer}/load/expert{expert}" in row for layer, expert in columns)]
+    experts_per_layer = {layer: sum(1 for other, _ in columns if other == layer) for layer, _ in columns}
+    grid = np.full((len(columns), len(logged)), np.nan)
+    for column, row in enumerate(logged):
+        for index, (layer, expert) in enumerate(columns):
+            share = row.get(f"moe/layer{layer}/load/expert{expert}")
+            if share is not None:
+                grid[index, column] = share * experts_per_layer[layer]
+    return grid, [row.get("step", math.nan) for row in logged], [f"L{layer} E{expert}" for layer, expert in columns]
+
+
+def report_figure(rows: list[dict[str, float]]):
+    """The report's figure (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ((loss, speed), (norm, load)) = plt.subplots(2, 2, figsize=(13, 8), constrained_layout=True)
+    loss.plot(*series(rows, "loss"), label="training loss")
+    loss.plot(*series(rows, "val_loss"), "o-", label="validation loss")
+    loss.set(title="Loss", xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
+    loss.legend()
+    speed.plot(*series(rows, "tokens_per_sec"))
+    speed.set(title="Throughput", xlabel="optimizer step", ylabel="tokens/s (all ranks)")
+    norm.plot(*series(rows, "grad_norm"))
+    norm.set(title="Gradient norm", xlabel="optimizer step", ylabel="global L2 norm (before clipping)")
+    grid, steps, labels = load_over_time(rows)
+    load.set(
+        title="Expert load (1 = a fair share of the routed tokens)", xlabel="optimizer step", ylabel="layer, expert"
+    )
+    if grid.size:
+        image = load.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=2, interpolation="nearest",
+                            extent=(min(steps), max(steps), len(labels) - 0.5, -0.5))  # fmt: skip
+        load.set_yticks(range(len(labels)), labels, fontsize=max(4, min(9, 300 // max(len(labels), 1))))
+        figure.colorbar(image, ax=load, label="load / fair share")
+    return figure
+
+
+def write_report(out_dir: Path) -> Path | None:
+    """`out_dir/logs/report.png` from the run's CSV log; None when nothing was logged."""
+    rows = read_log(out_dir)
+    if not any("loss" in row for row in rows):
+        return None
+    figure = report_figure(rows)
+    path = out_dir / "logs" / "report.png"
+    figure.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path
