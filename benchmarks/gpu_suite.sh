@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_suite.sh environment tests layer attention     # one call
 #   bash benchmarks/gpu_suite.sh throughput                  # another
 #   bash benchmarks/gpu_suite.sh zero                        # and another
+#   bash benchmarks/gpu_suite.sh sweep                       # the speed levers of issue #21, one table
 #
 # Run from the repository root. Each step's output is also written to $OUT/STEP.txt (./gpu-results without
 # $OUT). On a machine without a package index, first run the install line that ../shared/gpu/wheels.sh
@@ -20,9 +21,10 @@ run_step() {
     layer) $PYTHON benchmarks/moe_layer.py ;;
     attention) $PYTHON benchmarks/attention_kernels.py ;;
     throughput) $PYTHON benchmarks/train_throughput.py --tokens 2000000 -- --no-cpu-profile ;;
+    sweep) $PYTHON benchmarks/speed_sweep.py ;;
     zero) $PYTHON benchmarks/zero_strategies.py -- --no-cpu-profile --train.max_tokens 1e6 --no-compile \
       --eval.initial_validation false --eval.final_validation false ;;
-    *) echo "unknown step '$1'; the steps are: environment tests layer attention throughput zero" >&2; return 2 ;;
+    *) echo "unknown step '$1'; the steps are: environment tests layer attention throughput sweep zero" >&2; return 2 ;;
   esac
 }
 

@@ -11,8 +11,9 @@ class OptimizationArgs:
 
     compile: bool = True
     """Compile the model with torch.compile (LitGPT always compiles; here it is a choice)."""
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    """torch.compile mode. max-autotune uses CUDA graphs; if it fails with a CUDAGraphs error use 'default'."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode. reduce-overhead and max-autotune use CUDA graphs (if that fails with a CUDAGraphs error,
+    use max-autotune-no-cudagraphs or default)."""
     compile_dynamic: bool = False
     """Compile for dynamic shapes (pretraining batches all have the same shape, so static is faster)."""
     compile_fullgraph: bool = False

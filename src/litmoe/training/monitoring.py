@@ -291,6 +291,12 @@ class RunSummary:
     peak_memory_gb: float = field(default_factory=lambda: peak_memory_gb())
 
     @property
+    def mfu(self) -> float | None:
+        """Model FLOPs utilisation of the steady (else the overall) rate; None without a known peak (CPU)."""
+        rate = self.steady or Rate(self.tokens, self.flops, self.seconds)
+        return rate.flops / rate.seconds / self.peak_flops if self.peak_flops and rate.seconds > 0 else None
+
+    @property
     def tokens_per_sec(self) -> float:
         """The steady rate when the run was long enough to have one, else the overall rate."""
         rate = self.steady or Rate(self.tokens, self.flops, self.seconds)
