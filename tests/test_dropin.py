@@ -197,3 +197,41 @@ def test_a_deepseek_v3_model_routes_as_transformers_does_through_stock_weight_su
             getattr(theirs.shared_experts, hf_name).weight.copy_(getattr(ours.shared_experts, name).weight)
         x = torch.randn(2, 16, 64)
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["Mixtral-8x7B-v0.1", "Qwen3-30B-A3B"])
+def test_whole_models_with_our_layer_give_transformers_logits(model):
+    """LitGPT's own parity checks (its tests/test_model.py: Mixtral and Qwen3-MoE against transformers, weights
+    through LitGPT's converter, an expert size of 86), with our layer in every block."""
+    transformers = pytest.importorskip("transformers")
+    from litgpt.model import GPT
+    from litgpt.scripts.convert_hf_checkpoint import copy_weights_hf_llama, copy_weights_qwen_3
+
+    from litmoe.model.builder import moe_layer
+
+    sizes = {"moe_intermediate_size": 20, "n_expert_per_token": 2} if model.startswith("Qwen3") else {}
+    ours_config = Config.from_name(model, padded_vocab_size=1000, n_layer=2, n_embd=32, n_head=8, n_query_groups=2,
+                                   intermediate_size=86, n_expert=4, block_size=16, **sizes)  # fmt: skip
+    common = dict(
+        vocab_size=1000, hidden_size=32, num_attention_heads=8, num_hidden_layers=2, num_key_value_heads=2,
+        intermediate_size=86, max_position_embeddings=16, rms_norm_eps=ours_config.norm_eps,
+        rope_theta=ours_config.rope_base,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    if model.startswith("Mixtral"):
+        theirs = transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4, **common))
+        copy = copy_weights_hf_llama
+    else:
+        theirs = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            head_dim=ours_config.head_size, moe_intermediate_size=20, num_experts=4, num_experts_per_tok=2,
+            norm_topk_prob=True, tie_word_embeddings=False, **common))  # fmt: skip
+        copy = copy_weights_qwen_3
+    state = {}
+    copy(ours_config, {}, state, theirs.state_dict())
+    with moe_layer(MoELayer):
+        ours = GPT(ours_config)
+    ours.load_state_dict(state)
+    assert isinstance(ours.transformer.h[0].mlp, MoELayer)
+    tokens = torch.randint(0, 1000, (2, 12))
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(tokens), theirs.eval()(tokens).logits)
