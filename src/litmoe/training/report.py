@@ -69,8 +69,10 @@ def report_figure(rows: list[dict[str, float]]):
         title="Expert load (1 = a fair share of the routed tokens)", xlabel="optimizer step", ylabel="layer, expert"
     )
     if grid.size:
+        first, last = min(steps), max(steps)
+        first, last = (first - 0.5, last + 0.5) if first == last else (first, last)  # a run of one log step
         image = load.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=2, interpolation="nearest",
-                            extent=(min(steps), max(steps), len(labels) - 0.5, -0.5))  # fmt: skip
+                            extent=(first, last, len(labels) - 0.5, -0.5))  # fmt: skip
         load.set_yticks(range(len(labels)), labels, fontsize=max(4, min(9, 300 // max(len(labels), 1))))
         figure.colorbar(image, ax=load, label="load / fair share")
     return figure
