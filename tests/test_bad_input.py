@@ -209,6 +209,9 @@ CASES = [
     ("export_hf.py", EXPORT + ["--checkpoint", "{config_disagrees}"], "config_disagrees"),
     ("prepare_data.py", ["--source", "{texts}", "--tokenizer_dir", "{tokenizer_garbage}", *PREPARE],
      "tokenizer.json: not valid JSON"),
+    ("run_train.py", RUN + ["--initial_checkpoint_dir", "{other_tokenizer}"],
+     "--initial_checkpoint_dir {other_tokenizer}: its tokenizer is not the one the data was prepared with"),
+    ("run_train.py", RUN + ["--upcycle-from", "{other_tokenizer}"], "its token ids would mean other tokens"),
     # --data_dir as the user wrote it
     ("run_train.py", RUN + ["--data_dir", "{prepared}:inf,{other_prepared}:1"],
      "weight inf of {prepared}: weights must be positive numbers"),
@@ -315,6 +318,8 @@ def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> 
     paths["tokenizer_no_bos"] = checkpoint_copy(trained, root / "tokenizer_no_bos")
     settings = json.loads((paths["tokenizer_no_bos"] / "tokenizer_config.json").read_text())
     (paths["tokenizer_no_bos"] / "tokenizer_config.json").write_text(json.dumps(settings | {"bos_token": None}))
+    paths["other_tokenizer"] = checkpoint_copy(trained, root / "other_tokenizer")  # same size, other ids
+    (paths["other_tokenizer"] / "tokenizer_config.json").write_text(json.dumps(settings | {"model_max_length": 7}))
     paths["zero_traversal"] = checkpoint_copy(trained, root / "zero_traversal")
     shards = paths["zero_traversal"] / "lit_model.pth"
     shards.unlink()

@@ -73,3 +73,33 @@ def test_exported_tokenizer_adds_bos_like_litgpt_and_greedy_text_matches(exporte
 def test_exported_files_have_the_usual_permissions(exported):
     modes = {path.name: path.stat().st_mode & 0o777 for path in exported.iterdir()}
     assert len(set(modes.values())) == 1, modes
+
+
+def test_a_long_context_stage_trains_samples_and_exports(trained, train_args, tmp_path, capsys):
+    """The last pretraining stage: the same weights at twice the context. --initial_checkpoint_dir takes them (only
+    block_size and rope_adjustments changed) and generate.py samples past the old length, with YaRN or linear RoPE
+    scaling. The Hugging Face export carries linear (and Llama 3) scaling, and transformers then gives the same
+    logits over 120 tokens; LitGPT's YaRN it refuses in one line, since no transformers setting reproduces it."""
+    transformers = pytest.importorskip("transformers")
+    from litmoe.inference.generate import generate
+    from litmoe.training.cli import main
+
+    scalings = {"yarn": "{factor: 2.0, beta_fast: 32.0, beta_slow: 1.0, original_max_seq_len: 64}",
+                "linear": "{factor: 2.0}"}  # fmt: skip
+    for name, scaling in scalings.items():
+        longer = ("--initial_checkpoint_dir", str(trained / "final"), "--model.block_size", "128",
+                  "--model.rope_adjustments", scaling, "--train.max_seq_length", "128")  # fmt: skip
+        main(train_args(tmp_path / name, 512 * 2, extra=longer))
+        config = yaml.safe_load((tmp_path / name / "final" / "model_config.yaml").read_text())
+        assert config["block_size"] == 128 and config["rope_adjustments"]["factor"] == 2.0
+        samples = generate(tmp_path / name, prompt="The cat", max_new_tokens=100, temperature=0.0)
+        assert len(samples[0]) == 100  # past the 64 tokens the starting weights were trained at
+    with pytest.raises(UserError, match=r"cannot express LitGPT's YaRN rope_adjustments \(use linear or Llama 3"):
+        export_hf(tmp_path / "yarn" / "final", tmp_path / "hf-yarn")
+    exported = export_hf(tmp_path / "linear" / "final", tmp_path / "hf")
+    assert json.loads((exported / "config.json").read_text())["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported, torch_dtype=torch.float32).eval()
+    ours, _ = load_model(tmp_path / "linear" / "final", torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, 300, (1, 120))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)

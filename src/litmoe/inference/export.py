@@ -43,7 +43,22 @@ def mixtral_config(config, bos_id: int | None, eos_id: int | None) -> dict:
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "torch_dtype": "float32",
+        "rope_scaling": rope_scaling(config.rope_adjustments),
     }
+
+
+def rope_scaling(adjustments: dict | None) -> dict | None:
+    """LitGPT's `rope_adjustments` as transformers' `rope_scaling` (Llama 3 or linear): the same rotary frequencies,
+    so that the exported model gives the same logits at long lengths (YaRN is refused by `check_exportable`)."""
+    if not adjustments:
+        return None
+    renamed = {"original_max_seq_len": "original_max_position_embeddings"}
+    scaling = {renamed.get(key, key): value for key, value in adjustments.items()}
+    return {"rope_type": "llama3" if "low_freq_factor" in adjustments else "linear", **scaling}
+
+
+def is_yarn(adjustments: dict | None) -> bool:
+    return bool(adjustments) and ("beta_fast" in adjustments or "beta_slow" in adjustments)
 
 
 def check_exportable(config, state_dict: dict, checkpoint_dir: Path) -> None:
@@ -55,6 +70,11 @@ def check_exportable(config, state_dict: dict, checkpoint_dir: Path) -> None:
         "partial rotary embeddings": config.rotary_percentage != 1.0,
         "a non-RMSNorm norm": config.norm_class_name != "RMSNorm",
         "parallel residuals": config.parallel_residual,
+        # LitGPT 0.5.13 blends YaRN's two frequency sets the other way round from the YaRN paper and transformers
+        # (interpolating the fast dimensions), and without its attention scaling: no rope_scaling reproduces it
+        "LitGPT's YaRN rope_adjustments (use linear or Llama 3 RoPE scaling to export)": is_yarn(
+            config.rope_adjustments
+        ),
     }
     reasons = [name for name, present in unsupported.items() if present]
     if config.mlp_class_name != "LLaMAMoE":

@@ -29,10 +29,12 @@ import torch
 from litmoe.core.args import UpcycleArgs
 from litmoe.core.checkpoint_io import checkpoint_problem, load_state
 from litmoe.core.errors import UserError
+from litmoe.data.tokenizer import TOKENIZER_FILES, tokenizer_fingerprint
 from litmoe.model.builder import has_expert_bias
 from litmoe.model.configs import checkpoint_model_config, model_fields
 from litmoe.model.experts import expert_size
 
+CONTEXT_FIELDS = ("block_size", "rope_adjustments")  # a continued run may change them: weights do not depend on them
 SCRATCH = ".initial_weights.partial"  # under out_dir; left over by a killed run, it is removed at the next start
 # What the dense and the MoE model must share for the copied weights to mean the same thing.
 SHARED_FIELDS = (
@@ -53,10 +55,12 @@ def checkpoint_weights(checkpoint_dir: Path, flag: str) -> dict[str, torch.Tenso
 
 
 def same_model_weights(checkpoint_dir: Path, config) -> dict[str, torch.Tensor]:
-    """The weights of a checkpoint of this very model (`--initial_checkpoint_dir`)."""
+    """The weights of a checkpoint of this very model (`--initial_checkpoint_dir`); the context length and the
+    RoPE scaling may change (a long-context stage: the weights do not depend on them)."""
     saved = model_fields(checkpoint_model_config(checkpoint_dir, "--initial_checkpoint_dir"))
     ours = model_fields(config)
-    changed = [f"{key} {saved.get(key)} -> {ours.get(key)}" for key in sorted(ours) if key not in ("name", "hf_config")
+    free = {"name", "hf_config", *CONTEXT_FIELDS}
+    changed = [f"{key} {saved.get(key)} -> {ours.get(key)}" for key in sorted(ours) if key not in free
                and saved.get(key) != ours.get(key)]  # fmt: skip
     if changed:
         raise UserError(
@@ -64,6 +68,18 @@ def same_model_weights(checkpoint_dir: Path, config) -> dict[str, torch.Tensor]:
             " the same model config (a dense checkpoint can be upcycled with --upcycle-from)"
         )
     return checkpoint_weights(checkpoint_dir, "--initial_checkpoint_dir")
+
+
+def check_same_tokenizer(source: Path | None, flag: str, tokenizer_dir: Path) -> None:
+    """Starting weights learned their embeddings for one tokenizer: with another one (even of the same size) every
+    token id would mean another token. A checkpoint without tokenizer files cannot be checked, and is taken as is."""
+    if source is None or not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+        return
+    if tokenizer_fingerprint(Path(source)) != tokenizer_fingerprint(tokenizer_dir):
+        raise UserError(
+            f"{flag} {source}: its tokenizer is not the one the data was prepared with ({tokenizer_dir}); its token"
+            f" ids would mean other tokens: prepare the data with --tokenizer_dir {source}"
+        )
 
 
 def check_upcyclable(dense, config, where: str) -> int:

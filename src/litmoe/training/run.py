@@ -22,7 +22,7 @@ from litmoe.distributed.strategy import adopt_launcher_node_rank, resolve_strate
 from litmoe.model.attention import attention_kernel_scope, check_attention, default_precision, tf32_matmuls
 from litmoe.model.builder import expected_state
 from litmoe.model.configs import load_model_config, model_fields
-from litmoe.training.initial_weights import SCRATCH, write_initial_weights
+from litmoe.training.initial_weights import SCRATCH, check_same_tokenizer, write_initial_weights
 from litmoe.training.patches import patched_pretrain
 from litmoe.training.resume import RunShape, check_continuation, finished_run, resolve_resume
 from litmoe.training.saving import recover_interrupted_saves
@@ -184,7 +184,7 @@ def plan_run(
     plan = RunPlan(config, precision, seq_len, optimizer, data, hardware, choice)
     print(f"Strategy: {plan.label} ({choice.reason})")
     check_run_care(checkpoint, health, strategy, choice)
-    check_starting_weights(initial_checkpoint_dir, upcycle)
+    check_starting_weights(initial_checkpoint_dir, upcycle, data.tokenizer_dir)
     return plan
 
 
@@ -228,11 +228,13 @@ def start_description(resume: bool | Path, initial_checkpoint_dir: Path | None, 
     return "fresh, from LitGPT's initialization"
 
 
-def check_starting_weights(initial_checkpoint_dir: Path | None, upcycle: UpcycleArgs) -> None:
+def check_starting_weights(initial_checkpoint_dir: Path | None, upcycle: UpcycleArgs, tokenizer_dir: Path) -> None:
     if initial_checkpoint_dir is not None and upcycle.dense_checkpoint is not None:
         raise UserError("--initial_checkpoint_dir and --upcycle-from both give starting weights; choose one")
     if upcycle.noise < 0 or upcycle.router_std < 0:
         raise UserError(f"--upcycle.noise {upcycle.noise}, --upcycle.router_std {upcycle.router_std}: must be >= 0")
+    check_same_tokenizer(initial_checkpoint_dir, "--initial_checkpoint_dir", tokenizer_dir)
+    check_same_tokenizer(upcycle.dense_checkpoint, "--upcycle-from", tokenizer_dir)
 
 
 def starting_weights(
