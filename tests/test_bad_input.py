@@ -212,6 +212,11 @@ CASES = [
     ("run_train.py", RUN + ["--initial_checkpoint_dir", "{other_tokenizer}"],
      "--initial_checkpoint_dir {other_tokenizer}: its tokenizer is not the one the data was prepared with"),
     ("run_train.py", RUN + ["--upcycle-from", "{other_tokenizer}"], "its token ids would mean other tokens"),
+    # prepared data damaged after it was made: found at start, not mid-run
+    ("run_train.py", RUN + ["--data_dir", "{prepared_truncated}"],
+     "chunk-0-0-0.bin: 1,000 bytes where the index records"),
+    ("run_train.py", RUN + ["--data_dir", "{prepared_missing}"], "chunk-0-0-0.bin: missing from the prepared data"),
+    ("evaluate.py", EVALUATE + ["--data_dir", "{prepared_missing_val}"], "missing from the prepared data; prepare"),
     # --data_dir as the user wrote it
     ("run_train.py", RUN + ["--data_dir", "{prepared}:inf,{other_prepared}:1"],
      "weight inf of {prepared}: weights must be positive numbers"),
@@ -320,6 +325,13 @@ def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> 
     (paths["tokenizer_no_bos"] / "tokenizer_config.json").write_text(json.dumps(settings | {"bos_token": None}))
     paths["other_tokenizer"] = checkpoint_copy(trained, root / "other_tokenizer")  # same size, other ids
     (paths["other_tokenizer"] / "tokenizer_config.json").write_text(json.dumps(settings | {"model_max_length": 7}))
+    for name in ("prepared_truncated", "prepared_missing", "prepared_missing_val"):
+        paths[name] = root / name
+        shutil.copytree(prepared, paths[name])
+    chunk = paths["prepared_truncated"] / "train" / "chunk-0-0-0.bin"
+    chunk.write_bytes(chunk.read_bytes()[:1000])
+    (paths["prepared_missing"] / "train" / "chunk-0-0-0.bin").unlink()
+    (paths["prepared_missing_val"] / "val" / "chunk-0-0-0.bin").unlink()
     paths["zero_traversal"] = checkpoint_copy(trained, root / "zero_traversal")
     shards = paths["zero_traversal"] / "lit_model.pth"
     shards.unlink()

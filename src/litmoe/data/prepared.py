@@ -12,6 +12,7 @@ from pathlib import Path
 
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output
+from litmoe.core.user_files import read_json_file
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -89,3 +90,23 @@ def check_existing(out_dir: Path, wanted: Manifest, wanted_tokenizer: str | None
             " another --out_dir"
         )
     return True
+
+
+def check_chunks(data_dir: Path) -> None:
+    """Every chunk that a split's index.json lists is there, at its recorded size: litdata would otherwise fail in
+    the middle of a run (IndexError, FileNotFoundError) on a truncated, deleted or replaced chunk."""
+    manifest = read_manifest(data_dir)
+    again = f"prepare it again: `prepare_data.py --source {manifest.source if manifest else 'SOURCE'}"
+    again += f" --out_dir {data_dir} --force`"
+    for split in SPLITS:
+        index = read_json_file(data_dir / split / "index.json", "litdata's index of prepared data", again)
+        uncompressed = not (index.get("config") or {}).get("compression")
+        for chunk in index.get("chunks", []):
+            path = data_dir / split / chunk["filename"]
+            if not path.is_file():
+                raise UserError(f"{path}: missing from the prepared data; {again}")
+            if uncompressed and path.stat().st_size != chunk["chunk_bytes"]:
+                raise UserError(
+                    f"{path}: {path.stat().st_size:,} bytes where the index records {chunk['chunk_bytes']:,} (truncated"
+                    f" or replaced); {again}"
+                )

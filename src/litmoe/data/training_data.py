@@ -23,7 +23,7 @@ from litgpt.data import DataModule
 
 from litmoe.core.errors import UserError
 from litmoe.data.prepare import prepare
-from litmoe.data.prepared import MANIFEST, SPLITS, Manifest, read_manifest
+from litmoe.data.prepared import MANIFEST, SPLITS, Manifest, check_chunks, read_manifest
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,8 @@ def training_data(data_dir: str | list, micro_batch_size: int, seq_len: int, def
     manifests = [
         check_data_size(ensure_prepared(source.path, default_dir), micro_batch_size, seq_len) for source in sources
     ]
+    for source in sources:
+        check_chunks(source.path)
     check_one_tokenizer(sources, manifests)
     tokens = {split: sum(manifest.tokens[split] for manifest in manifests) for split in SPLITS}
     return TrainingData(sources, tokens, sources[0].path / "tokenizer")

@@ -16,7 +16,7 @@ import yaml
 
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_file, write_file
-from litmoe.data.prepared import MANIFEST, SPLITS, read_manifest
+from litmoe.data.prepared import MANIFEST, SPLITS, check_chunks, read_manifest
 from litmoe.data.sources import read_jsonl, read_text_file
 from litmoe.data.tokenizer import tokenizer_fingerprint
 from litmoe.inference.loading import load_model, resolve_checkpoint_dir
@@ -127,6 +127,7 @@ def evaluate_checkpoint(
         if data_dir is None:
             raise UserError(f"{checkpoint_dir}: which data? pass --data_dir (prepared data) or --file (text)")
         check_same_tokenizer(Path(data_dir), checkpoint_dir)
+        check_chunks(Path(data_dir))
         windows, source = prepared_windows(Path(data_dir), length), f"{data_dir} (val)"
     for layer in moe_layers(model):
         layer.record_routing = True
