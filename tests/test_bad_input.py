@@ -217,6 +217,8 @@ CASES = [
      "chunk-0-0-0.bin: 1,000 bytes where the index records"),
     ("run_train.py", RUN + ["--data_dir", "{prepared_missing}"], "chunk-0-0-0.bin: missing from the prepared data"),
     ("evaluate.py", EVALUATE + ["--data_dir", "{prepared_missing_val}"], "missing from the prepared data; prepare"),
+    ("run_train.py", RUN + ["--data_dir", "{prepared_small_files}"],
+     "too few for one micro-batch of 4 windows of 65 tokens (windows do not span chunks"),
     # --data_dir as the user wrote it
     ("run_train.py", RUN + ["--data_dir", "{prepared}:inf,{other_prepared}:1"],
      "weight inf of {prepared}: weights must be positive numbers"),
@@ -332,6 +334,12 @@ def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> 
     chunk.write_bytes(chunk.read_bytes()[:1000])
     (paths["prepared_missing"] / "train" / "chunk-0-0-0.bin").unlink()
     (paths["prepared_missing_val"] / "val" / "chunk-0-0-0.bin").unlink()
+    small_files = root / "small_files"  # each file its own shard and chunks: no chunk holds a 65-token window
+    for index, document in enumerate(make_documents(count=160, sentences=1, seed=9)):
+        write(small_files / f"part{index:03d}.jsonl", json.dumps({"text": document}) + "\n")
+    paths["prepared_small_files"] = root / "prepared_small_files"
+    prepare(source=str(small_files), out_dir=paths["prepared_small_files"], tokenizer_dir=prepared / "tokenizer",
+            val_fraction=0.2)  # fmt: skip
     paths["zero_traversal"] = checkpoint_copy(trained, root / "zero_traversal")
     shards = paths["zero_traversal"] / "lit_model.pth"
     shards.unlink()

@@ -22,6 +22,7 @@ import torch
 from litgpt.data import DataModule
 
 from litmoe.core.errors import UserError
+from litmoe.core.user_files import read_json_file
 from litmoe.data.prepare import prepare
 from litmoe.data.prepared import MANIFEST, SPLITS, Manifest, check_chunks, read_manifest
 
@@ -196,4 +197,20 @@ def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int) -> Mani
                 f" micro-batch ({micro_batch_size} x {seq_len + 1}); lower --train.micro_batch_size or"
                 " --train.max_seq_length, or prepare more data"
             )
+        chunks = chunk_tokens(data_dir / split)
+        if chunks and sum(tokens // (seq_len + 1) for tokens in chunks) < micro_batch_size:  # windows within chunks
+            raise UserError(
+                f"{data_dir / split}: its {len(chunks)} chunks hold at most {max(chunks, default=0):,} tokens each,"
+                f" too few for one micro-batch of {micro_batch_size} windows of {seq_len + 1} tokens (windows do not"
+                " span chunks, and each source file becomes chunks of its own); lower --train.max_seq_length, or"
+                " prepare the data from fewer, larger files"
+            )
     return manifest
+
+
+def chunk_tokens(split_dir: Path) -> list[int]:
+    """The tokens of each litdata chunk of a prepared split, as its index.json records them (empty when it does
+    not record them)."""
+    index = read_json_file(split_dir / "index.json", "litdata's index of prepared data", "prepare the data again")
+    chunks = index.get("chunks", []) if isinstance(index, dict) else []
+    return [int(chunk["dim"]) for chunk in chunks] if all("dim" in chunk for chunk in chunks) else []
