@@ -92,16 +92,20 @@ def check_existing(out_dir: Path, wanted: Manifest, wanted_tokenizer: str | None
     return True
 
 
-def check_chunks(data_dir: Path) -> None:
+def check_chunks(data_dir: Path) -> dict[str, list[int]]:
     """Every chunk that a split's index.json lists is there, at its recorded size: litdata would otherwise fail in
-    the middle of a run (IndexError, FileNotFoundError) on a truncated, deleted or replaced chunk."""
+    the middle of a run (IndexError, FileNotFoundError) on a truncated, deleted or replaced chunk. Returns each
+    split's tokens per chunk, as the index records them (empty when it does not)."""
     manifest = read_manifest(data_dir)
     again = f"prepare it again: `prepare_data.py --source {manifest.source if manifest else 'SOURCE'}"
     again += f" --out_dir {data_dir} --force`"
+    tokens = {}
     for split in SPLITS:
         index = read_json_file(data_dir / split / "index.json", "litdata's index of prepared data", again)
+        chunks = index.get("chunks", []) if isinstance(index, dict) else []
         uncompressed = not (index.get("config") or {}).get("compression")
-        for chunk in index.get("chunks", []):
+        tokens[split] = [int(chunk["dim"]) for chunk in chunks] if all("dim" in chunk for chunk in chunks) else []
+        for chunk in chunks:
             path = data_dir / split / chunk["filename"]
             if not path.is_file():
                 raise UserError(f"{path}: missing from the prepared data; {again}")
@@ -110,3 +114,4 @@ def check_chunks(data_dir: Path) -> None:
                     f"{path}: {path.stat().st_size:,} bytes where the index records {chunk['chunk_bytes']:,} (truncated"
                     f" or replaced); {again}"
                 )
+    return tokens

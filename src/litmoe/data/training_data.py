@@ -22,7 +22,6 @@ import torch
 from litgpt.data import DataModule
 
 from litmoe.core.errors import UserError
-from litmoe.core.user_files import read_json_file
 from litmoe.data.prepare import prepare
 from litmoe.data.prepared import MANIFEST, SPLITS, Manifest, check_chunks, read_manifest
 
@@ -153,11 +152,10 @@ def training_data(data_dir: str | list, micro_batch_size: int, seq_len: int, def
     """`--data_dir` checked: every source prepared (the default corpus is prepared on first use), each split of
     each source holding at least one micro-batch, one tokenizer for all."""
     sources = data_sources(data_dir)
-    manifests = [
-        check_data_size(ensure_prepared(source.path, default_dir), micro_batch_size, seq_len) for source in sources
-    ]
+    manifests = []
     for source in sources:
-        check_chunks(source.path)
+        chunk_tokens = check_chunks(ensure_prepared(source.path, default_dir))
+        manifests.append(check_data_size(source.path, micro_batch_size, seq_len, chunk_tokens))
     check_one_tokenizer(sources, manifests)
     tokens = {split: sum(manifest.tokens[split] for manifest in manifests) for split in SPLITS}
     return TrainingData(sources, tokens, sources[0].path / "tokenizer")
@@ -186,8 +184,11 @@ def check_one_tokenizer(sources: list[DataSource], manifests: list[Manifest]) ->
             )
 
 
-def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int) -> Manifest:
-    """The data's manifest, once each split is known to hold at least one micro-batch."""
+def check_data_size(
+    data_dir: Path, micro_batch_size: int, seq_len: int, chunk_tokens: dict[str, list[int]]
+) -> Manifest:
+    """The data's manifest, once each split is known to hold at least one micro-batch (`chunk_tokens`: each
+    split's tokens per litdata chunk, from `check_chunks`)."""
     manifest = read_manifest(data_dir)
     needed = micro_batch_size * (seq_len + 1)
     for split in SPLITS:
@@ -197,7 +198,7 @@ def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int) -> Mani
                 f" micro-batch ({micro_batch_size} x {seq_len + 1}); lower --train.micro_batch_size or"
                 " --train.max_seq_length, or prepare more data"
             )
-        chunks = chunk_tokens(data_dir / split)
+        chunks = chunk_tokens[split]
         if chunks and sum(tokens // (seq_len + 1) for tokens in chunks) < micro_batch_size:  # windows within chunks
             raise UserError(
                 f"{data_dir / split}: its {len(chunks)} chunks hold at most {max(chunks, default=0):,} tokens each,"
@@ -206,11 +207,3 @@ def check_data_size(data_dir: Path, micro_batch_size: int, seq_len: int) -> Mani
                 " prepare the data from fewer, larger files"
             )
     return manifest
-
-
-def chunk_tokens(split_dir: Path) -> list[int]:
-    """The tokens of each litdata chunk of a prepared split, as its index.json records them (empty when it does
-    not record them)."""
-    index = read_json_file(split_dir / "index.json", "litdata's index of prepared data", "prepare the data again")
-    chunks = index.get("chunks", []) if isinstance(index, dict) else []
-    return [int(chunk["dim"]) for chunk in chunks] if all("dim" in chunk for chunk in chunks) else []

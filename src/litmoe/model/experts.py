@@ -83,11 +83,12 @@ class GroupedExperts(nn.Module):
         held by other ranks are drawn too, and dropped, so that every rank's experts are the ones a single process
         would have."""
         n_embd = self.w_in.shape[-1]
+        others = torch.empty_like(self.w_in[0]), torch.empty_like(self.w_out[0])  # scratch for other ranks' experts
         for expert in range(self.n_expert):  # contiguous views: the same draws as stock's own tensors get
             if expert in self.held:
                 w_in, w_out = self.w_in[expert - self.held.start], self.w_out[expert - self.held.start]
-            else:
-                w_in, w_out = torch.empty_like(self.w_in[0]), torch.empty_like(self.w_out[0])
+            else:  # another rank's expert: drawn into scratch, so that the random stream stays stock's
+                w_in, w_out = others
             nn.init.normal_(w_in[: self.hidden], std=math.sqrt(2.0 / 5 / n_embd))  # fc_1
             nn.init.normal_(w_in[self.hidden :], std=math.sqrt(2.0 / 5 / n_embd))  # fc_2
             nn.init.normal_(w_out, std=1 / math.sqrt(n_embd) / self.n_layer)  # proj
