@@ -21,7 +21,7 @@ run_step() {
     layer) $PYTHON benchmarks/moe_layer.py ;;
     attention) $PYTHON benchmarks/attention_kernels.py ;;
     throughput) $PYTHON benchmarks/train_throughput.py --tokens 2000000 -- --no-cpu-profile ;;
-    sweep) $PYTHON benchmarks/speed_sweep.py ;;
+    sweep) $PYTHON benchmarks/speed_sweep.py --profile ;;
     zero) $PYTHON benchmarks/zero_strategies.py -- --no-cpu-profile --train.max_tokens 1e6 --no-compile \
       --eval.initial_validation false --eval.final_validation false ;;
     *) echo "unknown step '$1'; the steps are: environment tests layer attention throughput sweep zero" >&2; return 2 ;;

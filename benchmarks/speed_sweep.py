@@ -2,9 +2,10 @@
 for the same tokens, one after the other in this process, and the table gives its steady tokens/s, MFU, peak
 memory and training loss at the end, beside stock LitGPT's layer measured in the same call.
 
-    uv run python benchmarks/speed_sweep.py                  # on a GPU: the MoE-200M recipe, 1.6M tokens each
+    uv run python benchmarks/speed_sweep.py                  # on a GPU: the MoE-200M recipe, 8 optimizer steps each
     uv run python benchmarks/speed_sweep.py --dry-run        # anywhere: MoE-tiny, one step each, the table prints
     uv run python benchmarks/speed_sweep.py --only "litmoe (recipe)" "micro-batch 16"
+    uv run python benchmarks/speed_sweep.py --profile        # and the recipe under torch.profiler: top kernels
 
 A variant is run_train.py flags on top of the recipe (the global batch stays 64 sequences, so a larger micro-batch
 accumulates less). Arguments after `--` go to every run. A variant that fails is a row saying why; the sweep goes
@@ -23,15 +24,24 @@ import torch
 
 from litmoe.training.cli import main as run_train
 
-VARIANTS = {
-    "stock LLaMAMoE": ["--moe.layer", "stock"],
+VARIANTS = {  # in order of what the table most needs, should the call run out of time
     "litmoe (recipe)": [],
+    "stock LLaMAMoE": ["--moe.layer", "stock"],
+    "fused loss (Liger)": ["--optimization.fused_loss", "true"],
     "micro-batch 16": ["--train.micro_batch_size", "16"],
+    "compile per block, fullgraph": [
+        "--optimization.compile_scope",
+        "blocks",
+        "--optimization.compile_fullgraph",
+        "true",
+    ],
+    "foreach AdamW (not fused)": ["--optimizer.fused", "false"],
     "micro-batch 32": ["--train.micro_batch_size", "32"],
+    "fused loss + micro-batch 16": ["--optimization.fused_loss", "true", "--train.micro_batch_size", "16"],
     "compile fullgraph": ["--optimization.compile_fullgraph", "true"],
-    "compile max-autotune-no-cudagraphs": ["--compile-mode", "max-autotune-no-cudagraphs"],
     "compile reduce-overhead (CUDA graphs)": ["--compile-mode", "reduce-overhead"],
     "no compile": ["--no-compile"],
+    "compile max-autotune-no-cudagraphs": ["--compile-mode", "max-autotune-no-cudagraphs"],
 }
 # A dry run: the CPU-sized model, one optimizer step per variant, compiled variants compiled all the same.
 DRY_RUN = [
@@ -67,24 +77,54 @@ def run_variant(name: str, flags: list[str], common: list[str], out_dir: Path) -
     )
 
 
+def profile_recipe(common: list[str], out_dir: Path, steps: tuple[int, int]) -> None:
+    """The recipe once more under torch.profiler, recording `steps` = (skipped, recorded) optimizer steps: the
+    kernels that take the time, and every host-device synchronisation in the recorded steps."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    skipped, recorded = steps
+    with profile(activities=activities, schedule=schedule(wait=skipped, warmup=1, active=recorded)) as profiler:
+        hook = register_optimizer_step_post_hook(lambda *_: profiler.step())
+        try:
+            run_variant("litmoe (recipe), profiled", [], common, out_dir)
+        finally:
+            hook.remove()
+    events = profiler.key_averages()
+    if not events:
+        print(f"\nProfile: the run had fewer than {skipped + 1 + recorded} optimizer steps; nothing recorded")
+        return
+    time_column = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(f"\nProfile of the recipe, {recorded} optimizer steps after {skipped + 1}, by {time_column}:")
+    print(events.table(sort_by=time_column, row_limit=30, max_name_column_width=70))
+    syncs = {event.key: event.count for event in events if "Synchronize" in event.key or event.key == "aten::item"}
+    print(f"host-device synchronisations in those steps: {syncs or 'none'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="MoE-tiny, one step per variant (any machine)")
-    parser.add_argument("--tokens", type=int, default=1_638_400, help="per variant (default: 12 optimizer steps)")
+    parser.add_argument("--tokens", type=int, default=1_048_576, help="per variant (default: 8 optimizer steps)")
     parser.add_argument("--only", nargs="*", default=None, help="the variants to run, by name")
+    parser.add_argument("--profile", action="store_true", help="profile the recipe after its row (torch.profiler)")
     parser.add_argument("run_train_args", nargs="*", help="after --: flags for every run")
     args = parser.parse_args()
     chosen = {name: VARIANTS[name] for name in (args.only or VARIANTS)}
     common = [*DRY_RUN] if args.dry_run else ["--no-cpu-profile", f"--train.max_tokens={args.tokens}"]
+    common += args.run_train_args
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run: not speeds)"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for index, (name, flags) in enumerate(chosen.items()):
-            rows.append(run_variant(name, flags, [*common, *args.run_train_args], Path(tmp) / f"v{index}"))
-    print(f"\nSpeed sweep on {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print("| variant | steady tokens/s | MFU | peak memory (GB) | train loss (last 3 logs) | wall time |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    print("\n".join(rows))
+            rows.append(run_variant(name, flags, common, Path(tmp) / f"v{index}"))
+            print(f"SWEEP ROW {rows[-1]}", flush=True)  # each row as it comes, should the call be cut short
+            if args.profile and index == 0:  # early, with the compile cache warm, so that a cut-short call has it
+                profile_recipe(common, Path(tmp) / "profile", (0, 1) if args.dry_run else (3, 2))
+        print(f"\nSpeed sweep on {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+        print("| variant | steady tokens/s | MFU | peak memory (GB) | train loss (last 3 logs) | wall time |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        print("\n".join(rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,12 @@ CASES = [
     ("run_train.py", RUN + ["--out_dir", "{trained}"], "already holds checkpoints (final/); pass --resume auto"),
     ("run_train.py", RUN + ["--strategy", "deepspeed"], "--strategy deepspeed needs a CUDA GPU"),
     ("run_train.py", RUN + ["--flash-attention-force"], "--flash-attention-force: FlashAttention cannot run here"),
+    ("run_train.py", RUN + ["--optimization.fused_loss", "true"],
+     "--optimization.fused_loss true: it needs a CUDA GPU (Liger Kernel's kernels are Triton); leave it false"),
+    ("run_train.py", RUN + ["--optimization.compile_scope", "layers"],
+     "--optimization.compile_scope layers: expected one of model, blocks"),
+    ("run_train.py", RUN + ["--compile-mode", "fast"],
+     "--optimization.compile_mode fast: expected one of default, reduce-overhead, max-autotune,"),
     # prepare_data.py: nothing a user owns is replaced, even with --force
     ("prepare_data.py", ["--source", "{texts}", "--out_dir", "{user_dir}", "--force"],
      "holds files that are not prepared data (notes.txt); prepare_data.py replaces only what it made"),

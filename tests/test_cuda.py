@@ -94,11 +94,51 @@ def test_moe_200m_attention_runs_fused_flash_kernels_in_bf16():
         assert relative_error(expected, actual.float()) < 1e-2
 
 
-def test_compiled_bf16_training_run_learns_and_reports_mfu(train_args, tmp_path):
+def test_liger_fused_loss_is_as_close_to_fp32_as_litgpts_bf16_loss():
+    """--optimization.fused_loss: Liger's fused head + cross-entropy against LitGPT's chunked_cross_entropy of the
+    head's logits, both under bf16 autocast as training runs them, both held against fp32."""
+    from litgpt.utils import chunked_cross_entropy
+
+    from litmoe.model.fused_loss import liger_kernel
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(768, 50304, bias=False, device=DEVICE)
+    hidden = torch.randn(2, 1024, 768, device=DEVICE)
+    targets = torch.randint(0, 50304, (2, 1024), device=DEVICE)
+    targets[0, :100] = -100
+    fused = liger_kernel()
+
+    def loss_and_gradients(compute, autocast: bool) -> dict[str, torch.Tensor]:
+        head.zero_grad(set_to_none=True)
+        x = hidden.detach().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = compute(x)
+        loss.backward()
+        return {"loss": loss.detach().float(), "hidden grad": x.grad.float(), "weight grad": head.weight.grad.float()}
+
+    def stock(x):
+        return chunked_cross_entropy(head(x), targets)
+
+    def ours(x):
+        return fused(head.weight, x.reshape(-1, 768), targets.reshape(-1), None)
+
+    reference = loss_and_gradients(stock, autocast=False)
+    stock_errors = relative_errors(reference, loss_and_gradients(stock, autocast=True))
+    ours_errors = relative_errors(reference, loss_and_gradients(ours, autocast=True))
+    for name, error in ours_errors.items():
+        assert error < 1.5 * stock_errors[name] + 1e-3, (name, error, stock_errors[name])
+
+
+@pytest.mark.parametrize(
+    "levers",
+    [(), ("--optimization.fused_loss", "true", "--optimization.compile_scope", "blocks")],
+    ids=["recipe", "fused-loss-blocks"],
+)
+def test_compiled_bf16_training_run_learns_and_reports_mfu(train_args, tmp_path, levers):
     from litmoe.training.cli import main
 
     out_dir = tmp_path / "run"
-    extra = ("--compile", "--flash-attention-force", "--eval.interval", "100")
+    extra = ("--compile", "--flash-attention-force", "--eval.interval", "100", *levers)
     run = main(train_args(out_dir, max_tokens=256 * 24, extra=extra))
     assert run.summary.val_loss < 0.75 * run.summary.initial_val_loss
     assert run.summary.peak_flops, "no MFU: Lightning does not know this GPU's peak FLOP/s"

@@ -22,7 +22,7 @@ from litmoe.training.patches import patched_pretrain, prepare_model
 from litmoe.training.resume import resolve_resume
 from litmoe.training.settings import PatchSettings
 
-PATCHED = ("L", "measure_flops", "save_hyperparameters", "choose_logger", "fit")
+PATCHED = ("L", "measure_flops", "save_hyperparameters", "choose_logger", "fit", "instantiate_torch_optimizer")
 
 
 def settings(**optimization) -> PatchSettings:
@@ -81,6 +81,11 @@ def test_pretrain_still_calls_what_we_patch():
     assert set(re.findall(r"\bL\.(\w+)", source)) == {"Fabric"}  # pretrain.L is swapped for a Fabric namespace
     assert "reset_parameters(model)" in inspect.getsource(pretrain.initialize_weights)
     assert "    fit(\n        fabric=fabric," in source
+    # the fused loss stands in for chunked_cross_entropy where the loop and validation compute the loss
+    fit, validate = inspect.getsource(pretrain.fit), inspect.getsource(pretrain.validate)
+    assert "logits = model(input_ids)\n            loss = chunked_cross_entropy(logits, targets)" in fit
+    assert "logits = model(input_ids)\n        loss = chunked_cross_entropy(logits, targets)" in validate
+    assert "optimizer = instantiate_torch_optimizer(optimizer, model.parameters(), **extra_kwargs)" in source
 
 
 def test_compile_off_returns_the_model_uncompiled():
@@ -102,6 +107,64 @@ def test_compile_mode_and_dynamic_reach_torch_compile():
     other = torch.nn.Linear(2, 2)
     prepare_model(other, fullgraph=True, compile_fn=fake_compile, options=options)  # not ours: untouched
     assert calls[-1] == {"fullgraph": True}
+
+
+def test_compile_blocks_compiles_each_block_in_place():
+    """--optimization.compile_scope blocks: the GPT stays itself (same state-dict keys, no _orig_mod), each block
+    runs compiled (one graph, shared by the blocks), and the logits are the eager model's."""
+    model, reference = tiny_gpt().eval(), tiny_gpt().eval()
+    options = OptimizationArgs(compile=True, compile_scope="blocks", compile_fullgraph=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert prepare_model(model, compile_fn=torch.compile, options=options) is model
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_fused_loss_gives_the_stock_loss_and_gradients_with_the_same_keys():
+    """With the fused loss the model returns hidden states and the loss applies the head; a reference kernel
+    (the head's product and cross-entropy, unfused) stands in for Liger's here, which needs CUDA."""
+    from litgpt.utils import chunked_cross_entropy
+
+    from litmoe.model.fused_loss import FusedLinearCrossEntropy
+
+    def reference_kernel():
+        return lambda weight, hidden, targets, bias: torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(hidden, weight, bias), targets
+        )
+
+    stock, fused = tiny_gpt(), tiny_gpt()
+    fused.transformer.wte.weight = fused.lm_head.weight  # tied, as --train.tie_embeddings true makes them
+    stock.transformer.wte.weight = stock.lm_head.weight
+    loss = FusedLinearCrossEntropy(kernel=reference_kernel)
+    prepare_model(fused, compile_fn=torch.compile, options=OptimizationArgs(compile=False), fused_loss=loss)
+    assert fused.state_dict().keys() == stock.state_dict().keys()
+    assert fused.transformer.wte.weight is fused.lm_head.weight
+    x, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    targets[0, :3] = -100  # ignored positions count as in LitGPT's loss
+    expected, actual = chunked_cross_entropy(stock(x), targets), loss(fused(x), targets)
+    torch.testing.assert_close(actual, expected)
+    expected.backward()
+    actual.backward()
+    for (name, p), q in zip(stock.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_the_users_optimizer_settings_win_over_litgpts_defaults():
+    """LitGPT passes fused=True on CUDA over whatever the config says; an explicit --optimizer.fused false stays."""
+    from litgpt.utils import instantiate_torch_optimizer
+
+    from litmoe.training.patches import user_optimizer
+
+    parameters = [torch.nn.Parameter(torch.zeros(2))]
+    explicit = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.1, "fused": False}}
+    assert user_optimizer(instantiate_torch_optimizer, explicit, parameters, fused=True).defaults["fused"] is False
+    unset = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.1}}
+    assert user_optimizer(instantiate_torch_optimizer, unset, parameters, fused=None).defaults["fused"] is None
+    assert user_optimizer(instantiate_torch_optimizer, "SGD", parameters, lr=0.1, fused=False).defaults["lr"] == 0.1
 
 
 def test_compile_on_really_compiles():

@@ -19,6 +19,12 @@ class OptimizationArgs:
     compile_fullgraph: bool = False
     """Compile the whole model as one graph and fail at the first graph break, instead of running that part eagerly
     (litmoe's MoE layer has none; a break elsewhere then shows up at once)."""
+    compile_scope: Literal["model", "blocks"] = "model"
+    """model: one compiled graph for the whole GPT; blocks: each transformer block compiled on its own, as torchtitan
+    does (the blocks share one graph, compiled once; embedding, final norm and loss run eagerly)."""
+    fused_loss: bool = False
+    """Compute the output head and cross-entropy together in chunks, never materialising the logits (Liger Kernel's
+    fused linear cross-entropy; CUDA only, not with FSDP or ZeRO-3)."""
     flash_attention: bool = True
     """Check at start that attention runs on the FlashAttention kernel; warn, with the reason, when it cannot."""
     flash_attention_force: bool = False

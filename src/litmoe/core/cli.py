@@ -110,23 +110,34 @@ def parse_arguments(parser, argv: list[str], types_of: dict[str, Any]):
     try:
         return parser.instantiate_classes(parser.parse_args(argv))
     except ArgumentError as err:
-        raise UserError(describe_parse_error(str(err), types_of)) from None
+        raise UserError(describe_parse_error(str(err), types_of, argv)) from None
     except ValueError as err:  # a dataclass's own checks, e.g. LitGPT's TrainArgs.__post_init__
         raise UserError(" ".join(str(err).split())) from None
 
 
-def describe_parse_error(message: str, types_of: dict[str, Any]) -> str:
+def describe_parse_error(message: str, types_of: dict[str, Any], argv: list[str] = ()) -> str:
     """jsonargparse's several-line message as one line: the flag, the value, what it should be."""
     key = re.search(r'[Kk]ey "([^"]+)"', message)
     value = re.search(r"(?:Got|Given) value: (.*)", message)
     if message.startswith("Unrecognized arguments"):
         return f"{message.splitlines()[0].rstrip('.')}; see --help for the flags"
-    if key and f"--{key.group(1)}" in types_of and value:
-        expected = describe_type(types_of[f"--{key.group(1)}"])
-        return f"--{key.group(1)} {value.group(1).strip()}: expected {expected}"
+    flag = f"--{key.group(1)}" if key else None
+    given = value.group(1).strip() if value else given_value(argv, flag)
+    if flag in types_of and given is not None:  # jsonargparse names no value for a bad Literal in a dataclass
+        return f"{flag} {given}: expected {describe_type(types_of[flag])}"
     if key and "required" in message:
         return f"--{key.group(1)} is required; see --help"
     return " ".join(message.split())
+
+
+def given_value(argv: list[str], flag: str | None) -> str | None:
+    """The last value given to `flag` in argv (`--flag value` or `--flag=value`), or None."""
+    found = None
+    for index, arg in enumerate(argv):
+        name, sep, value = arg.partition("=")
+        if name == flag:
+            found = value if sep else (argv[index + 1] if index + 1 < len(argv) else None)
+    return found
 
 
 def describe_type(annotation: Any) -> str:

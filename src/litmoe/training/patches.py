@@ -10,8 +10,13 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
                                     (litmoe.distributed.fabric; LitGPT hard-codes FSDP for >1 device)
   pretrain.reset_parameters      -> under ZeRO-3 only: re-initialise weights that DeepSpeed has already
                                     partitioned, gathering each module's (litmoe.distributed.zero)
-  torch.compile                  -> `prepare_model`: activation checkpointing, then compile only as configured
-                                    (LitGPT compiles unconditionally right before `fabric.setup(model)`)
+  torch.compile                  -> `prepare_model`: the fused loss's head, activation checkpointing, then compile
+                                    the model or each block, only as configured (LitGPT compiles unconditionally
+                                    right before `fabric.setup(model)`)
+  pretrain.chunked_cross_entropy -> with --optimization.fused_loss: `litmoe.model.fused_loss`, the head and the
+                                    loss in one chunked kernel (training and validation alike)
+  pretrain.instantiate_torch_optimizer -> the stock one, except that init_args the user set win over its
+                                    defaults (it forces fused=True on CUDA, so --optimizer.fused false was lost)
   pretrain.measure_flops         -> `TrainingFlops`: active-expert FLOPs (the meta-device trace fails on MoE)
   pretrain.save_hyperparameters  -> writes our resolved run config (the stock one re-parses sys.argv with
                                     LitGPT's parser and dies on any flag of ours)
@@ -43,6 +48,7 @@ from litmoe.distributed.fabric import fabric_builder
 from litmoe.distributed.zero import zero3_reset_parameters
 from litmoe.model.builder import layer_for, moe_layer
 from litmoe.model.flops import TrainingFlops
+from litmoe.model.fused_loss import FusedLinearCrossEntropy
 from litmoe.training.fit import timed_fit
 from litmoe.training.monitoring import make_run_logger
 from litmoe.training.saving import AtomicSave
@@ -58,9 +64,13 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
     with ExitStack() as stack:
         stack.enter_context(settings.stop.installed())
         stack.enter_context(moe_layer(layer_for(settings.moe)))
-        stack.enter_context(
-            swapped(torch, "compile", partial(prepare_model, compile_fn=torch.compile, options=settings.optimization))
-        )
+        fused_loss = FusedLinearCrossEntropy() if settings.optimization.fused_loss else None
+        if fused_loss is not None:
+            stack.enter_context(swapped(pretrain, "chunked_cross_entropy", fused_loss))
+        prepare = partial(prepare_model, compile_fn=torch.compile, options=settings.optimization, fused_loss=fused_loss)
+        stack.enter_context(swapped(torch, "compile", prepare))
+        build_optimizer = partial(user_optimizer, pretrain.instantiate_torch_optimizer)
+        stack.enter_context(swapped(pretrain, "instantiate_torch_optimizer", build_optimizer))
         optimizer = settings.run_config.get("optimizer", "AdamW")
         build_fabric = fabric_builder(settings.strategy, settings.deepspeed_config, optimizer, settings.timeout_minutes)
         stack.enter_context(swapped(pretrain, "L", SimpleNamespace(Fabric=build_fabric)))
@@ -87,18 +97,33 @@ def checkpoint_blocks(model: nn.Module) -> None:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def prepare_model(model: nn.Module, *args: Any, compile_fn: Callable, options: OptimizationArgs, **kwargs: Any):
+def prepare_model(
+    model: nn.Module, *args: Any, compile_fn: Callable, options: OptimizationArgs,
+    fused_loss: FusedLinearCrossEntropy | None = None, **kwargs: Any,
+):  # fmt: skip
     from litgpt.model import GPT
 
     if not isinstance(model, GPT):  # someone else's torch.compile call: leave it alone
         return compile_fn(model, *args, **kwargs)
+    if fused_loss is not None:
+        fused_loss.attach(model)
     if options.gradient_checkpointing:
         checkpoint_blocks(model)
     if not options.compile:
         return model
-    return compile_fn(
-        model, mode=options.compile_mode, dynamic=options.compile_dynamic, fullgraph=options.compile_fullgraph
-    )
+    how = {"mode": options.compile_mode, "dynamic": options.compile_dynamic, "fullgraph": options.compile_fullgraph}
+    if options.compile_scope == "blocks":
+        for block in model.transformer.h:
+            block.compile(**how)  # in place: parameter names and state-dict keys stay as they were
+        return model
+    return compile_fn(model, **how)
+
+
+def user_optimizer(stock: Callable, optimizer: str | dict, parameters, **defaults: Any):
+    """LitGPT's optimizer factory, with the user's own init_args kept over the defaults it passes."""
+    if isinstance(optimizer, dict):
+        defaults = {key: value for key, value in defaults.items() if key not in optimizer.get("init_args", {})}
+    return stock(optimizer, parameters, **defaults)
 
 
 def progress_record(settings: PatchSettings, fabric, state: dict) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from litmoe.distributed.strategy import adopt_launcher_node_rank, resolve_strate
 from litmoe.model.attention import attention_kernel_scope, check_attention, default_precision, tf32_matmuls
 from litmoe.model.builder import expected_state
 from litmoe.model.configs import load_model_config, model_fields
+from litmoe.model.fused_loss import fused_loss_blocker
 from litmoe.training.initial_weights import SCRATCH, check_same_tokenizer, write_initial_weights
 from litmoe.training.patches import patched_pretrain
 from litmoe.training.resume import RunShape, check_continuation, finished_run, resolve_resume
@@ -183,9 +184,20 @@ def plan_run(
     choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization)
     plan = RunPlan(config, precision, seq_len, optimizer, data, hardware, choice)
     print(f"Strategy: {plan.label} ({choice.reason})")
+    check_fused_loss(optimization, config, choice)
     check_run_care(checkpoint, health, strategy, choice)
     check_starting_weights(initial_checkpoint_dir, upcycle, data.tokenizer_dir)
     return plan
+
+
+def check_fused_loss(optimization: OptimizationArgs, config: Any, choice: StrategyChoice) -> None:
+    if not optimization.fused_loss:
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sharded = choice.name == "fsdp" or (choice.name == "deepspeed" and choice.zero_stage == 3)
+    reason = fused_loss_blocker(config, device, sharded)
+    if reason:
+        raise UserError(f"--optimization.fused_loss true: {reason}; leave it false (the default)")
 
 
 def prepare_device(plan: RunPlan, optimization: OptimizationArgs) -> None:
