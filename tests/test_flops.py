@@ -69,3 +69,22 @@ def test_litmoe_layer_counts_like_stock():
     assert isinstance(ours.transformer.h[0].mlp, MoELayer)
     assert total_parameters(ours) == total_parameters(stock)
     assert active_parameters(ours) == active_parameters(stock)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "peak"),
+    [
+        ("NVIDIA H200", torch.bfloat16, 989.4e12),  # what CUDA calls an H200 SXM; Lightning knows no such name
+        ("NVIDIA H200 NVL", torch.bfloat16, 835.5e12),
+        ("NVIDIA H200", torch.float32, 494.7e12),  # TF32, as training sets matmul precision "high"
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),  # Lightning's table
+        ("NVIDIA GeForce GTX 480", torch.bfloat16, None),
+    ],
+)
+def test_mfu_has_the_dense_peak_of_the_gpu(name, dtype, peak, monkeypatch):
+    from litmoe.model.flops import device_peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert device_peak_flops(torch.device("cuda", 0), dtype) == peak
+    assert device_peak_flops(torch.device("cpu"), dtype) is None

@@ -307,6 +307,8 @@ def test_skip_survives_one_bad_batch_and_logs_the_gradient_norm(train_args, tmp_
     norms = logged(out_dir, "grad_norm")
     assert len(norms) == 10 and sorted(step for step, norm in norms.items() if norm != norm) == [4]  # NaN at step 5
     assert logged(out_dir, "health/skipped_steps")[9] == 1
+    losses = logged(out_dir, "loss")  # the bad batch's loss is in the log, not dropped (running_loss_nan_check off)
+    assert [step for step, loss in losses.items() if loss != loss] == [4]
     assert run.summary.val_loss < run.summary.initial_val_loss
     assert "Event at step 5: skipped step (grad_norm nan, in_a_row 1)" in capsys.readouterr().out
     assert all(torch.isfinite(t).all() for t in load_state(out_dir / "final" / "lit_model.pth")["model"].values())

@@ -301,3 +301,36 @@ def test_a_dependency_that_does_not_import_is_one_line(tmp_path):
 
     with pytest.raises(ImportError, match="nothing"):
         run_cli(bug)
+
+
+def test_the_running_loss_syncs_with_the_host_only_when_asked():
+    """Stock's NaN check costs two host syncs per micro-batch; off by default, LitGPT's own with the switch."""
+    for check, strategy in ((False, "disable"), (True, "warn")):
+        with patched_pretrain(settings(running_loss_nan_check=check)):
+            running = pretrain.RunningMean(window=2, sync_on_compute=False)
+        assert running.base_metric.nan_strategy == strategy
+        running.update(torch.tensor(float("nan")))
+        running.update(torch.tensor(1.0))
+        assert running.compute().isnan().item() is not check  # with the check the NaN is dropped
+
+
+def test_cuda_graph_training_keeps_gradients_out_of_the_graphs_output_memory(monkeypatch):
+    """Under reduce-overhead a replay reuses its output memory; gradients are therefore allocated up front and
+    zeroed in place (the same tensors step after step), and each micro-batch marks a new CUDA-graph step."""
+    from litmoe.training.fit import CudaGraphSteps, gradients_outside_graph_outputs
+
+    model = tiny_gpt()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with gradients_outside_graph_outputs({"model": model, "optimizer": optimizer}):
+        grads = [p.grad for p in model.parameters()]
+        assert all(g is not None and not g.any() for g in grads)
+        model(torch.randint(0, 64, (2, 16))).sum().backward()
+        assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # accumulated into, not replaced
+        optimizer.zero_grad(set_to_none=True)  # as LitGPT and the health check ask
+        assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model.parameters())  # outside: the stock behaviour again
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    assert list(CudaGraphSteps([1, 2, 3])) == [1, 2, 3] and len(marks) == 3

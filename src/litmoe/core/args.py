@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that replay CUDA graphs
+
 
 @dataclass
 class OptimizationArgs:
@@ -25,6 +27,10 @@ class OptimizationArgs:
     fused_loss: bool = False
     """Compute the output head and cross-entropy together in chunks, never materialising the logits (Liger Kernel's
     fused linear cross-entropy; CUDA only, not with FSDP or ZeRO-3)."""
+    running_loss_nan_check: bool = False
+    """LitGPT's running loss checks every micro-batch's loss for NaN and drops it: two host-device syncs per
+    micro-batch (the GPU idles while the host catches up) and a NaN hidden from the log. Off: the loss is averaged
+    on the GPU as it is, and a NaN reaches the logged loss, where the health check acts on it."""
     flash_attention: bool = True
     """Check at start that attention runs on the FlashAttention kernel; warn, with the reason, when it cannot."""
     flash_attention_force: bool = False

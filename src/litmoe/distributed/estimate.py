@@ -26,7 +26,7 @@ import torch
 from litmoe.distributed.plans import StrategyChoice
 from litmoe.model.attention import compute_dtype
 from litmoe.model.experts import expert_size, looped_experts_reason
-from litmoe.model.flops import active_parameters, total_parameters, training_flops_per_token
+from litmoe.model.flops import active_parameters, device_peak_flops, total_parameters, training_flops_per_token
 
 GiB = 2**30
 
@@ -142,15 +142,13 @@ def duration(seconds: float) -> str:
 
 
 def reference_peak_flops(precision: str) -> tuple[str, float]:
-    """The GPU here (Lightning's table), or an H100 SXM for reference."""
-    from lightning.fabric.utilities.throughput import get_available_flops
-
+    """The GPU here, or an H100 SXM for reference."""
     dtype = compute_dtype(precision)
     if torch.cuda.is_available():
         device = torch.device("cuda", 0)
-        peak = get_available_flops(device, dtype)
+        peak = device_peak_flops(device, dtype)
         if peak:
-            return torch.cuda.get_device_name(device), float(peak)
+            return torch.cuda.get_device_name(device), peak
     return "H100 SXM (reference; no GPU here)", 989.5e12 if dtype in (torch.bfloat16, torch.float16) else 494.7e12
 
 

@@ -12,6 +12,7 @@ weights scaled by n_expert_per_token / n_expert. The lm_head is counted; with ti
 is the embedding's, so it is counted once.
 """
 
+import torch
 import torch.nn as nn
 
 ROUTED_EXPERTS = ".mlp.experts."
@@ -62,3 +63,27 @@ class TrainingFlops:
         tokens = self.micro_batch_size * self.seq_len
         self.per_micro_batch = training_flops_per_token(model, self.seq_len) * tokens
         return self.per_micro_batch
+
+
+# Dense (not sparsity) tensor-core peaks Lightning's table lacks: it knows an H200 only by the names "H200 SXM1"
+# and "H200 NVL1", which CUDA does not report ("NVIDIA H200"), and lists it with the 2:4-sparsity figures.
+# Source: NVIDIA's H200 datasheet (SXM: 989 TFLOP/s bf16/fp16 dense, 495 tf32, 67 fp32; NVL: 835, 418, 60).
+HOPPER_H200 = {
+    "sxm": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12},
+    "nvl": {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, "tfloat32": 417.8e12, torch.float32: 60.0e12},
+}
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The GPU's dense peak FLOP/s in `dtype` (fp32 counts as TF32 when matmuls may use it), or None if unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    if "h200" in name:
+        table = HOPPER_H200["nvl" if "nvl" in name else "sxm"]
+        tf32 = dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest"
+        return table["tfloat32" if tf32 else dtype] if (tf32 or dtype in table) else None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    peak = get_available_flops(device, dtype)
+    return float(peak) if peak else None

@@ -25,14 +25,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from litmoe.core.args import MoEArgs
+from litmoe.core.args import CUDA_GRAPH_MODES, MoEArgs
 from litmoe.core.checkpoint_io import latest_checkpoint
 from litmoe.core.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped
 from litmoe.core.patching import swapped
 from litmoe.distributed.plans import StrategyChoice
 from litmoe.distributed.zero import LoopDeepSpeedStrategy, client_optimizer
 from litmoe.model.attention import compute_dtype
-from litmoe.model.flops import TrainingFlops
+from litmoe.model.flops import TrainingFlops, device_peak_flops
 from litmoe.model.moe import moe_layers, read_routing_stats, update_expert_bias
 from litmoe.training.health import Diverged, EventLog, TrainingHealth
 from litmoe.training.monitoring import WARMUP_STEPS, Console, Rate, RunLogger, RunSummary, SteadyClock
@@ -62,6 +62,37 @@ class DistinctDataCheck:
                 self.report(f"Data parallel: {len(fingerprints)} ranks read {'different' if distinct else 'THE SAME'}"
                             f" first batches{'' if distinct else ' (check the data sharding)'}")  # fmt: skip
             yield batch
+
+
+class CudaGraphSteps:
+    """The train loader, marking each micro-batch as a new step of the compiled graphs' CUDA-graph replays
+    (compile modes reduce-overhead and max-autotune), as torch.compile asks for training loops."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            torch.compiler.cudagraph_mark_step_begin()
+            yield batch
+
+
+@contextmanager
+def gradients_outside_graph_outputs(state: dict) -> Iterator[None]:
+    """A CUDA-graph replay writes its outputs into the same memory every time. The first backward of a step would
+    hand its gradient outputs to `.grad` as they are, and the next micro-batch's replay would overwrite them before
+    they are accumulated into. So every gradient is allocated before the first step and zeroed in place, never
+    freed (`zero_grad(set_to_none=False)`, whatever the caller asks): each backward then adds into it."""
+    optimizer = state["optimizer"]
+    for parameter in state["model"].parameters():
+        if parameter.requires_grad and parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    zero_grad = optimizer.zero_grad
+    with swapped(optimizer, "zero_grad", lambda *args, **kwargs: zero_grad(set_to_none=False)):
+        yield
 
 
 def replicated(choice: StrategyChoice) -> bool:
@@ -234,8 +265,11 @@ def run_stock_fit(stock_fit: Callable, run: FitRun, settings: PatchSettings, kwa
             logger.health, logger.echo, logger.world_size = run.health, run.console.print, fabric.world_size
             if moe_layers(state["model"]):
                 logger.routing = partial(read_routing_stats, state["model"])
-        distinct_check = fabric.world_size > 1
-        kwargs["train_dataloader"] = DistinctDataCheck(clock, fabric, run.console.print) if distinct_check else clock
+        train_loader = DistinctDataCheck(clock, fabric, run.console.print) if fabric.world_size > 1 else clock
+        if settings.optimization.compile and settings.optimization.compile_mode in CUDA_GRAPH_MODES:
+            stack.enter_context(gradients_outside_graph_outputs(state))
+            train_loader = CudaGraphSteps(train_loader)
+        kwargs["train_dataloader"] = train_loader
         try:
             stock_fit(**kwargs)
         except Preempted as stop:
@@ -291,11 +325,7 @@ def summarize(
 ) -> RunSummary:  # fmt: skip
     """What this process's part of the run did; `iters` are micro-batches per rank, `steady` the micro-batches
     and seconds after the warm-up (SteadyClock)."""
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    peak = None
-    if fabric.device.type == "cuda":
-        peak = get_available_flops(fabric.device, compute_dtype(settings.precision))
+    peak = device_peak_flops(fabric.device, compute_dtype(settings.precision))
 
     def rate(iters: int, seconds: float) -> Rate:
         return Rate(

@@ -15,6 +15,8 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
                                     right before `fabric.setup(model)`)
   pretrain.chunked_cross_entropy -> with --optimization.fused_loss: `litmoe.model.fused_loss`, the head and the
                                     loss in one chunked kernel (training and validation alike)
+  pretrain.RunningMean           -> without its per-micro-batch NaN check, unless running_loss_nan_check (two host
+                                    syncs per micro-batch; litmoe.training.health watches the logged loss instead)
   pretrain.instantiate_torch_optimizer -> the stock one, except that init_args the user set win over its
                                     defaults (it forces fused=True on CUDA, so --optimizer.fused false was lost)
   pretrain.measure_flops         -> `TrainingFlops`: active-expert FLOPs (the meta-device trace fails on MoE)
@@ -69,6 +71,8 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
             stack.enter_context(swapped(pretrain, "chunked_cross_entropy", fused_loss))
         prepare = partial(prepare_model, compile_fn=torch.compile, options=settings.optimization, fused_loss=fused_loss)
         stack.enter_context(swapped(torch, "compile", prepare))
+        if not settings.optimization.running_loss_nan_check:
+            stack.enter_context(swapped(pretrain, "RunningMean", partial(pretrain.RunningMean, nan_strategy="disable")))
         build_optimizer = partial(user_optimizer, pretrain.instantiate_torch_optimizer)
         stack.enter_context(swapped(pretrain, "instantiate_torch_optimizer", build_optimizer))
         optimizer = settings.run_config.get("optimizer", "AdamW")
