@@ -24,6 +24,7 @@ RUN = [
     "--train.max_tokens", "2048", "--train.micro_batch_size", "4", "--train.global_batch_size", "4",
     "--train.max_seq_length", "64", "--num_workers", "0",
 ]  # fmt: skip
+MULTI = [*RUN, "--train.global_batch_size", "16"]  # a whole number of micro-batches on 2 and 4 devices
 PREPARE = ["--out_dir", "{out}", "--vocab_size", "300", "--val_fraction", "0.2"]
 GENERATE = ["--checkpoint", "{checkpoint}", "--prompt", "The cat", "--max_new_tokens", "3"]
 EVALUATE = ["--checkpoints", "[{checkpoint}]", "--max_batches", "1"]
@@ -36,7 +37,9 @@ CASES = [
     ("run_train.py", RUN + ["--train.global_batch_size", "12", "--train.micro_batch_size", "8"],
      "--train.global_batch_size 12 is not a multiple of --train.micro_batch_size 8; use 8 or 16"),
     ("run_train.py", RUN + ["--train.global_batch_size", "4", "--train.micro_batch_size", "8"],
-     "--train.global_batch_size 4 is not a multiple of --train.micro_batch_size 8"),
+     "--train.global_batch_size 4 is not a multiple of --train.micro_batch_size 8; use 8 (gradient"),
+    ("run_train.py", RUN + ["--devices", "3", "--train.global_batch_size", "16"],
+     "--train.micro_batch_size 4 x 3 devices = 12; use 12 or 24 (gradient accumulation makes up the rest)"),
     ("run_train.py", RUN + ["--train.global_batch_size", "0"], "--train.global_batch_size 0: must be at least 1"),
     ("run_train.py", RUN + ["--train.max_tokens", "0"], "--train.max_tokens 0: less than one optimizer step"),
     ("run_train.py", RUN + ["--train.max_tokens", "100"], "(4 sequences x 64 tokens = 256)"),
@@ -104,6 +107,20 @@ CASES = [
     ("run_train.py", RUN + ["--out_dir", "{trained}"], "already holds checkpoints (final/); pass --resume auto"),
     ("run_train.py", RUN + ["--strategy", "deepspeed"], "--strategy deepspeed needs a CUDA GPU"),
     ("run_train.py", RUN + ["--flash-attention-force"], "--flash-attention-force: FlashAttention cannot run here"),
+    ("run_train.py", RUN + ["--model.block_size", "204800000"],
+     "block_size 204,800,000 would allocate a 24 GiB rotary cache when the model is built"),
+    # run_train.py: expert parallelism
+    ("run_train.py", RUN + ["--strategy.expert_parallel", "2"],
+     "--strategy.expert_parallel 2: expert parallelism needs several ranks; this run has one (--devices)"),
+    ("run_train.py", RUN + ["--strategy.expert_parallel", "0"], "--strategy.expert_parallel 0: must be 1 (every"),
+    ("run_train.py", MULTI + ["--devices", "2", "--strategy", "ddp", "--strategy.expert_parallel", "3"],
+     "--strategy.expert_parallel 3: must divide the number of ranks (2)"),
+    ("run_train.py", MULTI + ["--devices", "4", "--strategy", "ddp", "--strategy.expert_parallel", "4",
+                            "--model.n_expert", "6"], "--strategy.expert_parallel 4: must divide the model's 6"),
+    ("run_train.py", MULTI + ["--devices", "2", "--strategy", "ddp", "--strategy.expert_parallel", "2",
+                            "--moe.layer", "stock"], "(--moe.layer stock) holds every expert; use --moe.layer litmoe"),
+    ("run_train.py", MULTI + ["--devices", "2", "--strategy", "fsdp", "--strategy.expert_parallel", "2"],
+     "--strategy.expert_parallel 2: expert parallelism runs on DDP, not on FSDP"),
     ("run_train.py", RUN + ["--optimization.fused_loss", "true"],
      "--optimization.fused_loss true: it needs a CUDA GPU (Liger Kernel's kernels are Triton); leave it false"),
     ("run_train.py", RUN + ["--optimization.compile_scope", "layers"],

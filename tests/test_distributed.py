@@ -71,3 +71,30 @@ def test_zero3_across_two_ranks_trains_as_ddp(prepared, tiny_model_file, tmp_pat
     ours, reference = final_weights(out_dir), final_weights(ddp)
     assert ours.keys() == reference.keys()
     assert all(torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-5) for key in reference)
+
+
+EXPERT_PARALLEL = ("--strategy", "ddp", "--strategy.expert_parallel", "2")
+
+
+def test_expert_parallel_trains_as_ddp_and_checkpoints_what_ddp_does(prepared, tiny_model_file, tmp_path, ddp_run):
+    """Each rank holds half of the experts and the tokens travel to them: the losses and final weights are the
+    DDP run's, the checkpoint has every expert under stock keys (with the optimizer's moments), a run without
+    expert parallelism resumes it where the uninterrupted run went on, and an expert-parallel run resumes DDP's."""
+    ddp, _ = ddp_run
+    split = tmp_path / "split"
+    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, split, BUDGET, EXTRA), EXPERT_PARALLEL)
+    assert "Strategy: DDP across 2 ranks, experts split over 2 (expert parallel)" in out
+    assert "Data parallel: parameters identical on all 2 ranks after training" in out  # the replicated ones
+    expected, got = logged(ddp, "loss"), logged(split, "loss")
+    assert sorted(got) == sorted(expected) == list(range(30))
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
+    ours, reference = final_weights(split), final_weights(ddp)
+    assert ours.keys() == reference.keys()
+    assert all(torch.allclose(ours[key], reference[key], rtol=1e-5, atol=1e-6) for key in reference)
+
+    for source, target, strategy in ((split, "unsplit", ("--strategy", "ddp")), (ddp, "resplit", EXPERT_PARALLEL)):
+        extra = (*EXTRA, "--resume", str(source / "step-00000010" / "lit_model.pth"))  # each way round
+        run_two_ranks(tiny_run_args(prepared, tiny_model_file, tmp_path / target, BUDGET, extra), strategy)
+        got = logged(tmp_path / target, "loss")
+        assert sorted(got) == list(range(10, 30))  # from the 11th optimizer step on
+        assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got), target

@@ -106,6 +106,13 @@ def test_memory_per_device_under_each_strategy():
     assert memory(StrategyChoice("deepspeed", "", 3, "nvme", "nvme")) == (0, 250, 0, 400, 64, 0, 1750)
 
 
+def test_expert_parallel_holds_its_share_of_the_experts():
+    """Hand-computed: 1,000 parameters of which 800 are routed experts, split 4 ways: 200 + 800 / 4 per rank."""
+    estimate = TrainingEstimate(1000, 500, 100, 6000, 64.0, 16.0, expert_parameters=800, micro_batch_tokens=10)
+    got = per_device_memory(estimate, "bf16-mixed", StrategyChoice("ddp", "", expert_parallel=4), world_size=8)
+    assert (got.weights, got.gradients, got.optimizer) == (400 * 4, 400 * 4, 400 * 8)
+
+
 def test_estimate_command_for_moe_200m(capsys, tmp_path):
     from conftest import REPO
 
@@ -126,3 +133,17 @@ def test_estimate_command_for_moe_200m(capsys, tmp_path):
     assert "strategy: DeepSpeed ZeRO-3 across 16 ranks, optimizer offloaded to CPU memory" in out
     per_rank = 549_808_896 * 12 / 16 / 2**30
     assert f"offloaded to CPU memory: {per_rank:.2f} GiB per rank, {8 * per_rank:.2f} GiB per node" in out
+
+    main(["--config", str(REPO / "train_config.yaml"), "--no-cpu-profile", "--estimate", "--data_dir",
+          str(tmp_path / "none"), "--precision", "bf16-mixed", "--strategy", "ddp", "--devices", "8",
+          "--strategy.expert_parallel", "8"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "strategy: DDP across 8 ranks, experts split over 8 (expert parallel)" in out
+    experts = 12 * 8 * 3 * 768 * 2048  # layers x experts x (fc_1, fc_2, proj)
+    held = 549_808_896 - experts + experts // 8
+    assert f"optimizer state  {held * 8 / 2**30:8.2f} GiB" in out
+    rows = 8 * 2048 * 2  # micro-batch 8 x 2048 tokens, each to 2 experts
+    sent = 4 * 12 * rows * 768 * 2 * 7 / 8  # to the expert and back, forward and backward, 12 layers, bf16
+    gathered = 2 * 549_808_896 * 2 * 7 / 8  # ZeRO-3: every bf16 weight, forward and backward, less one's shard
+    assert f"sends {sent / 2**30:.3f} GiB per micro-batch" in out
+    assert f"would gather {gathered / 2**30:.3f} GiB per micro-batch instead" in out

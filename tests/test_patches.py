@@ -325,9 +325,9 @@ def test_cuda_graph_training_keeps_gradients_out_of_the_graphs_output_memory(mon
         grads = [p.grad for p in model.parameters()]
         assert all(g is not None and not g.any() for g in grads)
         model(torch.randint(0, 64, (2, 16))).sum().backward()
-        assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # accumulated into, not replaced
+        assert all(p.grad is g for p, g in zip(model.parameters(), grads, strict=True))  # added into, not replaced
         optimizer.zero_grad(set_to_none=True)  # as LitGPT and the health check ask
-        assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+        assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads, strict=True))
     optimizer.zero_grad()
     assert all(p.grad is None for p in model.parameters())  # outside: the stock behaviour again
 

@@ -26,7 +26,13 @@ import torch
 from litmoe.distributed.plans import StrategyChoice
 from litmoe.model.attention import compute_dtype
 from litmoe.model.experts import expert_size, looped_experts_reason
-from litmoe.model.flops import active_parameters, device_peak_flops, total_parameters, training_flops_per_token
+from litmoe.model.flops import (
+    ROUTED_EXPERTS,
+    active_parameters,
+    device_peak_flops,
+    total_parameters,
+    training_flops_per_token,
+)
 
 GiB = 2**30
 
@@ -54,6 +60,8 @@ class TrainingEstimate:
     flops_per_token: int
     activations: float  # bytes per micro-batch
     activations_checkpointed: float
+    expert_parameters: int = 0  # of the routed experts, all layers
+    micro_batch_tokens: int = 0
 
 
 @dataclass
@@ -96,7 +104,25 @@ def estimate_training(config, precision: str, micro_batch_size: int, seq_len: in
         flops_per_token=training_flops_per_token(model, seq_len),
         activations=tokens * activation_bytes_per_token(config, act_bytes, checkpointing=False),
         activations_checkpointed=tokens * activation_bytes_per_token(config, act_bytes, checkpointing=True),
+        expert_parameters=sum(p.numel() for name, p in model.named_parameters() if ROUTED_EXPERTS in name),
+        micro_batch_tokens=tokens,
     )
+
+
+def all_to_all_bytes(config, estimate: TrainingEstimate, precision: str, expert_parallel: int) -> float:
+    """Bytes one rank sends per micro-batch under expert parallelism: each token's k routed rows of n_embd values
+    go to their expert's rank and back, in the forward and again (as gradients) in the backward, in every MoE
+    layer; with uniform routing (EP - 1) / EP of them leave the rank."""
+    act_bytes = torch.finfo(compute_dtype(precision)).bits // 8
+    rows = estimate.micro_batch_tokens * config.n_expert_per_token
+    return 4 * config.n_layer * rows * config.n_embd * act_bytes * (expert_parallel - 1) / expert_parallel
+
+
+def zero3_gathered_bytes(estimate: TrainingEstimate, precision: str, ranks: int) -> float:
+    """Bytes one rank receives per micro-batch under ZeRO-3: every weight, gathered for the forward and again for
+    the backward, less its own shard."""
+    weight = bytes_per_parameter(precision, deepspeed=True)[0]
+    return 2 * estimate.total_parameters * weight * (ranks - 1) / ranks
 
 
 def per_device_memory(
@@ -108,8 +134,10 @@ def per_device_memory(
     ranks = {"fsdp": devices_per_node, "deepspeed": world_size}.get(choice.name, 1)
     stage = 3 if choice.name == "fsdp" else choice.zero_stage or 0
 
+    held = estimate.total_parameters - estimate.expert_parameters * (1 - 1 / choice.expert_parallel)
+
     def sharded(nbytes: float, from_stage: int) -> float:
-        return estimate.total_parameters * nbytes / (ranks if stage >= from_stage else 1)
+        return held * nbytes / (ranks if stage >= from_stage else 1)
 
     parts = {"weights": sharded(weight, 3), "gradients": sharded(gradient, 2), "optimizer": sharded(state, 1)}
     offloaded = {"none": 0.0, "cpu": 0.0, "nvme": 0.0}
@@ -188,6 +216,14 @@ def describe(
         if nbytes:
             lines.append(f"  offloaded to {where}: {nbytes / GiB:.2f} GiB per rank,"
                          f" {nbytes * devices_per_node / GiB:.2f} GiB per node")  # fmt: skip
+    if choice.expert_parallel > 1:
+        sent = all_to_all_bytes(config, estimate, precision, choice.expert_parallel)
+        gathered = zero3_gathered_bytes(estimate, precision, world_size)
+        lines.append(
+            f"expert parallel {choice.expert_parallel}: each rank holds {config.n_expert // choice.expert_parallel}"
+            f" of {config.n_expert} experts and sends {sent / GiB:.3f} GiB per micro-batch by all-to-all (uniform"
+            f" routing); ZeRO-3 over {world_size} ranks would gather {gathered / GiB:.3f} GiB per micro-batch instead"
+        )
     budget = f", {duration(max_tokens / tokens_per_sec)} for {max_tokens:,.0f} tokens" if max_tokens else ""
     if torch.cuda.is_available():
         lines.append(f"speed at {mfu:.0%} MFU on {world_size} x {gpu}: {tokens_per_sec:,.0f} tokens/s{budget}")

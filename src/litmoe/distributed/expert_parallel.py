@@ -11,11 +11,17 @@ to it (the all-to-all's backward brings those gradients back), so summing over i
 dividing by W then gives exactly DDP's average (DeepSpeed divides by the same global size).
 """
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from litmoe.core.errors import UserError
 from litmoe.model.dispatch import ExpertGroup
+from litmoe.model.experts import GroupedExperts, stock_expert_entries
+from litmoe.model.moe import MoELayer
 
 
 def expert_groups(size: int) -> tuple[ExpertGroup, object]:
@@ -40,3 +46,88 @@ def reduce_expert_gradients(parameters: list[torch.nn.Parameter], replicas: obje
     flat.div_(world_size)
     for grad, reduced in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
         grad.copy_(reduced.view_as(grad))
+
+
+@dataclass
+class ExpertParallelism:
+    """The expert-parallel size a run asked for, and once the ranks are up (`connect`, from the strategy's
+    environment setup), its process groups: the MoE layers built afterwards take `group`."""
+
+    size: int
+    group: ExpertGroup | None = None
+    replicas: Any = None
+
+    def connect(self) -> None:
+        self.group, self.replicas = expert_groups(self.size)
+
+
+def check_expert_parallel(config, layer: str, size: int) -> None:
+    """One line for a model that cannot be split `size` ways (the strategy checked the ranks)."""
+    if size == 1:
+        return
+    flag = f"--strategy.expert_parallel {size}"
+    if config.mlp_class_name != "LLaMAMoE":
+        raise UserError(f"{flag}: the model has no experts to split (mlp_class_name {config.mlp_class_name})")
+    if layer != "litmoe":
+        raise UserError(f"{flag}: LitGPT's MoE layer (--moe.layer {layer}) holds every expert; use --moe.layer litmoe")
+    if config.n_expert % size:
+        raise UserError(f"{flag}: must divide the model's {config.n_expert} experts")
+
+
+def split_experts(module: nn.Module) -> dict[int, tuple[GroupedExperts, Any]]:
+    """id(parameter) -> (its experts, their expert group) for every parameter of an expert-parallel layer."""
+    split = {}
+    for layer in module.modules():
+        if isinstance(layer, MoELayer) and layer.expert_group is not None:
+            for parameter in layer.experts.parameters():
+                split[id(parameter)] = (layer.experts, layer.expert_group)
+    return split
+
+
+def gathered(tensor: torch.Tensor, group: ExpertGroup) -> torch.Tensor:
+    """The expert group's shards of `tensor` (one per rank, along dim 0), concatenated in expert order."""
+    shards = [torch.empty_like(tensor) for _ in range(group.size)]
+    dist.all_gather(shards, tensor.detach().contiguous(), group=group.group)
+    return torch.cat(shards)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict with every expert of every layer, under stock LitGPT keys, as one process without
+    expert parallelism would save it (a collective: every rank of the run calls it)."""
+    state = module.state_dict()
+    for name, layer in module.named_modules():
+        experts = getattr(layer, "experts", None)
+        if not isinstance(experts, GroupedExperts) or getattr(layer, "expert_group", None) is None:
+            continue
+        prefix = f"{name}.experts." if name else "experts."
+        for key in [key for key in state if key.startswith(prefix)]:
+            del state[key]
+        stacked = {f"{prefix}{n}": gathered(p, layer.expert_group) for n, p in experts.named_parameters()}
+        state.update(stock_expert_entries(stacked, prefix, range(experts.n_expert), experts.hidden))
+    return state
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, split: dict[int, tuple]) -> dict[str, Any]:
+    """The optimizer's state dict with the moments of split experts gathered to all experts (a collective)."""
+    state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: replaced, not changed
+    for index, parameter in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        if id(parameter) in split and index in state["state"]:
+            group = split[id(parameter)][1]
+            state["state"][index] = {
+                key: gathered(value, group) if torch.is_tensor(value) and value.dim() > 0 else value
+                for key, value in state["state"][index].items()
+            }
+    return state
+
+
+def sliced_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, split: dict[int, tuple]) -> dict:
+    """A full optimizer state dict (all experts) cut to the experts this rank holds."""
+    state = {**state, "state": dict(state["state"])}
+    for index, parameter in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        if id(parameter) in split and index in state["state"]:
+            held = split[id(parameter)][0].held
+            state["state"][index] = {
+                key: value[held.start : held.stop] if torch.is_tensor(value) and value.dim() > 0 else value
+                for key, value in state["state"][index].items()
+            }
+    return state

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from litmoe.distributed.expert_parallel import ExpertParallelism
 from litmoe.distributed.plans import StrategyChoice
 from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
 
@@ -33,7 +34,7 @@ class DirectCheckpointIO(TorchCheckpointIO):
 
 def fabric_builder(
     choice: StrategyChoice, deepspeed_config: dict[str, Any] | None = None, optimizer: str | dict = "AdamW",
-    timeout_minutes: int = 30,
+    timeout_minutes: int = 30, expert_parallelism: ExpertParallelism | None = None,
 ) -> Callable[..., Any]:  # fmt: skip
     """Builds the Fabric for `choice` from the arguments LitGPT's `pretrain.setup` passes to `L.Fabric`, with the
     collective timeout, and single-file saves written straight into litmoe.training.saving's scratch directory."""
@@ -53,8 +54,13 @@ def fabric_builder(
         if choice.name == "ddp":
             from lightning.fabric.strategies import DDPStrategy
 
-            backend = None if torch.cuda.is_available() else "gloo"
-            strategy = DDPStrategy(process_group_backend=backend, timeout=timeout, checkpoint_io=DirectCheckpointIO())
+            options = {"process_group_backend": None if torch.cuda.is_available() else "gloo", "timeout": timeout}
+            if expert_parallelism is not None:
+                from litmoe.distributed.expert_parallel_ddp import ExpertParallelDDPStrategy
+
+                strategy = ExpertParallelDDPStrategy(expert_parallelism, checkpoint_io=DirectCheckpointIO(), **options)
+            else:
+                strategy = DDPStrategy(checkpoint_io=DirectCheckpointIO(), **options)
         elif choice.name == "fsdp":  # LitGPT's own FSDPStrategy, which saves its files directly
             strategy._timeout = timeout
         else:

@@ -18,10 +18,13 @@ class StrategyChoice:
     zero_stage: int | None = None
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
     offload_params: Literal["none", "cpu", "nvme"] = "none"
+    expert_parallel: int = 1  # ranks that share out each MoE layer's experts
 
     def label(self, world_size: int, devices_per_node: int) -> str:
         if self.name == "single":
             return "single device"
+        if self.name == "ddp" and self.expert_parallel > 1:
+            return f"DDP across {world_size} ranks, experts split over {self.expert_parallel} (expert parallel)"
         if self.name == "ddp":
             return f"DDP across {world_size} ranks"
         if self.name == "fsdp":

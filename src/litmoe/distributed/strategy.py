@@ -36,11 +36,28 @@ def resolve_strategy(
 
     `memory_of` gives one rank's memory under a choice; `auto` with a GPU needs it."""
     if args.decided_by_auto:
-        return decide(hardware, memory_of, args.nvme_path)
+        return with_expert_parallel(decide(hardware, memory_of, args.nvme_path), args.expert_parallel, hardware)
     choice = requested(args, hardware.world_size)
     if choice.name == "deepspeed":
         check_deepspeed(choice, args, hardware, compile)
-    return choice
+    return with_expert_parallel(choice, args.expert_parallel, hardware)
+
+
+def with_expert_parallel(choice: StrategyChoice, size: int, hardware: Hardware) -> StrategyChoice:
+    """The choice with its experts split over `size` ranks (litmoe.distributed.expert_parallel), if it can be."""
+    flag = f"--strategy.expert_parallel {size}"
+    if size == 1:
+        return choice
+    if size < 1:
+        raise UserError(f"{flag}: must be 1 (every rank holds every expert) or more")
+    if hardware.world_size == 1:
+        raise UserError(f"{flag}: expert parallelism needs several ranks; this run has one (--devices)")
+    if choice.name != "ddp":
+        chosen = choice.label(hardware.world_size, hardware.devices_per_node)
+        raise UserError(f"{flag}: expert parallelism runs on DDP, not on {chosen}; use --strategy ddp")
+    if hardware.world_size % size:
+        raise UserError(f"{flag}: must divide the number of ranks ({hardware.world_size})")
+    return replace(choice, expert_parallel=size, reason=f"{choice.reason}; experts split over {size} ranks")
 
 
 def requested(args: StrategyArgs, world_size: int) -> StrategyChoice:

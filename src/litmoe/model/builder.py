@@ -14,6 +14,7 @@ import torch
 from litmoe.core.args import MoEArgs
 from litmoe.core.patching import swapped
 from litmoe.model.configs import checkpoint_model_config
+from litmoe.model.dispatch import ExpertGroup
 from litmoe.model.moe import MoELayer
 
 EXPERT_BIAS_KEY = "mlp.expert_bias"  # litmoe's selection bias for a softmax router (litmoe.model.moe)
@@ -28,11 +29,16 @@ def moe_layer(layer: Callable[..., torch.nn.Module]) -> Iterator[None]:
         yield
 
 
-def layer_for(moe: MoEArgs) -> Callable[..., torch.nn.Module]:
-    """The MoE layer a run trains with: ours with its balancing settings, or LitGPT's own."""
+def layer_for(
+    moe: MoEArgs, expert_group: Callable[[], ExpertGroup | None] = lambda: None
+) -> Callable[..., torch.nn.Module]:
+    """The MoE layer a run trains with: ours with its balancing settings, or LitGPT's own. `expert_group` gives,
+    when a layer is built, this rank's share of the experts under expert parallelism (None: all of them)."""
     import litgpt.model
 
-    return partial(MoELayer, balance=moe) if moe.layer == "litmoe" else litgpt.model.LLaMAMoE
+    if moe.layer != "litmoe":
+        return litgpt.model.LLaMAMoE
+    return lambda config: MoELayer(config, balance=moe, expert_group=expert_group())
 
 
 def has_expert_bias(state: dict) -> bool:

@@ -158,6 +158,8 @@ POSITIVE_FIELDS = ("block_size", "n_layer", "n_embd", "vocab_size", "padding_mul
 POSITIVE_IF_SET = ("n_query_groups", "head_size", "intermediate_size", "moe_intermediate_size", "padded_vocab_size")
 
 
+MAX_ROPE_CACHE = 4 * 2**30  # bytes; a 1M-token context with head size 128 needs 1 GiB
+
 # Fields LitGPT derives from others: a changed n_embd must not keep the file's head size, and so on.
 DERIVED_FIELDS = {"head_size": ("n_embd", "n_head"), "padded_vocab_size": ("vocab_size", "padding_multiple")}
 
@@ -263,6 +265,13 @@ def check_shape(config: dict[str, Any], where: str) -> None:
         raise UserError(
             f"{where}: rotary_percentage {config['rotary_percentage']} of head size {head_size} must give an even"
             " number of rotary dimensions (1.0 with an even head size always does)"
+        )
+    rope_cache = 2 * 4 * config["block_size"] * int(config["rotary_percentage"] * head_size)  # cos and sin, fp32
+    if rope_cache > MAX_ROPE_CACHE:
+        raise UserError(
+            f"{where}: block_size {config['block_size']:,} would allocate a {rope_cache / 2**30:.0f} GiB rotary cache"
+            " when the model is built (cos and sin of every position); it is the longest context the model"
+            " supports, e.g. 2048 for MoE-200M: check it for a typo"
         )
     if config["mlp_class_name"] == "LLaMAMoE":
         check_experts(config, where)

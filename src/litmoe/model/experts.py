@@ -212,18 +212,27 @@ class ExpertView:
         return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
 
 
-def _to_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    w_in = state_dict[prefix + "w_in"]
-    if w_in.dim() != 3:  # ZeRO-3's empty placeholder for a partitioned weight (the weights are in its shards)
-        return
-    for kind, stacked in (("weight", ("w_in", "w_out")), ("bias", ("b_in", "b_out"))):
-        if prefix + stacked[0] not in state_dict:
+def stock_expert_entries(stacked: dict[str, torch.Tensor], prefix: str, held: range, hidden: int) -> dict:
+    """Stacked expert tensors (`prefix` + w_in, w_out, and b_in, b_out if present) as stock LitGPT's entries
+    `prefix{expert}.fc_1.weight`, ... for the experts `held`."""
+    entries = {}
+    for kind, (name_in, name_out) in (("weight", ("w_in", "w_out")), ("bias", ("b_in", "b_out"))):
+        if prefix + name_in not in stacked:
             continue
-        tensor_in, tensor_out = state_dict.pop(prefix + stacked[0]), state_dict.pop(prefix + stacked[1])
-        for index, expert in enumerate(module.held):
-            fc_1, fc_2 = tensor_in[index].split(module.hidden)
+        tensor_in, tensor_out = stacked[prefix + name_in], stacked[prefix + name_out]
+        for index, expert in enumerate(held):
+            fc_1, fc_2 = tensor_in[index].split(hidden)
             for name, value in zip(STOCK_EXPERT_LINEARS, (fc_1, fc_2, tensor_out[index]), strict=True):
-                state_dict[f"{prefix}{expert}.{name}.{kind}"] = value
+                entries[f"{prefix}{expert}.{name}.{kind}"] = value
+    return entries
+
+
+def _to_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    if state_dict[prefix + "w_in"].dim() != 3:  # ZeRO-3's empty placeholder (the weights are in its shards)
+        return
+    names = [prefix + name for name in ("w_in", "w_out", "b_in", "b_out") if prefix + name in state_dict]
+    stacked = {name: state_dict.pop(name) for name in names}
+    state_dict.update(stock_expert_entries(stacked, prefix, module.held, module.hidden))
 
 
 def _from_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, *args: Any) -> None:

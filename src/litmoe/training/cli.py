@@ -234,7 +234,7 @@ def print_estimate(
     from litmoe.data.training_data import data_sources
     from litmoe.distributed.estimate import describe, estimate_training
     from litmoe.distributed.plans import Hardware
-    from litmoe.distributed.strategy import requested, resolve_strategy
+    from litmoe.distributed.strategy import requested, resolve_strategy, with_expert_parallel
     from litmoe.model.attention import default_precision
     from litmoe.model.configs import load_model_config
     from litmoe.training.run import fit_vocabulary, memory_per_device
@@ -252,7 +252,7 @@ def print_estimate(
     if strategy.decided_by_auto:
         choice = resolve_strategy(strategy, hardware, memory_of, compile=optimization.compile)
     else:
-        choice = requested(strategy, hardware.world_size)
+        choice = with_expert_parallel(requested(strategy, hardware.world_size), strategy.expert_parallel, hardware)
     print(describe(estimate, config, precision, choice, memory_of(choice), optimization.gradient_checkpointing,
                    hardware.world_size, hardware.devices_per_node,
                    max_tokens=train.max_tokens and float(train.max_tokens)))  # fmt: skip

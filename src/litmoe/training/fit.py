@@ -29,6 +29,7 @@ from litmoe.core.args import CUDA_GRAPH_MODES, MoEArgs
 from litmoe.core.checkpoint_io import latest_checkpoint
 from litmoe.core.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped
 from litmoe.core.patching import swapped
+from litmoe.distributed.expert_parallel import split_experts
 from litmoe.distributed.plans import StrategyChoice
 from litmoe.distributed.zero import LoopDeepSpeedStrategy, client_optimizer
 from litmoe.model.attention import compute_dtype
@@ -101,9 +102,11 @@ def replicated(choice: StrategyChoice) -> bool:
 
 
 def replicas_in_sync(fabric, model: nn.Module) -> bool:
-    """Whether every rank holds the same parameters (data parallelism keeps them equal)."""
+    """Whether every rank holds the same replicated parameters (data parallelism keeps them equal; experts split
+    over ranks by expert parallelism differ by design)."""
+    split = split_experts(model)
     with torch.no_grad():
-        checksum = torch.stack([p.double().sum() for p in model.parameters()]).sum().reshape(1)
+        checksum = torch.stack([p.double().sum() for p in model.parameters() if id(p) not in split]).sum().reshape(1)
     checksums = fabric.all_gather(checksum).flatten()
     return bool(torch.allclose(checksums, checksums[0].expand_as(checksums), rtol=1e-12, atol=0))
 

@@ -5,7 +5,8 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
 
   litgpt.model.LLaMAMoE          -> `litmoe.model.moe.MoELayer` (unless moe.layer is 'stock'), through
                                     litmoe.model.builder: Block builds its MLP with
-                                    `getattr(litgpt.model, config.mlp_class_name)`
+                                    `getattr(litgpt.model, config.mlp_class_name)`; under expert parallelism
+                                    each layer holds this rank's experts (the strategy makes the groups first)
   pretrain.L                     -> a namespace whose `Fabric` builds the chosen strategy's Fabric
                                     (litmoe.distributed.fabric; LitGPT hard-codes FSDP for >1 device)
   pretrain.reset_parameters      -> under ZeRO-3 only: re-initialise weights that DeepSpeed has already
@@ -46,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from litmoe.core.args import OptimizationArgs
 from litmoe.core.patching import swapped
+from litmoe.distributed.expert_parallel import ExpertParallelism
 from litmoe.distributed.fabric import fabric_builder
 from litmoe.distributed.zero import zero3_reset_parameters
 from litmoe.model.builder import layer_for, moe_layer
@@ -65,7 +67,9 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
     saver = AtomicSave(pretrain.save_checkpoint, partial(progress_record, settings), settings.checkpoint.keep_last)
     with ExitStack() as stack:
         stack.enter_context(settings.stop.installed())
-        stack.enter_context(moe_layer(layer_for(settings.moe)))
+        split = settings.strategy.expert_parallel
+        parallelism = ExpertParallelism(split) if split > 1 else None
+        stack.enter_context(moe_layer(layer_for(settings.moe, lambda: parallelism and parallelism.group)))
         fused_loss = FusedLinearCrossEntropy() if settings.optimization.fused_loss else None
         if fused_loss is not None:
             stack.enter_context(swapped(pretrain, "chunked_cross_entropy", fused_loss))
@@ -76,7 +80,9 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
         build_optimizer = partial(user_optimizer, pretrain.instantiate_torch_optimizer)
         stack.enter_context(swapped(pretrain, "instantiate_torch_optimizer", build_optimizer))
         optimizer = settings.run_config.get("optimizer", "AdamW")
-        build_fabric = fabric_builder(settings.strategy, settings.deepspeed_config, optimizer, settings.timeout_minutes)
+        build_fabric = fabric_builder(
+            settings.strategy, settings.deepspeed_config, optimizer, settings.timeout_minutes, parallelism
+        )
         stack.enter_context(swapped(pretrain, "L", SimpleNamespace(Fabric=build_fabric)))
         if settings.strategy.name == "deepspeed" and settings.strategy.zero_stage == 3:
             reset = partial(zero3_reset_parameters, seed=settings.run_config["seed"])

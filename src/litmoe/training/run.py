@@ -17,6 +17,7 @@ from litmoe.core.outputs import check_output_dir
 from litmoe.core.run_lock import launching_process, run_lock
 from litmoe.data.tokenizer import load_tokenizer, tokenizer_vocab_size
 from litmoe.data.training_data import PreparedData, TrainingData, describe_sources, sources_key, training_data
+from litmoe.distributed.expert_parallel import check_expert_parallel
 from litmoe.distributed.plans import Hardware, StrategyChoice
 from litmoe.distributed.strategy import adopt_launcher_node_rank, resolve_strategy
 from litmoe.model.attention import attention_kernel_scope, check_attention, default_precision, tf32_matmuls
@@ -100,6 +101,7 @@ def setup(
         model, data_dir, precision, train, eval, optimizer, optimization, strategy, checkpoint, health,
         initial_checkpoint_dir, upcycle, devices, num_nodes, num_workers,
     )  # fmt: skip
+    check_expert_parallel(plan.config, moe.layer, plan.choice.expert_parallel)
     inputs = [("--data_dir", source.path) for source in plan.data.sources]
     inputs += [("--initial_checkpoint_dir", initial_checkpoint_dir), ("--upcycle-from", upcycle.dense_checkpoint)]
     out_dir = check_output_dir(out_dir, "--out_dir", inputs)

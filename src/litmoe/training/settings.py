@@ -152,12 +152,12 @@ def sequence_length(train: TrainArgs, block_size: int) -> int:
 def check_batch(train: TrainArgs, world_size: int) -> None:
     per_pass = train.micro_batch_size * world_size
     if train.global_batch_size % per_pass:
-        below = max(train.global_batch_size // per_pass, 1) * per_pass
-        above = below + per_pass if below <= train.global_batch_size else below
+        below = train.global_batch_size // per_pass * per_pass
+        choices = f"{below} or {below + per_pass}" if below else str(per_pass)
         devices = f" x {world_size} devices = {per_pass}" if world_size > 1 else ""
         raise UserError(
             f"--train.global_batch_size {train.global_batch_size} is not a multiple of --train.micro_batch_size"
-            f" {train.micro_batch_size}{devices}; use {below} or {above} (gradient accumulation makes up the rest)"
+            f" {train.micro_batch_size}{devices}; use {choices} (gradient accumulation makes up the rest)"
         )
 
 

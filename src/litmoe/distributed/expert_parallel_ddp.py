@@ -1,0 +1,104 @@
+"""Lightning's DDP with the experts split over ranks (`--strategy ddp --strategy.expert_parallel N`).
+
+The dense weights stay with DDP: replicated, their gradients averaged by its bucketed all-reduce. The experts'
+weights are left out of DDP (each rank holds other experts) and handled here, once per optimizer step:
+
+  gradients  summed over the ranks that hold the same experts, divided by the world size
+             (litmoe.distributed.expert_parallel), before clipping and the optimizer step
+  clip norm  the norm of all gradients of the model: the dense part (equal on every rank) plus the experts' part
+             summed over the expert group, as one process holding everything would compute it
+  save       weights and optimizer moments gathered to every expert under stock keys: the checkpoint is what a
+             run without expert parallelism writes, so it resumes at any expert-parallel size or none
+  load       each rank keeps its experts' weights and moments from such a checkpoint
+"""
+
+from contextlib import ExitStack
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+from torch.optim import Optimizer
+
+from litmoe.core.patching import swapped
+from litmoe.distributed.expert_parallel import (
+    ExpertParallelism,
+    full_optimizer_state,
+    full_state_dict,
+    reduce_expert_gradients,
+    sliced_optimizer_state,
+    split_experts,
+)
+
+
+class ExpertParallelDDPStrategy(DDPStrategy):
+    def __init__(self, parallelism: ExpertParallelism, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.parallelism = parallelism
+        self.split: dict[int, tuple] = {}  # id(expert parameter) -> (its experts, their group)
+        self.expert_parameters: list[torch.nn.Parameter] = []
+        self.reduced = False  # whether this optimizer step's expert gradients are reduced already
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self.parallelism.connect()  # before LitGPT builds the model, whose MoE layers take the groups
+
+    def setup_module(self, module: torch.nn.Module):
+        self.split = split_experts(module)
+        self.expert_parameters = [parameter for parameter in module.parameters() if id(parameter) in self.split]
+        module._ddp_params_and_buffers_to_ignore = [
+            name for name, parameter in module.named_parameters() if id(parameter) in self.split
+        ]
+        return super().setup_module(module)
+
+    def reduce_expert_gradients(self) -> None:
+        if not self.reduced:
+            reduce_expert_gradients(self.expert_parameters, self.parallelism.replicas, self.world_size)
+            self.reduced = True
+
+    def clip_gradients_norm(
+        self, module, optimizer: Optimizer, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = True
+    ) -> torch.Tensor:
+        if norm_type != 2.0:
+            raise ValueError(f"expert parallelism clips by the 2-norm, not the {norm_type}-norm")
+        self.reduce_expert_gradients()
+        self.precision.unscale_gradients(optimizer)
+        parameters = [p for p in self.precision.main_params(optimizer) if p.grad is not None]
+        experts = [p.grad for p in parameters if id(p) in self.split]
+        dense = [p.grad for p in parameters if id(p) not in self.split]
+        squares = get_total_norm(experts).square() if experts else torch.zeros((), device=self.root_device)
+        dist.all_reduce(squares, group=self.parallelism.group.group)
+        if dense:
+            squares = squares + get_total_norm(dense).square()
+        norm = squares.sqrt()
+        if error_if_nonfinite and not torch.isfinite(norm):
+            raise RuntimeError(f"the total norm of the gradients is {norm.item()}")
+        clip_grads_with_norm_(parameters, max_norm, norm)
+        return norm
+
+    def optimizer_step(self, optimizer, **kwargs: Any) -> Any:
+        self.reduce_expert_gradients()
+        self.reduced = False
+        return super().optimizer_step(optimizer, **kwargs)
+
+    def get_module_state_dict(self, module: torch.nn.Module) -> dict[str, Any]:
+        return full_state_dict(module.module if isinstance(module, DistributedDataParallel) else module)
+
+    def get_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        return full_optimizer_state(optimizer, self.split)
+
+    def load_checkpoint(self, path, state=None, strict: bool = True, weights_only: bool | None = None):
+        """Loading as DDP does, each optimizer taking its experts' share of the full moments."""
+        optimizers = [obj for obj in state.values() if isinstance(obj, Optimizer)] if isinstance(state, dict) else []
+        with ExitStack() as stack:
+            for optimizer in optimizers:
+                load = partial(load_held_moments, optimizer, optimizer.load_state_dict, self.split)
+                stack.enter_context(swapped(optimizer, "load_state_dict", load))
+            return super().load_checkpoint(path, state, strict, weights_only)
+
+
+def load_held_moments(optimizer: Optimizer, load, split: dict[int, tuple], state: dict) -> None:
+    load(sliced_optimizer_state(optimizer, state, split))
