@@ -97,6 +97,14 @@ def test_help_shows_this_runs_defaults_and_explains_the_short_flags(capsys):
                  "--keep-last keep only the newest N step-* checkpoints (--checkpoint.keep_last)",
                  "--profile NAME apply the train config's profile NAME (cpu, small-gpu)"):  # fmt: skip
         assert line in help_text
+    # LitGPT's shared argument classes: what pretraining does not read says so, and each such flag still exists
+    from litmoe.training.cli import NOT_READ_HERE
+
+    for dest, note in NOT_READ_HERE.items():
+        assert (
+            f"--{dest} {dest.split('.')[1].upper()} ({note})" in help_text
+            or f"--{dest} {{true,false}} ({note})" in (help_text)
+        ), dest
 
 
 def test_the_small_gpu_profile_fits_six_gigabytes(capsys, tmp_path):

@@ -34,6 +34,12 @@ def resolve_checkpoint_dir(path: Path) -> Path:
     if not (path / "lit_model.pth").exists() and (newest := latest_checkpoint(path)) is not None:
         path = newest.parent
     missing = [name for name in CHECKPOINT_FILES if not is_complete(path / name)]
+    if missing == ["lit_model.pth"] and (path / "lit_model.pth.lora").is_file():
+        raise UserError(
+            f"{path}: LoRA weights that were never merged (LitGPT's merge fails on an unconverted pretraining"
+            " checkpoint); run `litgpt convert_pretrained_checkpoint BASE CONVERTED`, then `litgpt merge_lora"
+            f" {path} --pretrained_checkpoint_dir CONVERTED`"
+        )
     if missing:
         raise UserError(
             f"{path}: not a complete checkpoint (missing {', '.join(missing)}); pass a final/ or step-*/ dir"

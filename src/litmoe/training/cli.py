@@ -169,8 +169,26 @@ def help_description() -> str:
     )
 
 
+# LitGPT's argument classes serve all its scripts; what pretraining does not read says so in --help.
+LIGHTNING_LOGGER_ONLY = "not used here: only LitGPT's Lightning logger reads it, which --logger_name does not offer"
+NOT_READ_HERE = {
+    "train.epochs": "refused here: the budget is --train.max_tokens",
+    "train.max_steps": "refused here: the budget is --train.max_tokens",
+    "eval.evaluate_example": "not used here: LitGPT's fine-tuning scripts read it",
+    "eval.max_new_tokens": "refused here: LitGPT's fine-tuning scripts read it",
+    **{
+        f"log.{name}": LIGHTNING_LOGGER_ONLY
+        for name in ("teamspace", "metadata", "log_model", "save_logs", "checkpoint_name")
+    },
+    **{f"log.{name}": "--logger_name wandb only" for name in ("project", "run", "group")},
+}
+
+
 def build_parser(settings: dict[str, Any], types_of: dict[str, Any], config_path: Path):
     parser = function_parser(setup, prog="run_train.py", description=help_description(), formatter_class=HelpFormatter)
+    for action in parser._actions:  # jsonargparse builds the help from these; no public way to amend one
+        if action.dest in NOT_READ_HERE:
+            action.help = f"({NOT_READ_HERE[action.dest]}) {action.help}"
     try:
         parser.set_defaults(flat_settings(normalize_settings(settings, types_of), types_of))
     except KeyError as err:
