@@ -109,6 +109,9 @@ CASES = [
     ("run_train.py", RUN + ["--flash-attention-force"], "--flash-attention-force: FlashAttention cannot run here"),
     ("run_train.py", RUN + ["--model.block_size", "204800000"],
      "block_size 204,800,000 would allocate a 24 GiB rotary cache when the model is built"),
+    ("run_train.py", [("{texts}" if arg == "{prepared}" else arg) for arg in RUN],
+     "--data_dir {texts}: this is text, not prepared data; prepare it once with `uv run python prepare_data.py"
+     " --source {texts} --out_dir data/texts0`, then train with --data_dir data/texts0"),
     # run_train.py: expert parallelism
     ("run_train.py", RUN + ["--strategy.expert_parallel", "2"],
      "--strategy.expert_parallel 2: expert parallelism needs several ranks; this run has one (--devices)"),
@@ -458,3 +461,27 @@ def run_unprivileged(command: list[str]) -> subprocess.CompletedProcess:
 
     demote = drop_permission_override if os.geteuid() == 0 else None
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, preexec_fn=demote, timeout=300)
+
+
+def test_a_read_only_output_folder_is_one_line_before_any_work(tmp_path, prepared, tiny_model_file):
+    """--out_dir under a folder the user may not write to: each command says so in one line, at once."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (tmp_path / "book.txt").write_text("A sentence of text. " * 200)
+    locked.chmod(0o555)
+    run = ["--config", str(REPO / "train_config.yaml"), "--model", str(tiny_model_file), "--data_dir", str(prepared),
+           "--train.max_tokens", "2048", "--train.micro_batch_size", "4", "--train.global_batch_size", "4",
+           "--train.max_seq_length", "64", "--num_workers", "0"]  # fmt: skip
+    commands = {
+        "run_train.py": [*run, "--out_dir", str(locked / "run")],
+        "prepare_data.py": ["--source", str(tmp_path / "book.txt"), "--out_dir", str(locked / "data")],
+    }
+    try:
+        for script, argv in commands.items():
+            result = run_unprivileged([sys.executable, str(REPO / script), *argv])
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and len(lines) == 1, (script, result.stderr[-2000:])
+            assert str(locked) in lines[0] and "permission denied" in lines[0].lower(), (script, lines[0])
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)

@@ -22,6 +22,7 @@ import torch
 from litgpt.data import DataModule
 
 from litmoe.core.errors import UserError
+from litmoe.data.files import data_kind
 from litmoe.data.prepare import prepare
 from litmoe.data.prepared import MANIFEST, SPLITS, Manifest, check_chunks, read_manifest
 
@@ -168,10 +169,23 @@ def ensure_prepared(data_dir: Path, default_dir: Path) -> Path:
         print(f"No prepared data in {data_dir}: preparing the default corpus (Python's own documentation) ...")
         prepare(out_dir=data_dir)
         return data_dir
+    if holds_raw_data(data_dir):  # the user's own text: prepared data goes next to it, never into it
+        target = Path("data") / data_dir.name.split(".")[0]
+        raise UserError(
+            f"--data_dir {data_dir}: this is text, not prepared data; prepare it once with `uv run python"
+            f" prepare_data.py --source {data_dir} --out_dir {target}`, then train with --data_dir {target}"
+        )
     raise UserError(
         f"{data_dir / MANIFEST} not found: prepare the data first with"
         f" `python prepare_data.py --source YOUR_TEXT --out_dir {data_dir}`"
     )
+
+
+def holds_raw_data(path: Path) -> bool:
+    """Whether `path` is a data file prepare_data.py reads, or a folder with such files at its top."""
+    if path.is_file():
+        return data_kind(path) is not None
+    return path.is_dir() and any(data_kind(child) is not None for child in path.iterdir() if child.is_file())
 
 
 def check_one_tokenizer(sources: list[DataSource], manifests: list[Manifest]) -> None:
