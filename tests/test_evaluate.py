@@ -25,6 +25,18 @@ def test_scores_validation_data_and_compares_checkpoints(trained, prepared, tmp_
         for layer in result["routing"]:
             assert sum(layer["load"]) == pytest.approx(1.0) and layer["imbalance"] >= 1.0
 
+    # the figure beside the results: a PNG of its own, replaced by the next run, while a user's PNG there is not
+    from PIL import Image
+
+    figure = tmp_path / "results.png"
+    with Image.open(figure) as image:
+        assert image.format == "PNG" and image.info["Software"] == "litmoe evaluate.py" and image.size[0] > 1000
+    evaluate([final], data_dir=prepared, seq_length=64, max_batches=1, out=out)
+    Image.new("RGB", (4, 4)).save(figure)  # now the user's own picture
+    with pytest.raises(UserError, match="results.png exists and this command did not write it"):
+        evaluate([final], data_dir=prepared, seq_length=64, max_batches=1, out=out)
+    assert Image.open(figure).size == (4, 4) and len(json.loads(out.read_text())) == 1
+
 
 def test_text_file_bits_per_byte_by_hand(trained, tmp_path):
     text = "The cat sees a red ball today. A dog likes the blue sky again."

@@ -6,6 +6,7 @@ models with different tokenizers compare directly.
 
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,6 +161,52 @@ def is_results_file(path: Path) -> bool:
     )
 
 
+FIGURE_SOFTWARE = "litmoe evaluate.py"  # PNG metadata: a figure evaluate.py may replace
+
+
+def is_results_figure(path: Path) -> bool:
+    """Whether `path` is a figure that evaluate.py wrote (which a new --out may replace)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == FIGURE_SOFTWARE
+    except (OSError, ValueError):
+        return False
+
+
+def write_comparison_figure(results: list[dict[str, Any]], path: Path) -> None:
+    """Loss per checkpoint, and each checkpoint's expert load per layer (1 = a fair share), as one PNG written
+    through a temporary file: all or nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [Path(result["checkpoint"]).name for result in results]
+    rows = [(name, index, layer["load"]) for name, r in zip(names, results, strict=True) for index, layer in
+            enumerate(r["routing"])]  # fmt: skip
+    figure, (loss, load) = plt.subplots(1, 2, figsize=(13, 1 + max(4, 0.22 * len(rows))), constrained_layout=True)
+    loss.plot(names, [result["loss"] for result in results], "o-")
+    loss.set(title="Validation loss", xlabel="checkpoint", ylabel="cross-entropy (nats/token)")
+    loss.tick_params(axis="x", labelrotation=30)
+    load.set(title="Expert load (1 = a fair share of the routed tokens)", xlabel="expert", ylabel="checkpoint, layer")
+    if rows:
+        grid = np.array([shares for *_, shares in rows])
+        grid = grid / grid.mean(axis=1, keepdims=True).clip(min=1e-12)  # shares of the routed tokens -> vs fair
+        image = load.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=2)
+        load.set_yticks(range(len(rows)), [f"{name} L{index}" for name, index, _ in rows], fontsize=7)
+        figure.colorbar(image, ax=load, label="load / fair share")
+    scratch = path.with_name(f".{path.name}.partial")
+    try:
+        figure.savefig(scratch, format="png", dpi=110, metadata={"Software": FIGURE_SOFTWARE})
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
+        plt.close(figure)
+
+
 def check_same_tokenizer(data_dir: Path, checkpoint_dir: Path) -> None:
     """Scoring tokens from another tokenizer would give a number, and a meaningless one."""
     manifest = read_manifest(data_dir)
@@ -239,7 +286,8 @@ def evaluate(
         batch_size: Windows per forward pass.
         max_batches: Stop after this many batches (default: all the data).
         precision: Weights' precision; default bf16-true on a CUDA GPU, 32-true on CPU.
-        out: Also write the results (including per-layer expert load) to this JSON file.
+        out: Also write the results (including per-layer expert load) to this JSON file, and a figure of them
+            (loss per checkpoint, expert load per layer) beside it as the same name with .png.
         tasks: Also run these lm-eval-harness tasks, comma-separated (e.g. 'hellaswag,arc_easy'); needs lm-eval
             installed and the task data downloadable or cached.
         tasks_limit: Evaluate at most this many examples per task.
@@ -255,6 +303,7 @@ def evaluate(
         out = check_output_file(out, "--out", inputs, written_by_us=is_results_file, force=force)
         if not out.parent.is_dir():
             raise UserError(f"--out {out}: give a file path in an existing directory")
+        figure = check_output_file(out.with_suffix(".png"), "--out", inputs, is_results_figure, force)
     if tasks is not None:
         require_lm_eval()  # fail before any scoring when it is missing
     dtype = compute_dtype(precision or default_precision(training=False))
@@ -272,5 +321,6 @@ def evaluate(
             print(f"{result['checkpoint']} layer {index}: expert load [{load}] imbalance {layer['imbalance']:.2f}")
     if out is not None:
         write_file(out, json.dumps(results, indent=2) + "\n")
-        print(f"Results written to {out}", file=sys.stderr)
+        write_comparison_figure(results, figure)
+        print(f"Results written to {out}, and as a figure to {figure}", file=sys.stderr)
     return results
