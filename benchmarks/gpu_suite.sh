@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_suite.sh throughput                  # another
 #   bash benchmarks/gpu_suite.sh zero                        # and another
 #   bash benchmarks/gpu_suite.sh sweep                       # the speed levers of issue #21, one table
+#   bash benchmarks/gpu_suite.sh expert_parallel             # on a machine with 2+ GPUs: DDP, ZeRO-3, EP 2
 #
 # Run from the repository root. Each step's output is also written to $OUT/STEP.txt (./gpu-results without
 # $OUT). On a machine without a package index, first run the install line that ../shared/gpu/wheels.sh
@@ -22,9 +23,10 @@ run_step() {
     attention) $PYTHON benchmarks/attention_kernels.py ;;
     throughput) $PYTHON benchmarks/train_throughput.py --tokens 2000000 -- --no-cpu-profile ;;
     sweep) $PYTHON benchmarks/speed_sweep.py --profile ;;
+    expert_parallel) $PYTHON benchmarks/expert_parallel.py -- --no-cpu-profile --train.max_tokens 2e6 ;;
     zero) $PYTHON benchmarks/zero_strategies.py -- --no-cpu-profile --train.max_tokens 1e6 --no-compile \
       --eval.initial_validation false --eval.final_validation false ;;
-    *) echo "unknown step '$1'; the steps are: environment tests layer attention throughput sweep zero" >&2; return 2 ;;
+    *) echo "unknown step '$1'; the steps are: environment tests layer attention throughput sweep expert_parallel zero" >&2; return 2 ;;
   esac
 }
 
