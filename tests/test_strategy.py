@@ -50,6 +50,21 @@ def test_auto_decision(gpus, gpu_gb, cpu_gb, billions, expected):
     assert decide(gpus, gpu_gb, cpu_gb, billions)[0] == expected
 
 
+def test_auto_splits_the_experts_where_a_replica_does_not_fit_but_a_split_one_does():
+    """8 x 80 GB, 7B parameters of which 6B are experts: a DDP replica needs 112 GB of state, one with an eighth of
+    the experts 28 GB. Auto then splits them over the node's 8 GPUs (and not where the model has none)."""
+    hardware = Hardware(8, 1, 80 * GB, 1024 * GB, True)
+    estimate = TrainingEstimate(7 * 10**9, 10**9, 10**8, 6 * 10**9, 1 * GB, 0, expert_parameters=6 * 10**9)
+    memory_of = partial(per_device_memory, estimate, "bf16-mixed", world_size=8, devices_per_node=8)
+    choice = resolve_strategy(StrategyArgs(), hardware, memory_of, expert_split=8)
+    assert (choice.name, choice.expert_parallel) == ("ddp", 8)
+    assert "DDP across 8 ranks, experts split over 8 (expert parallel) needs 27.0 GiB" in choice.reason
+    assert resolve_strategy(StrategyArgs(), hardware, memory_of, expert_split=1).name == "deepspeed"
+    small = TrainingEstimate(10**9, 10**9, 10**7, 6 * 10**9, 1 * GB, 0, expert_parameters=8 * 10**8)
+    memory_of = partial(per_device_memory, small, "bf16-mixed", world_size=8, devices_per_node=8)
+    assert resolve_strategy(StrategyArgs(), hardware, memory_of, expert_split=8).expert_parallel == 1  # DDP fits
+
+
 def test_auto_decision_nvme_cpu_only_and_without_deepspeed(tmp_path):
     # 8 x 80 GB, 1 TB of RAM, 100B parameters: 1.4 TB of offloaded state per node does not fit in RAM
     assert decide(8, 80, 1024, 100, nvme=tmp_path)[0] == ("deepspeed", 3, "nvme", "nvme")

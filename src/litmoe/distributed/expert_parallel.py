@@ -11,6 +11,7 @@ to it (the all-to-all's backward brings those gradients back), so summing over i
 dividing by W then gives exactly DDP's average (DeepSpeed divides by the same global size).
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,14 @@ def check_expert_parallel(config, layer: str, size: int) -> None:
         raise UserError(f"{flag}: LitGPT's MoE layer (--moe.layer {layer}) holds every expert; use --moe.layer litmoe")
     if config.n_expert % size:
         raise UserError(f"{flag}: must divide the model's {config.n_expert} experts")
+
+
+def auto_expert_split(config, layer: str, devices_per_node: int) -> int:
+    """The expert-parallel size `--strategy auto` may choose: the most ranks of one node that divide the experts
+    (an all-to-all across nodes is slow), or 1 where the model or its layer cannot be split."""
+    if config.mlp_class_name != "LLaMAMoE" or layer != "litmoe":
+        return 1
+    return math.gcd(devices_per_node, config.n_expert)
 
 
 def split_experts(module: nn.Module) -> dict[int, tuple[GroupedExperts, Any]]:

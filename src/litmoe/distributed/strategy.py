@@ -5,7 +5,8 @@ plan that fits in 90% of a GPU (and whose offloaded state fits in 80% of a node'
   no CUDA GPU      one CPU process; several: DDP over gloo
   one GPU          single device; DeepSpeed ZeRO-2 with the optimizer in CPU memory (ZeRO-Offload);
                    ZeRO-3 with weights and optimizer in CPU memory; the same on NVMe (needs --nvme-path)
-  several GPUs     DDP; ZeRO-2; ZeRO-3; ZeRO-3 offloading to CPU memory; to NVMe. GPUs under 16 GB offload
+  several GPUs     DDP; DDP with the experts split over a node's GPUs (expert parallelism, litmoe's MoE layer);
+                   ZeRO-2; ZeRO-3; ZeRO-3 offloading to CPU memory; to NVMe. GPUs under 16 GB offload
                    the optimizer to CPU memory from ZeRO-2 on. Without DeepSpeed installed: DDP, else FSDP.
 Giving any DeepSpeed option (--zero-stage, --offload-*, --deepspeed-config) means DeepSpeed.
 
@@ -30,13 +31,16 @@ SMALL_GPU = 16 * 10**9
 
 def resolve_strategy(
     args: StrategyArgs, hardware: Hardware, memory_of: Callable[[StrategyChoice], DeviceMemory] | None = None,
-    compile: bool = False,
+    compile: bool = False, expert_split: int = 1,
 ) -> StrategyChoice:  # fmt: skip
     """The strategy to train with, and why; raises for contradictions, before any work starts.
 
-    `memory_of` gives one rank's memory under a choice; `auto` with a GPU needs it."""
+    `memory_of` gives one rank's memory under a choice; `auto` with a GPU needs it. `expert_split` is the
+    expert-parallel size `auto` may choose (1: none)."""
     if args.decided_by_auto:
-        return with_expert_parallel(decide(hardware, memory_of, args.nvme_path), args.expert_parallel, hardware)
+        split = expert_split if args.expert_parallel == 1 else 1  # a size the user gave is theirs to keep
+        choice = decide(hardware, memory_of, args.nvme_path, split)
+        return with_expert_parallel(choice, args.expert_parallel, hardware)
     choice = requested(args, hardware.world_size)
     if choice.name == "deepspeed":
         check_deepspeed(choice, args, hardware, compile)
@@ -133,14 +137,15 @@ def check_nvme_path(path: Path | None) -> None:
 
 
 def decide(
-    hardware: Hardware, memory_of: Callable[[StrategyChoice], DeviceMemory], nvme_path: Path | None
-) -> StrategyChoice:
+    hardware: Hardware, memory_of: Callable[[StrategyChoice], DeviceMemory], nvme_path: Path | None,
+    expert_split: int = 1,
+) -> StrategyChoice:  # fmt: skip
     world = hardware.world_size
     if hardware.gpu_memory is None:
         if world == 1:
             return StrategyChoice("single", "no CUDA GPU: one CPU process")
         return StrategyChoice("ddp", f"{world} CPU processes: DDP over gloo (FSDP and DeepSpeed need CUDA)")
-    plans = candidate_plans(hardware, nvme_path is not None)
+    plans = candidate_plans(hardware, nvme_path is not None, expert_split)
     gpu = hardware.gpu_memory
     needs = {plan: memory_of(plan) for plan in plans}
 
@@ -163,13 +168,18 @@ def decide(
     return replace(chosen, reason=why)
 
 
-def candidate_plans(hardware: Hardware, nvme: bool) -> list[StrategyChoice]:
-    """What `auto` tries, in order; the reason is filled in by `decide`."""
+def candidate_plans(hardware: Hardware, nvme: bool, expert_split: int = 1) -> list[StrategyChoice]:
+    """What `auto` tries, in order; the reason is filled in by `decide`. Expert parallelism comes right after
+    DDP: where a replica does not fit, splitting the experts keeps DDP's one all-reduce per step and moves only
+    the routed tokens, where ZeRO gathers weights."""
     if hardware.world_size == 1:
         plans = [StrategyChoice("single", ""), StrategyChoice("deepspeed", "", 2, "cpu")]
     else:
         offload = "cpu" if hardware.gpu_memory < SMALL_GPU else "none"
-        plans = [StrategyChoice("ddp", ""), StrategyChoice("deepspeed", "", 2, offload)]
+        plans = [StrategyChoice("ddp", "")]
+        if expert_split > 1:
+            plans.append(StrategyChoice("ddp", "", expert_parallel=expert_split))
+        plans.append(StrategyChoice("deepspeed", "", 2, offload))
         plans.append(StrategyChoice("deepspeed", "", 3, offload))
     plans.append(StrategyChoice("deepspeed", "", 3, "cpu", "cpu"))
     if nvme:

@@ -16,7 +16,7 @@ import torch
 from jsonargparse import DefaultHelpFormatter
 from litgpt.args import TrainArgs
 
-from litmoe.core.args import OptimizationArgs, StrategyArgs
+from litmoe.core.args import MoEArgs, OptimizationArgs, StrategyArgs
 from litmoe.core.cli import (
     flag_types,
     function_parser,
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None):
 
 def print_estimate(
     model: str | dict, data_dir: str | list, precision: str | None, train: TrainArgs, optimization: OptimizationArgs,
-    strategy: StrategyArgs, devices: int | str, num_nodes: int, **unused: Any,
+    strategy: StrategyArgs, devices: int | str, num_nodes: int, moe: MoEArgs, **unused: Any,
 ) -> None:  # fmt: skip
     """Parameters, FLOPs, per-device memory and speed of this run's settings, without allocating the model.
 
@@ -251,6 +251,7 @@ def print_estimate(
     from litmoe.data.tokenizer import load_tokenizer
     from litmoe.data.training_data import data_sources
     from litmoe.distributed.estimate import describe, estimate_training
+    from litmoe.distributed.expert_parallel import auto_expert_split
     from litmoe.distributed.plans import Hardware
     from litmoe.distributed.strategy import requested, resolve_strategy, with_expert_parallel
     from litmoe.model.attention import default_precision
@@ -268,7 +269,8 @@ def print_estimate(
     estimate = estimate_training(config, precision, train.micro_batch_size, seq_len)
     memory_of = memory_per_device(estimate, precision, hardware, optimization)
     if strategy.decided_by_auto:
-        choice = resolve_strategy(strategy, hardware, memory_of, compile=optimization.compile)
+        split = auto_expert_split(config, moe.layer, hardware.devices_per_node)
+        choice = resolve_strategy(strategy, hardware, memory_of, compile=optimization.compile, expert_split=split)
     else:
         choice = with_expert_parallel(requested(strategy, hardware.world_size), strategy.expert_parallel, hardware)
     print(describe(estimate, config, precision, choice, memory_of(choice), optimization.gradient_checkpointing,

@@ -17,7 +17,7 @@ from litmoe.core.outputs import check_output_dir
 from litmoe.core.run_lock import launching_process, run_lock
 from litmoe.data.tokenizer import load_tokenizer, tokenizer_vocab_size
 from litmoe.data.training_data import PreparedData, TrainingData, describe_sources, sources_key, training_data
-from litmoe.distributed.expert_parallel import check_expert_parallel
+from litmoe.distributed.expert_parallel import auto_expert_split, check_expert_parallel
 from litmoe.distributed.plans import Hardware, StrategyChoice
 from litmoe.distributed.strategy import adopt_launcher_node_rank, resolve_strategy
 from litmoe.model.attention import attention_kernel_scope, check_attention, default_precision, tf32_matmuls
@@ -99,7 +99,7 @@ def setup(
     run_config = {name: plain(value) for name, value in locals().items()}
     plan = plan_run(
         model, data_dir, precision, train, eval, optimizer, optimization, strategy, checkpoint, health,
-        initial_checkpoint_dir, upcycle, devices, num_nodes, num_workers,
+        initial_checkpoint_dir, upcycle, devices, num_nodes, num_workers, moe,
     )  # fmt: skip
     check_expert_parallel(plan.config, moe.layer, plan.choice.expert_parallel)
     inputs = [("--data_dir", source.path) for source in plan.data.sources]
@@ -169,7 +169,7 @@ def plan_run(
     model: str | dict, data_dir: str | list, precision: str | None, train: TrainArgs, eval: EvalArgs,
     optimizer: str | dict, optimization: OptimizationArgs, strategy: StrategyArgs, checkpoint: CheckpointArgs,
     health: HealthArgs, initial_checkpoint_dir: Path | None, upcycle: UpcycleArgs, devices: int | str,
-    num_nodes: int, num_workers: int,
+    num_nodes: int, num_workers: int, moe: MoEArgs,
 ) -> RunPlan:  # fmt: skip
     """Everything a user can get wrong, checked in order: the model, the batch arithmetic and devices, the
     optimizer and schedule, the data, the strategy, and the checkpoint, health and starting-weight settings."""
@@ -183,7 +183,7 @@ def plan_run(
     config = fit_vocabulary(config, load_tokenizer(data.tokenizer_dir))
     adopt_launcher_node_rank()
     hardware = Hardware.here(devices_per_node, num_nodes)
-    choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization)
+    choice = choose_strategy(strategy, hardware, config, precision, train, seq_len, optimization, moe.layer)
     plan = RunPlan(config, precision, seq_len, optimizer, data, hardware, choice)
     print(f"Strategy: {plan.label} ({choice.reason})")
     check_fused_loss(optimization, config, choice)
@@ -303,7 +303,7 @@ def check_run_care(
 
 def choose_strategy(
     args: StrategyArgs, hardware: Hardware, config, precision: str, train: TrainArgs, seq_len: int,
-    optimization: OptimizationArgs,
+    optimization: OptimizationArgs, moe_layer: str,
 ) -> StrategyChoice:  # fmt: skip
     memory_of = None
     if hardware.gpu_memory is not None and args.decided_by_auto:  # only auto, on GPUs, weighs memory
@@ -311,7 +311,8 @@ def choose_strategy(
 
         estimate = estimate_training(config, precision, train.micro_batch_size, seq_len)
         memory_of = memory_per_device(estimate, precision, hardware, optimization)
-    return resolve_strategy(args, hardware, memory_of, compile=optimization.compile)
+    split = auto_expert_split(config, moe_layer, hardware.devices_per_node)
+    return resolve_strategy(args, hardware, memory_of, compile=optimization.compile, expert_split=split)
 
 
 def memory_per_device(estimate, precision: str, hardware: Hardware, optimization: OptimizationArgs):
