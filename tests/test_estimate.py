@@ -147,3 +147,5 @@ def test_estimate_command_for_moe_200m(capsys, tmp_path):
     gathered = 2 * 549_808_896 * 2 * 7 / 8  # ZeRO-3: every bf16 weight, forward and backward, less one's shard
     assert f"sends {sent / 2**30:.3f} GiB per micro-batch" in out
     assert f"would gather {gathered / 2**30:.3f} GiB per micro-batch instead" in out
+    worst = 8 * rows * 768 * 2  # every row of the 8 ranks' micro-batches to one rank's experts, bf16
+    assert f"up to 8x its share of rows, at worst {worst / 2**30:.3f} GiB received per layer" in out

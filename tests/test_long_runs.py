@@ -20,7 +20,7 @@ from test_train import logged
 
 import litmoe.training.saving
 from litmoe.core.checkpoint_io import latest_sound_checkpoint, load_state
-from litmoe.core.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped, UserError
+from litmoe.core.errors import EXIT_DIVERGED, EXIT_OUT_OF_MEMORY, EXIT_PREEMPTED, RunStopped, UserError
 from litmoe.core.run_lock import LOCK_FILE, run_lock
 from litmoe.training.cli import main
 from litmoe.training.saving import AtomicSave, publish, read_progress, recover_interrupted_saves
@@ -286,6 +286,30 @@ def test_a_huge_learning_rate_stops_cleanly_with_a_finite_last_checkpoint(train_
     assert sorted(path.name for path in out_dir.iterdir()) == ["logs", "step-00000002"]
     events = [json.loads(line) for line in (out_dir / "logs" / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "stopped" and events[-1]["step"] == 3
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_last_checkpoint(train_args, tmp_path, monkeypatch):
+    """CUDA's out-of-memory error (a page of allocator statistics) mid-run: one line, exit 4, the checkpoint kept."""
+    import litgpt.pretrain
+
+    real_loss, calls = litgpt.pretrain.chunked_cross_entropy, []
+
+    def runs_out_at_the_fifth(logits, targets, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5 and torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB ...")
+        return real_loss(logits, targets, *args, **kwargs)
+
+    monkeypatch.setattr(litgpt.pretrain, "chunked_cross_entropy", runs_out_at_the_fifth)
+    out_dir = tmp_path / "out"
+    args = ("--train.save_interval", "2", "--eval.interval", "1000", "--eval.initial_validation", "false")
+    with pytest.raises(RunStopped) as stop:
+        main(train_args(out_dir, 256 * 12, extra=args))
+    assert stop.value.exit_code == EXIT_OUT_OF_MEMORY
+    message = stop.value.message
+    assert message.startswith("error: out of GPU memory at optimizer step ") and "\n" not in message
+    assert f"The last checkpoint is {out_dir / 'step-00000002'}; lower --train.micro_batch_size" in message
+    assert (out_dir / "step-00000002" / "lit_model.pth").is_file()
 
 
 def test_skip_survives_one_bad_batch_and_logs_the_gradient_norm(train_args, tmp_path, monkeypatch, capsys):

@@ -219,10 +219,14 @@ def describe(
     if choice.expert_parallel > 1:
         sent = all_to_all_bytes(config, estimate, precision, choice.expert_parallel)
         gathered = zero3_gathered_bytes(estimate, precision, world_size)
+        act_bytes = torch.finfo(compute_dtype(precision)).bits // 8
+        worst = estimate.micro_batch_tokens * config.n_expert_per_token * choice.expert_parallel * config.n_embd
         lines.append(
             f"expert parallel {choice.expert_parallel}: each rank holds {config.n_expert // choice.expert_parallel}"
             f" of {config.n_expert} experts and sends {sent / GiB:.3f} GiB per micro-batch by all-to-all (uniform"
-            f" routing); ZeRO-3 over {world_size} ranks would gather {gathered / GiB:.3f} GiB per micro-batch instead"
+            f" routing); ZeRO-3 over {world_size} ranks would gather {gathered / GiB:.3f} GiB per micro-batch instead."
+            f" Dropless: a skewed router can send one rank up to {choice.expert_parallel}x its share of rows, at worst"
+            f" {worst * act_bytes / GiB:.3f} GiB received per layer"
         )
     budget = f", {duration(max_tokens / tokens_per_sec)} for {max_tokens:,.0f} tokens" if max_tokens else ""
     if torch.cuda.is_available():

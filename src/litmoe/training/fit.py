@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from litmoe.core.args import CUDA_GRAPH_MODES, MoEArgs
 from litmoe.core.checkpoint_io import latest_checkpoint
-from litmoe.core.errors import EXIT_DIVERGED, EXIT_PREEMPTED, RunStopped
+from litmoe.core.errors import EXIT_DIVERGED, EXIT_OUT_OF_MEMORY, EXIT_PREEMPTED, RunStopped
 from litmoe.core.patching import swapped
 from litmoe.distributed.expert_parallel import split_experts
 from litmoe.distributed.plans import StrategyChoice
@@ -180,6 +180,21 @@ def stop_diverged(fabric, err: Diverged, out_dir: Path, events: EventLog, step: 
     raise RunStopped(message if fabric.is_global_zero else None, EXIT_DIVERGED)
 
 
+def stop_out_of_memory(fabric, settings: PatchSettings, events: EventLog, step: int) -> None:
+    """CUDA's out-of-memory error, a page of allocator statistics, as one line with what to change."""
+    events.record("stopped", step, reason="out of GPU memory")
+    newest = latest_checkpoint(settings.out_dir)
+    split, skew = settings.strategy.expert_parallel, ""
+    if split > 1:
+        skew = f"; with experts split over {split} ranks, a skewed router can send one up to {split}x its share"
+    message = (
+        f"error: out of GPU memory at optimizer step {step + 1}{skew}. The last checkpoint is"
+        f" {newest.parent if newest is not None else 'none yet'}; lower --train.micro_batch_size (the global batch"
+        " stays), add --gradient-checkpointing, or shard more (--estimate shows the memory of each plan)"
+    )
+    raise RunStopped(message if fabric.is_global_zero else None, EXIT_OUT_OF_MEMORY)
+
+
 def fp16_loss_scale_of(fabric) -> Callable[[], Any] | None:
     """The current loss scale of fp16 mixed precision, which multiplies the loss before backward: Lightning's
     GradScaler (`16-mixed`) or DeepSpeed's loss scaler. None when nothing scales the loss (bf16, fp32)."""
@@ -279,6 +294,8 @@ def run_stock_fit(stock_fit: Callable, run: FitRun, settings: PatchSettings, kwa
             stop_with_checkpoint(fabric, state, kwargs, stop.signal_name, run.first_step)
         except Diverged as err:
             stop_diverged(fabric, err, settings.out_dir, run.events, err.step or state["step_count"])
+        except torch.OutOfMemoryError:
+            stop_out_of_memory(fabric, settings, run.events, state["step_count"])
     return clock
 
 
