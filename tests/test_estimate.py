@@ -149,3 +149,12 @@ def test_estimate_command_for_moe_200m(capsys, tmp_path):
     assert f"would gather {gathered / 2**30:.3f} GiB per micro-batch instead" in out
     worst = 8 * rows * 768 * 2  # every row of the 8 ranks' micro-batches to one rank's experts, bf16
     assert f"up to 8x its share of rows, at worst {worst / 2**30:.3f} GiB received per layer" in out
+
+
+def test_durations_and_budgets_read_as_people_write_them():
+    from litmoe.distributed.estimate import duration, token_count
+
+    assert [duration(s) for s in (0.5, 90, 600, 36_000, 10 * 86400, 1e12)] == [
+        "under a second", "90 s", "10 min", "10.0 h", "10 days", "3.17e+04 years",
+    ]  # fmt: skip
+    assert token_count(200_000_000) == "200,000,000" and token_count(1e30) == "1e+30"  # a typo'd budget

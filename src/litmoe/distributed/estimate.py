@@ -166,7 +166,17 @@ def resident_bytes() -> int:
 def duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s" if seconds >= 1 else "under a second"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    days = seconds / 86400
+    return f"{days:.0f} days" if days < 730 else f"{days / 365.25:.3g} years"
+
+
+def token_count(tokens: float) -> str:
+    """A token budget as people write it: 200,000,000; 1.2e+15 when the digits stop meaning anything."""
+    return f"{tokens:,.0f}" if tokens < 1e15 else f"{tokens:.3g}"
 
 
 def reference_peak_flops(precision: str) -> tuple[str, float]:
@@ -228,7 +238,7 @@ def describe(
             f" Dropless: a skewed router can send one rank up to {choice.expert_parallel}x its share of rows, at worst"
             f" {worst * act_bytes / GiB:.3f} GiB received per layer"
         )
-    budget = f", {duration(max_tokens / tokens_per_sec)} for {max_tokens:,.0f} tokens" if max_tokens else ""
+    budget = f", {duration(max_tokens / tokens_per_sec)} for {token_count(max_tokens)} tokens" if max_tokens else ""
     if torch.cuda.is_available():
         lines.append(f"speed at {mfu:.0%} MFU on {world_size} x {gpu}: {tokens_per_sec:,.0f} tokens/s{budget}")
     else:  # a planning figure for a GPU machine, not this machine's speed
