@@ -157,7 +157,7 @@ def test_the_users_optimizer_settings_win_over_litgpts_defaults():
     """LitGPT passes fused=True on CUDA over whatever the config says; an explicit --optimizer.fused false stays."""
     from litgpt.utils import instantiate_torch_optimizer
 
-    from litmoe.training.patches import user_optimizer
+    from litmoe.core.patching import user_optimizer
 
     parameters = [torch.nn.Parameter(torch.zeros(2))]
     explicit = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.1, "fused": False}}

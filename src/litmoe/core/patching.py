@@ -4,7 +4,7 @@ Every patch of LitGPT, PyTorch or DeepSpeed goes through `swapped`, so that it i
 error) and fails loudly, at once, when an upgrade has moved the name it replaces.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,3 +20,11 @@ def swapped(owner: object, name: str, replacement: Any) -> Iterator[None]:
         yield
     finally:
         setattr(owner, name, original)
+
+
+def user_optimizer(stock: Callable, optimizer: str | dict, parameters: Any, **defaults: Any) -> Any:
+    """LitGPT's optimizer factory (`instantiate_torch_optimizer`), with the user's own init_args kept over the
+    defaults its callers pass (LitGPT forces fused=True on CUDA, whatever the config says)."""
+    if isinstance(optimizer, dict):
+        defaults = {key: value for key, value in defaults.items() if key not in (optimizer.get("init_args") or {})}
+    return stock(optimizer, parameters, **defaults)

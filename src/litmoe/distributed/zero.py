@@ -20,6 +20,7 @@ A DeepSpeed checkpoint is a directory (`step-*/lit_model.pth/` holding `checkpoi
 `latest`); litmoe.distributed.zero_checkpoints turns one into a single `lit_model.pth` with stock LitGPT keys.
 """
 
+import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from functools import partial
@@ -33,6 +34,7 @@ from lightning.fabric.strategies import DeepSpeedStrategy
 
 from litmoe.core.checkpoint_io import weights_only_deepspeed_loads
 from litmoe.core.errors import UserError
+from litmoe.core.patching import user_optimizer
 from litmoe.core.user_files import read_json_file
 
 
@@ -184,7 +186,7 @@ def optimizer_builder(optimizer: str | dict, config: dict[str, Any]) -> Callable
     from litgpt.utils import instantiate_torch_optimizer
 
     if offload_device(config, "offload_optimizer") == "none":
-        return partial(instantiate_torch_optimizer, optimizer, fused=torch.cuda.is_available())
+        return partial(user_optimizer, instantiate_torch_optimizer, optimizer, fused=torch.cuda.is_available())
     name = optimizer if isinstance(optimizer, str) else optimizer.get("class_path", "")
     if name.rsplit(".", 1)[-1] not in ("Adam", "AdamW"):
         raise UserError(f"optimizer {name}: optimizer offload runs DeepSpeed's CPU Adam; use Adam or AdamW")
@@ -195,7 +197,13 @@ def optimizer_builder(optimizer: str | dict, config: dict[str, Any]) -> Callable
     def cpu_adam(parameters: Iterable[nn.Parameter]):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(parameters, adamw_mode=name.endswith("AdamW"), **settings)
+        # Its C++ extension is compiled on first use (about a minute, with g++ and ninja): say so, and how long
+        # it took, so that a slow first start is not mistaken for a hang.
+        print("DeepSpeed CPU Adam: loading its C++ extension (compiled on first use: about a minute) ...", flush=True)
+        start = time.perf_counter()
+        adam = DeepSpeedCPUAdam(parameters, adamw_mode=name.endswith("AdamW"), **settings)
+        print(f"DeepSpeed CPU Adam: ready in {time.perf_counter() - start:.0f} s", flush=True)
+        return adam
 
     return cpu_adam
 

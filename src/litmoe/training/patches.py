@@ -46,7 +46,7 @@ import yaml
 from torch.utils.checkpoint import checkpoint
 
 from litmoe.core.args import OptimizationArgs
-from litmoe.core.patching import swapped
+from litmoe.core.patching import swapped, user_optimizer
 from litmoe.distributed.expert_parallel import ExpertParallelism
 from litmoe.distributed.fabric import fabric_builder
 from litmoe.distributed.zero import zero3_reset_parameters
@@ -127,13 +127,6 @@ def prepare_model(
             block.compile(**how)  # in place: parameter names and state-dict keys stay as they were
         return model
     return compile_fn(model, **how)
-
-
-def user_optimizer(stock: Callable, optimizer: str | dict, parameters, **defaults: Any):
-    """LitGPT's optimizer factory, with the user's own init_args kept over the defaults it passes."""
-    if isinstance(optimizer, dict):
-        defaults = {key: value for key, value in defaults.items() if key not in optimizer.get("init_args", {})}
-    return stock(optimizer, parameters, **defaults)
 
 
 def progress_record(settings: PatchSettings, fabric, state: dict) -> dict[str, Any]:
