@@ -98,3 +98,16 @@ def test_expert_parallel_trains_as_ddp_and_checkpoints_what_ddp_does(prepared, t
         got = logged(tmp_path / target, "loss")
         assert sorted(got) == list(range(10, 30))  # from the 11th optimizer step on
         assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got), target
+
+
+def test_expert_parallel_accumulates_like_ddp(prepared, tiny_model_file, tmp_path):
+    """Two micro-batches per optimizer step: the experts' gradients are reduced once per step, after both, and the
+    losses stay DDP's."""
+    budget, extra = 2 * 4 * 64 * 16, ("--train.global_batch_size", "16", "--train.save_interval", "100")
+    runs = {}
+    for name, strategy in (("ddp", ("--strategy", "ddp")), ("split", EXPERT_PARALLEL)):
+        runs[name] = tmp_path / name
+        run_two_ranks(tiny_run_args(prepared, tiny_model_file, runs[name], budget, extra), strategy)
+    expected, got = logged(runs["ddp"], "loss"), logged(runs["split"], "loss")
+    assert sorted(got) == sorted(expected) and len(got) == 8
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
