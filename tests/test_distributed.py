@@ -3,15 +3,18 @@ accelerator), launched as users launch them."""
 
 import importlib.util
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import final_weights, run_train_process, tiny_run_args
+from conftest import REPO, final_weights, run_train_process, tiny_run_args
 from test_long_runs import signal_when, start_run
 from test_train import logged
 
 from litmoe.core.errors import EXIT_PREEMPTED
 from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
+from litmoe.inference.generate import generate
 from litmoe.training.saving import read_progress
 
 BUDGET = 2 * 4 * 64 * 30  # 30 iterations of micro-batch 4 x 64 tokens on each of 2 ranks
@@ -111,3 +114,16 @@ def test_expert_parallel_accumulates_like_ddp(prepared, tiny_model_file, tmp_pat
     expected, got = logged(runs["ddp"], "loss"), logged(runs["split"], "loss")
     assert sorted(got) == sorted(expected) and len(got) == 8
     assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
+
+
+def test_a_torchrun_launch_with_expert_parallelism_writes_a_stock_checkpoint(prepared, tiny_model_file, tmp_path):
+    """As on a cluster: torchrun starts the two processes, Lightning joins them, the experts are split."""
+    out_dir = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "run_train.py"]
+    args = [*tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, EXTRA), "--devices", "2", *EXPERT_PARALLEL]
+    result = subprocess.run([*launch, *args, "--num_workers", "0"], cwd=REPO, capture_output=True, text=True,
+                            timeout=420)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    strategy = "Strategy: DDP across 2 ranks, experts split over 2 (expert parallel) (--strategy ddp,"
+    assert strategy in result.stdout and "parameters identical on all 2 ranks" in result.stdout
+    assert len(generate(out_dir / "final", prompt="The", max_new_tokens=3)[0]) >= 1

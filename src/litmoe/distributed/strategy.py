@@ -61,7 +61,7 @@ def with_expert_parallel(choice: StrategyChoice, size: int, hardware: Hardware) 
         raise UserError(f"{flag}: expert parallelism runs on DDP, not on {chosen}; use --strategy ddp")
     if hardware.world_size % size:
         raise UserError(f"{flag}: must divide the number of ranks ({hardware.world_size})")
-    return replace(choice, expert_parallel=size, reason=f"{choice.reason}; experts split over {size} ranks")
+    return replace(choice, expert_parallel=size, reason=f"{choice.reason}, {flag}")
 
 
 def requested(args: StrategyArgs, world_size: int) -> StrategyChoice:
