@@ -19,7 +19,7 @@ run_step() {
   case $1 in
     environment) $PYTHON run_train.py --check-environment ;;
     tests) $PYTHON -m pytest -q -rs tests/test_cuda.py ;;
-    layer) $PYTHON benchmarks/moe_layer.py ;;
+    layer) $PYTHON benchmarks/moe_layer.py --compile ;;  # compiled, as training runs it (the eager table is recorded)
     attention) $PYTHON benchmarks/attention_kernels.py ;;
     throughput) $PYTHON benchmarks/train_throughput.py --tokens 2000000 -- --no-cpu-profile ;;
     sweep) $PYTHON benchmarks/speed_sweep.py --profile ;;
