@@ -112,6 +112,10 @@ CASES = [
     ("run_train.py", [("{texts}" if arg == "{prepared}" else arg) for arg in RUN],
      "--data_dir {texts}: this is text, not prepared data; prepare it once with `uv run python prepare_data.py"
      " --source {texts} --out_dir data/texts0`, then train with --data_dir data/texts0"),
+    ("run_train.py", RUN + ["--moe.capacity_factor", "0"], "--moe.capacity_factor 0.0: must be above 0 (1.0 = a fair"),
+    ("run_train.py", RUN + ["--moe.capacity_factor", "1.25", "--moe.layer", "stock"],
+     "--moe.capacity_factor: LitGPT's MoE layer (--moe.layer stock) is dropless only"),
+    ("run_train.py", RUN + ["--moe.aux_loss_coef", "-0.01"], "--moe.aux_loss_coef -0.01: must be 0 (off) or more"),
     # run_train.py: expert parallelism
     ("run_train.py", RUN + ["--strategy.expert_parallel", "2"],
      "--strategy.expert_parallel 2: expert parallelism needs several ranks; this run has one (--devices)"),

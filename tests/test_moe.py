@@ -233,3 +233,60 @@ def test_litgpt_init_with_the_same_seed_gives_stock_weights(overrides):
     stock, ours = initialized(LLaMAMoE), initialized(MoELayer)
     assert stock.keys() == ours.keys()
     assert all(torch.equal(stock[key], ours[key]) for key in stock)
+
+
+def with_capacity(layer: MoELayer, factor: float | None) -> MoELayer:
+    capped = MoELayer(layer.config, MoEArgs(aux_loss_coef=0.0, z_loss_coef=0.0, capacity_factor=factor))
+    capped.load_state_dict(layer.state_dict())
+    return capped
+
+
+def test_a_capacity_no_expert_reaches_is_dropless():
+    _, ours = pair(CONFIGS["softmax top-2"])
+    x = torch.randn(2, 16, 64)
+    capped = with_capacity(ours, float(ours.config.n_expert))  # room for every routed pair in any one expert
+    torch.testing.assert_close(capped(x), ours(x))
+
+
+@pytest.mark.parametrize("overrides", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_over_capacity_pairs_skip_their_expert_in_token_order(overrides):
+    """Each expert takes its first `capacity` routed tokens (in token order); the rest get nothing from it. Held
+    against the dropless layer with the dropped pairs' routing weights zeroed: outputs and every gradient."""
+    _, ours = pair(overrides)
+    factor, x = 0.5, torch.randn(2, 16, 64)
+    capped = with_capacity(ours, factor)
+    tokens = x.reshape(-1, 64)
+    weights, indices, _, _ = ours.route(tokens)
+    capacity = -(-int(factor * indices.numel()) // ours.config.n_expert)  # ceil
+    seen = [0] * ours.config.n_expert
+    kept = torch.zeros_like(indices, dtype=torch.bool)
+    for token, choices in enumerate(indices.tolist()):  # token order, each token's choices
+        for slot, expert in enumerate(choices):
+            kept[token, slot] = seen[expert] < capacity
+            seen[expert] += 1
+    assert 0 < (~kept).sum() < kept.numel()  # some pairs dropped, not all
+
+    original_route = ours.route  # the dropless layer, with the dropped pairs' routing weights zeroed
+    ours.route = lambda t: (lambda w, i, lg, p: (w * kept, i, lg, p))(*original_route(t))
+    expected_x, actual_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, actual = ours(expected_x), capped(actual_x)
+    torch.testing.assert_close(actual, expected)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    actual.backward(grad)
+    torch.testing.assert_close(actual_x.grad, expected_x.grad)
+    for (name, p), q in zip(ours.named_parameters(), capped.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    capped.record_routing = True
+    capped.eval()
+    capped(x)
+    (stats,) = read_routing_stats(capped)
+    assert stats["dropped"] == pytest.approx((~kept).float().mean().item())
+
+
+def test_capacity_keeps_the_layer_in_one_graph():
+    _, ours = pair(CONFIGS["softmax top-2"])
+    capped = MoELayer(ours.config, MoEArgs(capacity_factor=1.25)).train()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(capped)(torch.randn(2, 16, 64, requires_grad=True))
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -230,3 +230,11 @@ def test_the_speed_sweep_runs_its_variants_and_prints_one_table(tmp_path):
     row = table[3].split(" | ")
     assert row[0] == "| no compile" and float(row[1].replace(",", "")) > 0 and row[2] == "n/a (no GPU)"
     assert float(row[4]) > 0 and len(table) == 4
+
+
+def test_a_capacity_factor_trains_and_logs_the_dropped_share(train_args, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    main(train_args(out_dir, 256 * 8, extra=("--moe.capacity_factor", "0.5", "--eval.interval", "100")))
+    dropped = logged(out_dir, "moe/dropped")
+    assert dropped and all(0.4 <= share < 1 for share in dropped.values())  # half a fair share: over half dropped
+    assert "| dropped " in capsys.readouterr().out

@@ -55,6 +55,12 @@ class MoEArgs:
     bias_update_rate: float = 0.0
     """DeepSeek-V3 auxiliary-loss-free balancing: per-expert selection bias step after each optimizer step
     (about 1e-3 to enable; 0 disables it)."""
+    capacity_factor: float | None = None
+    """null (default): dropless, every routed token reaches its expert. A number (e.g. 1.25): each expert takes
+    at most capacity_factor x its fair share of a micro-batch's routed tokens, in token order, and runs exactly
+    that many rows (padded), so memory and all-to-all sizes are bounded; the tokens over capacity skip that expert
+    (the dropped share is a routing statistic). As Megatron's --moe-expert-capacity-factor with
+    --moe-pad-expert-input-to-capacity."""
 
 
 @dataclass

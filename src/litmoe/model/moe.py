@@ -39,6 +39,7 @@ STATS = {
     "entropy": torch.float,
     "aux_loss": torch.float,
     "z_loss": torch.float,
+    "dropped": torch.float,  # share of the routed (token, expert) pairs over capacity
     "forwards": torch.long,
 }
 
@@ -144,7 +145,10 @@ class MoELayer(nn.Module):
         # scatter_add, not bincount: bincount's output shape depends on the data and breaks the compiled graph
         slots = indices.view(-1)
         tokens_per_expert = slots.new_zeros(self.config.n_expert).scatter_add_(0, slots, torch.ones_like(slots))
-        expert_out = self.run_experts(tokens[token_of_slot], tokens_per_expert)
+        if self.balance.capacity_factor is None:
+            expert_out, dropped = self.run_experts(tokens[token_of_slot], tokens_per_expert), None
+        else:
+            expert_out, dropped = self.run_to_capacity(tokens[token_of_slot], slots[order], tokens_per_expert)
         expert_out = expert_out * weights.view(-1)[order].unsqueeze(-1).to(expert_out.dtype)
         y = torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out.to(tokens.dtype)).view(B, T, C)
         if self.config.n_shared_expert:
@@ -153,8 +157,26 @@ class MoELayer(nn.Module):
             aux, z_loss = self.balancing_losses(tokens_per_expert, logits, probs)
             if self.training and torch.is_grad_enabled():
                 y = self.add_balancing_gradient(y, aux, z_loss)
-            self.record(tokens_per_expert, probs, aux, z_loss)
+            self.record(tokens_per_expert, probs, aux, z_loss, dropped)
         return y
+
+    def run_to_capacity(
+        self, rows: torch.Tensor, expert_of_row: torch.Tensor, tokens_per_expert: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the experts' outputs for `rows` sorted by expert, zero for rows over capacity; the dropped share). Each
+        expert runs exactly `capacity` rows, its first ones in token order then zero padding: static shapes."""
+        n_expert = self.config.n_expert
+        capacity = math.ceil(self.balance.capacity_factor * rows.shape[0] / n_expert)
+        first_row = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+        position = torch.arange(rows.shape[0], device=rows.device) - first_row[expert_of_row]
+        kept = position < capacity
+        # each kept row to its expert's block; the rows over capacity to one spare row, dropped afterwards
+        target = torch.where(kept, expert_of_row * capacity + position, n_expert * capacity)
+        padded = rows.new_zeros(n_expert * capacity + 1, rows.shape[1]).index_copy(0, target, rows)
+        full = torch.full_like(tokens_per_expert, capacity)
+        out = self.run_experts(padded[:-1], full)
+        out = torch.cat([out, out.new_zeros(1, out.shape[1])])[target]
+        return out, 1 - kept.float().mean()
 
     def run_experts(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """The experts' outputs for `rows` sorted by expert; under expert parallelism the rows travel to the ranks
@@ -182,9 +204,13 @@ class MoELayer(nn.Module):
         return AuxLossGradient.apply(y, penalty, self.loss_scale, self.fp16_loss_scale)
 
     @torch.no_grad()
-    def record(self, tokens_per_expert: torch.Tensor, probs: torch.Tensor, aux: torch.Tensor, z_loss: torch.Tensor):
+    def record(
+        self, tokens_per_expert: torch.Tensor, probs: torch.Tensor, aux: torch.Tensor, z_loss: torch.Tensor,
+        dropped: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
-        for name, value in zip(STATS, (tokens_per_expert, entropy, aux, z_loss, 1), strict=True):
+        values = (tokens_per_expert, entropy, aux, z_loss, 0.0 if dropped is None else dropped.detach(), 1)
+        for name, value in zip(STATS, values, strict=True):
             getattr(self, name).add_(value)
         if self.training:
             self.step_tokens_per_expert.add_(tokens_per_expert)
@@ -220,12 +246,12 @@ def read_routing_stats(model: nn.Module) -> list[dict[str, Any]]:
         forwards = layer.forwards.float().clamp_min(1)
         bias = layer.selection_bias
         bias_norm = bias.float().norm() if bias is not None else load.new_zeros(())
-        averages = torch.stack([layer.entropy, layer.aux_loss, layer.z_loss]).float() / forwards
+        averages = torch.stack([layer.entropy, layer.aux_loss, layer.z_loss, layer.dropped]).float() / forwards
         rows.append(torch.cat([layer.forwards.float().reshape(1), averages, bias_norm.reshape(1), load]))
         for name in STATS:
             getattr(layer, name).zero_()
     stats = []
-    for forwards, entropy, aux, z_loss, bias_norm, *load in torch.stack(rows).tolist():
+    for forwards, entropy, aux, z_loss, dropped, bias_norm, *load in torch.stack(rows).tolist():
         if forwards == 0:
             continue
         mean_load = sum(load) / len(load)
@@ -236,6 +262,7 @@ def read_routing_stats(model: nn.Module) -> list[dict[str, Any]]:
                 "entropy": entropy,
                 "aux_loss": aux,
                 "z_loss": z_loss,
+                "dropped": dropped,
                 "bias_norm": bias_norm,
             }
         )

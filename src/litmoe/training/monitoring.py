@@ -96,9 +96,9 @@ def routing_metrics(routing: list[dict[str, Any]]) -> dict[str, float]:
     for index, layer in enumerate(routing):
         for expert, share in enumerate(layer["load"]):
             metrics[f"moe/layer{index}/load/expert{expert}"] = share
-        for key in ("imbalance", "entropy", "aux_loss", "z_loss", "bias_norm"):
+        for key in ("imbalance", "entropy", "aux_loss", "z_loss", "dropped", "bias_norm"):
             metrics[f"moe/layer{index}/{key}"] = layer[key]
-    for key in ("imbalance", "entropy", "aux_loss", "z_loss"):
+    for key in ("imbalance", "entropy", "aux_loss", "z_loss", "dropped"):
         metrics[f"moe/{key}"] = sum(layer[key] for layer in routing) / len(routing)
     metrics["moe/imbalance_max"] = max(layer["imbalance"] for layer in routing)
     return metrics
@@ -141,10 +141,11 @@ def load_heatmap(routing: list[dict[str, Any]]) -> np.ndarray:
 def routing_summary(routing: list[dict[str, Any]], mean: dict[str, float]) -> str:
     """The console line; `mean` is `routing_metrics(routing)`."""
     worst = max(range(len(routing)), key=lambda index: routing[index]["imbalance"])
+    dropped = f" | dropped {mean['moe/dropped']:.1%}" if mean["moe/dropped"] else ""  # over capacity
     return (
         f"MoE routing | imbalance max/mean {mean['moe/imbalance']:.2f} (worst layer {worst}:"
         f" {routing[worst]['imbalance']:.2f}) | entropy {mean['moe/entropy']:.3f}"
-        f" | aux {mean['moe/aux_loss']:.4f} | z {mean['moe/z_loss']:.3f}"
+        f" | aux {mean['moe/aux_loss']:.4f} | z {mean['moe/z_loss']:.3f}{dropped}"
     )
 
 

@@ -31,6 +31,7 @@ from litmoe.training.saving import recover_interrupted_saves
 from litmoe.training.settings import (
     PatchSettings,
     check_devices,
+    check_moe,
     check_training,
     learning_rate,
     resolve_optimizer,
@@ -101,6 +102,7 @@ def setup(
         model, data_dir, precision, train, eval, optimizer, optimization, strategy, checkpoint, health,
         initial_checkpoint_dir, upcycle, devices, num_nodes, num_workers, moe,
     )  # fmt: skip
+    check_moe(moe)
     check_expert_parallel(plan.config, moe.layer, plan.choice.expert_parallel)
     inputs = [("--data_dir", source.path) for source in plan.data.sources]
     inputs += [("--initial_checkpoint_dir", initial_checkpoint_dir), ("--upcycle-from", upcycle.dense_checkpoint)]

@@ -11,6 +11,7 @@ a stray `optimizer.lr` key that nothing reads. Every spelling LitGPT users know 
 
 import importlib
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,18 @@ def sequence_length(train: TrainArgs, block_size: int) -> int:
             " (null trains on whole blocks)"
         )
     return length
+
+
+def check_moe(moe: MoEArgs) -> None:
+    """The `moe:` settings: non-negative balancing, a positive capacity, on the layer that has them."""
+    for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        if getattr(moe, name) < 0:
+            raise UserError(f"--moe.{name} {getattr(moe, name)}: must be 0 (off) or more")
+    factor = moe.capacity_factor
+    if factor is not None and not 0 < factor < math.inf:
+        raise UserError(f"--moe.capacity_factor {factor}: must be above 0 (1.0 = a fair share; null: dropless)")
+    if factor is not None and moe.layer != "litmoe":
+        raise UserError(f"--moe.capacity_factor: LitGPT's MoE layer (--moe.layer {moe.layer}) is dropless only")
 
 
 def check_batch(train: TrainArgs, world_size: int) -> None:
