@@ -37,20 +37,20 @@ def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(2, 5, 64, generator=generator), torch.randn(2, 5, 64, generator=generator)
 
 
-def check_layer(rank: int, world: int, cases: list[tuple[int, bool]], port: int, done: Path) -> None:
+def check_layer(rank: int, world: int, cases: list[tuple[int, bool, float | None]], port: int, done: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for ep_size, starve in cases:
-            check_case(rank, world, ep_size, starve)
-            (done / f"rank{rank}-ep{ep_size}-{'starved' if starve else 'routed'}").touch()
+        for ep_size, starve, capacity in cases:
+            check_case(rank, world, ep_size, starve, capacity)
+            (done / f"rank{rank}-ep{ep_size}-{'starved' if starve else 'routed'}-{capacity}").touch()
     finally:
         dist.destroy_process_group()
 
 
-def check_case(rank: int, world: int, ep_size: int, starve: bool) -> None:
+def check_case(rank: int, world: int, ep_size: int, starve: bool, capacity: float | None) -> None:
     config = layer_config()
-    balance = MoEArgs(aux_loss_coef=0.01, z_loss_coef=0.001)
+    balance = MoEArgs(aux_loss_coef=0.01, z_loss_coef=0.001, capacity_factor=capacity)
     experts, replicas = expert_groups(ep_size)
     local = experts.experts(config.n_expert)
     torch.manual_seed(0)
@@ -86,9 +86,16 @@ def check_case(rank: int, world: int, ep_size: int, starve: bool) -> None:
     }
 
 
-@pytest.mark.parametrize(("world", "cases"), [(2, [(2, False), (2, True)]), (4, [(2, False), (4, False), (4, True)])])
+@pytest.mark.parametrize(
+    ("world", "cases"),
+    [
+        (2, [(2, False, None), (2, True, None), (2, False, 0.75)]),
+        (4, [(2, False, None), (4, False, None), (4, True, None)]),
+    ],
+)
 def test_expert_parallel_layer_computes_what_data_parallel_does(world, cases, tmp_path):
     """Outputs, input and router gradients, expert gradients after the replica reduction, one initialisation
-    sliced across ranks, and state-dict keys, at EP 2 and 4 on 2 and 4 ranks, also when a shard gets no rows."""
+    sliced across ranks, and state-dict keys, at EP 2 and 4 on 2 and 4 ranks, also when a shard gets no rows, and
+    with a capacity (padded rows travel too)."""
     mp.spawn(check_layer, args=(world, cases, free_port(), tmp_path), nprocs=world, join=True)
     assert len(list(tmp_path.iterdir())) == world * len(cases)
