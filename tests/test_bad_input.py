@@ -116,6 +116,8 @@ CASES = [
     ("run_train.py", RUN + ["--moe.capacity_factor", "1.25", "--moe.layer", "stock"],
      "--moe.capacity_factor: LitGPT's MoE layer (--moe.layer stock) is dropless only"),
     ("run_train.py", RUN + ["--moe.aux_loss_coef", "-0.01"], "--moe.aux_loss_coef -0.01: must be 0 (off) or more"),
+    ("run_train.py", RUN + ["--moe.capacity_factor", ".inf"], "--moe.capacity_factor inf: must be above 0"),
+    ("run_train.py", RUN + ["--strategy.expert_parallel", "-2"], "--strategy.expert_parallel -2: must be 1 (every"),
     # run_train.py: expert parallelism
     ("run_train.py", RUN + ["--strategy.expert_parallel", "2"],
      "--strategy.expert_parallel 2: expert parallelism needs several ranks; this run has one (--devices)"),
@@ -187,6 +189,8 @@ CASES = [
     ("evaluate.py", EVALUATE + ["--seq_length", "-3"], "--seq_length -3: must be at least 1"),
     ("evaluate.py", EVALUATE + ["--max_batches", "0"], "--max_batches 0: must be at least 1"),
     ("evaluate.py", EVALUATE + ["--out", "{nowhere}/results.json"], "results.json: give a file path in an existing"),
+    ("evaluate.py", EVALUATE + ["--out", "{out}.png"],
+     ".png: give the results' .json path; the figure goes beside it as .png"),
     ("evaluate.py", EVALUATE + ["--tasks", "hellaswag"], "--tasks needs lm-eval-harness"),
     # export_hf.py
     ("export_hf.py", EXPORT + ["--checkpoint", "{corrupt}"], "lit_model.pth is incomplete or corrupt"),

@@ -300,6 +300,8 @@ def evaluate(
             ("--data_dir", data_dir),
             ("--file", file),
         ]
+        if Path(out).suffix.lower() == ".png":
+            raise UserError(f"--out {out}: give the results' .json path; the figure goes beside it as .png")
         out = check_output_file(out, "--out", inputs, written_by_us=is_results_file, force=force)
         if not out.parent.is_dir():
             raise UserError(f"--out {out}: give a file path in an existing directory")
