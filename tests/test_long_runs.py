@@ -288,19 +288,30 @@ def test_a_huge_learning_rate_stops_cleanly_with_a_finite_last_checkpoint(train_
     assert events[-1]["event"] == "stopped" and events[-1]["step"] == 3
 
 
-def test_out_of_gpu_memory_is_one_line_naming_the_last_checkpoint(train_args, tmp_path, monkeypatch):
-    """CUDA's out-of-memory error (a page of allocator statistics) mid-run: one line, exit 4, the checkpoint kept."""
+def fault_in_training_batch(monkeypatch, number: int, fault: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """LitGPT's loss, with `fault` applied to the loss of the `number`-th training micro-batch (not validation's)."""
     import litgpt.pretrain
 
     real_loss, calls = litgpt.pretrain.chunked_cross_entropy, []
 
-    def runs_out_at_the_fifth(logits, targets, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5 and torch.is_grad_enabled():
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB ...")
-        return real_loss(logits, targets, *args, **kwargs)
+    def faulty(logits, targets, *args, **kwargs):
+        loss = real_loss(logits, targets, *args, **kwargs)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == number:
+                return fault(loss)
+        return loss
 
-    monkeypatch.setattr(litgpt.pretrain, "chunked_cross_entropy", runs_out_at_the_fifth)
+    monkeypatch.setattr(litgpt.pretrain, "chunked_cross_entropy", faulty)
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_last_checkpoint(train_args, tmp_path, monkeypatch):
+    """CUDA's out-of-memory error (a page of allocator statistics) mid-run: one line, exit 4, the checkpoint kept."""
+
+    def out_of_memory(loss: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB ...")
+
+    fault_in_training_batch(monkeypatch, 3, out_of_memory)
     out_dir = tmp_path / "out"
     args = ("--train.save_interval", "2", "--eval.interval", "1000", "--eval.initial_validation", "false")
     with pytest.raises(RunStopped) as stop:
@@ -313,19 +324,7 @@ def test_out_of_gpu_memory_is_one_line_naming_the_last_checkpoint(train_args, tm
 
 
 def test_skip_survives_one_bad_batch_and_logs_the_gradient_norm(train_args, tmp_path, monkeypatch, capsys):
-    import litgpt.pretrain
-
-    real_loss, calls = litgpt.pretrain.chunked_cross_entropy, []
-
-    def one_bad_batch(logits, targets, *args, **kwargs):
-        loss = real_loss(logits, targets, *args, **kwargs)
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) == 5:
-                return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(litgpt.pretrain, "chunked_cross_entropy", one_bad_batch)
+    fault_in_training_batch(monkeypatch, 5, lambda loss: loss * float("nan"))
     out_dir = tmp_path / "out"
     run = main(train_args(out_dir, 256 * 10, extra=("--health.nonfinite", "skip", "--eval.interval", "1000")))
     norms = logged(out_dir, "grad_norm")

@@ -37,12 +37,17 @@ from litmoe.model.flops import (
 GiB = 2**30
 
 
+def element_bytes(precision: str) -> int:
+    """Bytes of one activation value under `precision` (bf16-mixed computes in 2)."""
+    return torch.finfo(compute_dtype(precision)).bits // 8
+
+
 def bytes_per_parameter(precision: str, deepspeed: bool = False) -> tuple[int, int, int]:
     """(weights, gradients, AdamW state) bytes per parameter.
 
     Lightning's *-mixed keeps fp32 weights and gradients. DeepSpeed's 16-bit training keeps 16-bit weights and
     gradients and puts an fp32 master copy next to the two AdamW states (4 + 4 + 4)."""
-    width = torch.finfo(compute_dtype(precision)).bits // 8
+    width = element_bytes(precision)
     if deepspeed:
         return (2, 2, 12) if width == 2 else (4, 4, 8)
     if precision.endswith("-mixed"):
@@ -95,7 +100,7 @@ def estimate_training(config, precision: str, micro_batch_size: int, seq_len: in
 
     with torch.device("meta"):
         model = GPT(config)
-    act_bytes = torch.finfo(compute_dtype(precision)).bits // 8
+    act_bytes = element_bytes(precision)
     tokens = micro_batch_size * seq_len
     return TrainingEstimate(
         total_parameters=total_parameters(model),
@@ -113,7 +118,7 @@ def all_to_all_bytes(config, estimate: TrainingEstimate, precision: str, expert_
     """Bytes one rank sends per micro-batch under expert parallelism: each token's k routed rows of n_embd values
     go to their expert's rank and back, in the forward and again (as gradients) in the backward, in every MoE
     layer; with uniform routing (EP - 1) / EP of them leave the rank."""
-    act_bytes = torch.finfo(compute_dtype(precision)).bits // 8
+    act_bytes = element_bytes(precision)
     rows = estimate.micro_batch_tokens * config.n_expert_per_token
     return 4 * config.n_layer * rows * config.n_embd * act_bytes * (expert_parallel - 1) / expert_parallel
 
@@ -229,14 +234,13 @@ def describe(
     if choice.expert_parallel > 1:
         sent = all_to_all_bytes(config, estimate, precision, choice.expert_parallel)
         gathered = zero3_gathered_bytes(estimate, precision, world_size)
-        act_bytes = torch.finfo(compute_dtype(precision)).bits // 8
         worst = estimate.micro_batch_tokens * config.n_expert_per_token * choice.expert_parallel * config.n_embd
         lines.append(
             f"expert parallel {choice.expert_parallel}: each rank holds {config.n_expert // choice.expert_parallel}"
             f" of {config.n_expert} experts and sends {sent / GiB:.3f} GiB per micro-batch by all-to-all (uniform"
             f" routing); ZeRO-3 over {world_size} ranks would gather {gathered / GiB:.3f} GiB per micro-batch instead."
             f" Dropless: a skewed router can send one rank up to {choice.expert_parallel}x its share of rows, at worst"
-            f" {worst * act_bytes / GiB:.3f} GiB received per layer"
+            f" {worst * element_bytes(precision) / GiB:.3f} GiB received per layer"
         )
     budget = f", {duration(max_tokens / tokens_per_sec)} for {token_count(max_tokens)} tokens" if max_tokens else ""
     if torch.cuda.is_available():

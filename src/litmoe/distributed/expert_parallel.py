@@ -12,6 +12,7 @@ dividing by W then gives exactly DDP's average (DeepSpeed divides by the same gl
 """
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,27 +117,31 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def split_moments(optimizer: torch.optim.Optimizer, state: dict, split: dict[int, tuple]) -> Iterator[tuple]:
+    """(index in `state`, its experts, their group) of each split expert parameter that has optimizer state."""
+    for index, parameter in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        if id(parameter) in split and index in state["state"]:
+            yield index, *split[id(parameter)]
+
+
 def full_optimizer_state(optimizer: torch.optim.Optimizer, split: dict[int, tuple]) -> dict[str, Any]:
     """The optimizer's state dict with the moments of split experts gathered to all experts (a collective)."""
     state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: replaced, not changed
-    for index, parameter in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-        if id(parameter) in split and index in state["state"]:
-            group = split[id(parameter)][1]
-            state["state"][index] = {
-                key: gathered(value, group) if torch.is_tensor(value) and value.dim() > 0 else value
-                for key, value in state["state"][index].items()
-            }
+    for index, _, group in split_moments(optimizer, state, split):
+        state["state"][index] = {
+            key: gathered(value, group) if torch.is_tensor(value) and value.dim() > 0 else value
+            for key, value in state["state"][index].items()
+        }
     return state
 
 
 def sliced_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, split: dict[int, tuple]) -> dict:
     """A full optimizer state dict (all experts) cut to the experts this rank holds."""
     state = {**state, "state": dict(state["state"])}
-    for index, parameter in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-        if id(parameter) in split and index in state["state"]:
-            held = split[id(parameter)][0].held
-            state["state"][index] = {
-                key: value[held.start : held.stop] if torch.is_tensor(value) and value.dim() > 0 else value
-                for key, value in state["state"][index].items()
-            }
+    for index, experts, _ in split_moments(optimizer, state, split):
+        held = experts.held
+        state["state"][index] = {
+            key: value[held.start : held.stop] if torch.is_tensor(value) and value.dim() > 0 else value
+            for key, value in state["state"][index].items()
+        }
     return state
