@@ -127,3 +127,42 @@ def test_a_torchrun_launch_with_expert_parallelism_writes_a_stock_checkpoint(pre
     strategy = "Strategy: DDP across 2 ranks, experts split over 2 (expert parallel) (--strategy ddp,"
     assert strategy in result.stdout and "parameters identical on all 2 ranks" in result.stdout
     assert len(generate(out_dir / "final", prompt="The", max_new_tokens=3)[0]) >= 1
+
+
+def test_four_ranks_with_experts_split_over_2_and_over_4_train_as_ddp(prepared, tiny_model_file, tmp_path):
+    """4 ranks: experts split over 2 (two replicas of each half) and over 4 (one expert per rank, no replica)
+    follow plain DDP's loss series and end with its weights (to a looser tolerance than the losses: AdamW divides
+    by the root of the second moment, which turns summation-order noise in a near-zero gradient into a step of
+    up to the learning rate)."""
+    budget, extra = 4 * 4 * 64 * 10, ("--train.global_batch_size", "16", "--train.save_interval", "100")
+    runs = {}
+    for name, strategy in (("ddp", ()), ("ep2", ("--strategy.expert_parallel", "2")),
+                           ("ep4", ("--strategy.expert_parallel", "4"))):  # fmt: skip
+        runs[name] = tmp_path / name
+        args = [*tiny_run_args(prepared, tiny_model_file, runs[name], budget, extra), "--devices", "4"]
+        out = run_train_process([*args, "--strategy", "ddp", *strategy])
+        assert "parameters identical on all 4 ranks after training" in out
+    assert "experts split over 4 (expert parallel)" in out
+    expected, reference = logged(runs["ddp"], "loss"), final_weights(runs["ddp"])
+    for name in ("ep2", "ep4"):
+        got, ours = logged(runs[name], "loss"), final_weights(runs[name])
+        assert sorted(got) == sorted(expected) == list(range(10)), name
+        assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got), name
+        assert all(torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-5) for key in reference), name
+
+
+def test_expert_parallel_resumes_exactly_after_kill_9(prepared, tiny_model_file, tmp_path, ddp_run):
+    """kill -9 of every rank (as a scheduler kills a job) after the step-10 checkpoint; `--resume auto` continues
+    from it with the uninterrupted run's losses."""
+    ddp, _ = ddp_run
+    out_dir = tmp_path / "killed"
+    args = [*tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, EXTRA), "--devices", "2", *EXPERT_PARALLEL]
+    process = start_run(args, new_session=True)
+    status, _, _ = signal_when(process, "iter 14 step 14", signal.SIGKILL, whole_group=True)
+    assert status == -signal.SIGKILL and not (out_dir / "final").exists()
+
+    run_two_ranks(tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, (*EXTRA, "--resume", "auto")),
+                  EXPERT_PARALLEL)  # fmt: skip
+    expected, got = logged(ddp, "loss"), logged(out_dir, "loss")
+    assert set(range(10, 30)) <= set(got)
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in range(10, 30))

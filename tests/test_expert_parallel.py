@@ -65,7 +65,14 @@ def check_case(rank: int, world: int, ep_size: int, starve: bool, capacity: floa
     ours.load_state_dict(reference.state_dict())  # stock keys of all experts: each rank keeps its own
     x, grad = batch(rank)
     x.requires_grad_()
-    out = ours(x)
+    count_exchanges = []
+    real_exchange = dist.all_to_all_single
+    dist.all_to_all_single = lambda *args, **kwargs: count_exchanges.append(1) or real_exchange(*args, **kwargs)
+    try:
+        out = ours(x)
+    finally:
+        dist.all_to_all_single = real_exchange
+    assert len(count_exchanges) == (0 if capacity else 1)  # with a capacity the sizes are known: no host sync
     (out * grad).sum().backward()
     reduce_expert_gradients(list(ours.experts.parameters()), replicas, world)
     dist.all_reduce(ours.gate.weight.grad)  # what DDP does for the replicated router
@@ -90,7 +97,7 @@ def check_case(rank: int, world: int, ep_size: int, starve: bool, capacity: floa
     ("world", "cases"),
     [
         (2, [(2, False, None), (2, True, None), (2, False, 0.75)]),
-        (4, [(2, False, None), (4, False, None), (4, True, None)]),
+        (4, [(2, False, None), (4, False, None), (4, True, None), (4, False, 0.5)]),
     ],
 )
 def test_expert_parallel_layer_computes_what_data_parallel_does(world, cases, tmp_path):

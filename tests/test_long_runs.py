@@ -28,21 +28,27 @@ from litmoe.training.saving import AtomicSave, publish, read_progress, recover_i
 # ------------------------------------------------------------------------------------------ preemption
 
 
-def start_run(args: list[str]) -> subprocess.Popen:
+def start_run(args: list[str], new_session: bool = False) -> subprocess.Popen:
+    """run_train.py in the background; `new_session` gives it (and the ranks it spawns) a process group of its own."""
     command = [sys.executable, "run_train.py", *args, "--num_workers", "0"]
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=new_session,
+    )  # fmt: skip
 
 
-def signal_when(process: subprocess.Popen, marker: str, signum: int) -> tuple[int, str, str]:
-    """Send `signum` to the process once its output shows `marker`; returns (status, stdout, stderr)."""
+def signal_when(process: subprocess.Popen, marker: str, signum: int, whole_group: bool = False) -> tuple[int, str, str]:
+    """Send `signum` to the process (or its whole process group) once its output shows `marker`; returns
+    (status, stdout, stderr)."""
     seen = []
     for line in process.stdout:
         seen.append(line)
         if marker in line:
-            process.send_signal(signum)
+            if whole_group:
+                os.killpg(process.pid, signum)
+            else:
+                process.send_signal(signum)
             break
     out, err = process.communicate(timeout=420)
     return process.returncode, "".join(seen) + out, err

@@ -10,8 +10,8 @@ sorts them):
     results                --all-to-all-->  back to the rank and row they came from
 
 Routing, the routing weights and the balancing losses stay on the rank that owns the tokens, so only rows move.
-The split sizes must be Python integers: one host sync per layer and forward (DeepSpeed and torchtitan pay the
-same). Gradients flow back through the same all-to-alls (`all_to_all_single_autograd`); the expert weights'
+The split sizes must be Python integers: one host sync per layer and forward when dropless (DeepSpeed and
+torchtitan pay the same), none with a capacity factor (every expert gets exactly its capacity). Gradients flow back through the same all-to-alls (`all_to_all_single_autograd`); the expert weights'
 gradients are then summed over the ranks that hold the same experts (litmoe.distributed.expert_parallel).
 """
 
@@ -52,15 +52,23 @@ def all_to_all(rows: torch.Tensor, output_splits: list[int], input_splits: list[
 
 
 def send_to_experts(
-    rows: torch.Tensor, tokens_per_expert: torch.Tensor, experts: ExpertGroup
+    rows: torch.Tensor, tokens_per_expert: torch.Tensor, experts: ExpertGroup, capacity: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, Exchange]:
     """(the rows this rank's experts must process, grouped by local expert; tokens per local expert; how to send
-    the results back). `rows` are sorted by global expert, `tokens_per_expert` counts them (E)."""
+    the results back). `rows` are sorted by global expert, `tokens_per_expert` counts them (E).
+
+    With a `capacity` every rank sends every expert exactly that many rows (padded), so the sizes are known without
+    asking: no count exchange and no host sync. Every rank's micro-batch must then have the same shape, as the
+    training and validation loaders' have (they drop a last partial batch)."""
     local = tokens_per_expert.numel() // experts.size
     to_each = tokens_per_expert.view(experts.size, local)
-    from_each = torch.empty_like(to_each)  # [source rank, local expert]: rows that source sends to that expert
-    dist.all_to_all_single(from_each.view(-1), to_each.reshape(-1).contiguous(), group=experts.group)
-    sent, received = torch.stack([to_each.sum(1), from_each.sum(1)]).tolist()  # the one host sync
+    if capacity is None:
+        from_each = torch.empty_like(to_each)  # [source rank, local expert]: rows that source sends to that expert
+        dist.all_to_all_single(from_each.view(-1), to_each.reshape(-1).contiguous(), group=experts.group)
+        sent, received = torch.stack([to_each.sum(1), from_each.sum(1)]).tolist()  # the one host sync
+    else:
+        from_each = torch.full_like(to_each, capacity)
+        sent = received = [capacity * local] * experts.size
     arrived = all_to_all(rows, received, sent, experts.group)
     order = local_expert_major(from_each, sum(received))
     return arrived[order], from_each.sum(0), Exchange(order, sent, received)

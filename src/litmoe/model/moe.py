@@ -174,16 +174,18 @@ class MoELayer(nn.Module):
         target = torch.where(kept, expert_of_row * capacity + position, n_expert * capacity)
         padded = rows.new_zeros(n_expert * capacity + 1, rows.shape[1]).index_copy(0, target, rows)
         full = torch.full_like(tokens_per_expert, capacity)
-        out = self.run_experts(padded[:-1], full)
+        out = self.run_experts(padded[:-1], full, capacity)
         out = torch.cat([out, out.new_zeros(1, out.shape[1])])[target]
         return out, 1 - kept.float().mean()
 
-    def run_experts(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """The experts' outputs for `rows` sorted by expert; under expert parallelism the rows travel to the ranks
-        that hold their experts and back (litmoe.model.dispatch)."""
+    def run_experts(
+        self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, capacity: int | None = None
+    ) -> torch.Tensor:
+        """The experts' outputs for `rows` sorted by expert (`capacity` rows each, where given); under expert
+        parallelism the rows travel to the ranks that hold their experts and back (litmoe.model.dispatch)."""
         if self.expert_group is None:
             return self.experts(rows, tokens_per_expert)
-        arrived, per_local_expert, exchange = send_to_experts(rows, tokens_per_expert, self.expert_group)
+        arrived, per_local_expert, exchange = send_to_experts(rows, tokens_per_expert, self.expert_group, capacity)
         return send_back(self.experts(arrived, per_local_expert), exchange, self.expert_group)
 
     def balancing_losses(
