@@ -11,8 +11,9 @@ sorts them):
 
 Routing, the routing weights and the balancing losses stay on the rank that owns the tokens, so only rows move.
 The split sizes must be Python integers: one host sync per layer and forward when dropless (DeepSpeed and
-torchtitan pay the same), none with a capacity factor (every expert gets exactly its capacity). Gradients flow back through the same all-to-alls (`all_to_all_single_autograd`); the expert weights'
-gradients are then summed over the ranks that hold the same experts (litmoe.distributed.expert_parallel).
+torchtitan pay the same), none with a capacity factor (every expert gets exactly its capacity). Gradients flow
+back through the same all-to-alls (`all_to_all_single_autograd`); the expert weights' gradients are then summed
+over the ranks that hold the same experts (litmoe.distributed.expert_parallel).
 """
 
 from dataclasses import dataclass
