@@ -59,6 +59,14 @@ def test_zero3_trains_as_one_device_resumes_and_consolidates(prepared, tiny_mode
     assert reference["transformer.h.0.mlp.expert_bias"].abs().sum() > 0
     assert all(torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-5) for key in ours)
 
+    # the conversion the refusal of another world size names: a new run from the shards' weights (lr 0 keeps them;
+    # the selection bias moves without the lr)
+    started, weights = tmp_path / "started", out_dir / "step-00000004"
+    extra = ("--initial_checkpoint_dir", str(weights), "--optimizer.init_args.lr", "0", "--train.min_lr", "0")
+    main(tiny_run_args(prepared, tiny_model_file, started, 8 * 64, (*EXTRA, "--strategy", "single", *extra)))
+    weights = torch.load(weights / "consolidated" / "lit_model.pth", weights_only=True)["model"]
+    assert all(torch.equal(final_weights(started)[key], weights[key]) for key in weights if "bias" not in key)
+
     resumed = tmp_path / "resumed"  # interrupted after its fourth optimizer step
     shutil.copytree(out_dir / "step-00000004", resumed / "step-00000004")
     extra = (*EXTRA, "--zero-stage", "3", "--resume", "auto")

@@ -392,7 +392,8 @@ def test_resume_checks_what_changed_against_the_checkpoint(train_args, tmp_path,
     (out_dir / "step-00000004" / "hyperparameters.yaml").write_text(
         (out_dir / "step-00000004" / "hyperparameters.yaml").read_text().replace("world_size: 1", "world_size: 2")
     )
-    with pytest.raises(UserError, match="written by 2 ranks, this run has 1: not allowed"):
+    conversion = "resume with --devices x --num_nodes = 2, or go on from its weights on 1 ranks as a new run with"
+    with pytest.raises(UserError, match=f"written by 2 ranks, this run has 1: not allowed, .*; {conversion}"):
         main(train_args(out_dir, budget, extra=("--resume", "auto")))
     (out_dir / "step-00000004" / "hyperparameters.yaml").write_text(
         (out_dir / "step-00000004" / "hyperparameters.yaml").read_text().replace("world_size: 2", "world_size: 1")

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from litmoe.core.args import UpcycleArgs
-from litmoe.core.checkpoint_io import checkpoint_problem, load_state
+from litmoe.core.checkpoint_io import checkpoint_problem, is_zero_checkpoint, load_state
 from litmoe.core.errors import UserError
 from litmoe.data.tokenizer import TOKENIZER_FILES, tokenizer_fingerprint
+from litmoe.distributed.zero_checkpoints import consolidated
 from litmoe.model.builder import has_expert_bias
 from litmoe.model.configs import checkpoint_model_config, model_fields
 from litmoe.model.experts import expert_size
@@ -46,6 +47,8 @@ SHARED_FIELDS = (
 
 def checkpoint_weights(checkpoint_dir: Path, flag: str) -> dict[str, torch.Tensor]:
     weights = checkpoint_dir / "lit_model.pth"
+    if is_zero_checkpoint(weights):  # DeepSpeed's shards: their consolidated copy (made once, the shards kept)
+        weights = consolidated(checkpoint_dir) / "lit_model.pth"
     if not weights.is_file():
         raise UserError(f"{flag} {checkpoint_dir}: no lit_model.pth there; give a final/ or step-*/ dir")
     if (problem := checkpoint_problem(weights)) is not None:

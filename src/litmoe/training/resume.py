@@ -8,7 +8,8 @@ run may change:
                budget stays exact), optimizer and schedule settings, logging
   not allowed  the model (its weights belong to the checkpoint's model), the sequence length, the data
                directory, the seed, the number of data workers (litdata saves one position per worker), the
-               number of ranks (the data position and DeepSpeed's shards are per rank)
+               number of ranks (the data position and DeepSpeed's shards are per rank: the refusal names the
+               conversion, a new run from the checkpoint's weights with --initial_checkpoint_dir)
 Each change is one line saying so, before anything is built.
 """
 
@@ -143,7 +144,10 @@ def check_continuation(weights: Path, run: RunShape) -> int | None:
     if progress["world_size"] != run.world_size:
         raise UserError(
             f"{where}: written by {progress['world_size']} ranks, this run has {run.world_size}: not allowed, the"
-            " data position (and DeepSpeed's shards) are per rank; resume with the same --devices x --num_nodes"
+            " data position (and DeepSpeed's shards) are per rank; resume with --devices x --num_nodes ="
+            f" {progress['world_size']}, or go on from its weights on {run.world_size} ranks as a new run with"
+            f" --initial_checkpoint_dir {checkpoint_dir} --out_dir NEW_DIR (a fresh optimizer, schedule and data"
+            " order)"
         )
     tokens = int(progress["tokens"])
     per_iteration = run.micro_batch_size * run.seq_len * run.world_size
