@@ -221,6 +221,11 @@ CASES = [
      "is inside the prepared-data directory {prepared}"),
     # every user file read one guarded way: YAML, JSON, tokenizer, checkpoint config
     ("run_train.py", RUN + ["--config", "{duplicate_keys}"], "the key 'train' is given twice; keep one"),
+    ("run_train.py", RUN + ["--config", "{section_scalar}"], "section_scalar.yaml: `train:` is 5, not a mapping of"),
+    ("run_train.py", RUN + ["--optimizer.init_args.lr", "nan"],
+     "--optimizer.init_args.lr nan: expected a finite number (default 0.001)"),
+    ("run_train.py", RUN + ["--optimizer.init_args.weight_decay", ".inf"],
+     "--optimizer.init_args.weight_decay inf: expected a finite number"),
     ("run_train.py", RUN + ["--model", "{model_python_tag}"], "model_python_tag.yaml: not valid YAML at line 1"),
     ("run_train.py", RUN + ["--model.n_layer", "[2"], "--model.n_layer [2: not a valid value"),
     ("run_train.py", RUN + ["--optimizer.betas", "[0.9,"], "--optimizer.betas [0.9,: not a valid value"),
@@ -240,6 +245,14 @@ CASES = [
     ("generate.py", GENERATE + ["--checkpoint", "{zero_traversal}"],
      "its latest file names '../../../outside', not a folder inside lit_model.pth/"),
     ("evaluate.py", EVALUATE + ["--checkpoints", "{tokenizer_garbage}"], "tokenizer.json: not valid JSON"),
+    ("run_train.py", RUN + ["--seed", "-1"], "--seed -1: must be between 0 and 4294967295"),
+    ("generate.py", GENERATE + ["--seed", str(2**70)], f"--seed {2**70}: must be between 0 and 4294967295"),
+    # weights that load but are not a model's: found at load, before a prompt is echoed or a file written
+    ("generate.py", GENERATE + ["--checkpoint", "{weights_not_tensors}"], "its weights must map parameter names to"),
+    ("evaluate.py", EVALUATE + ["--checkpoints", "{weights_integer}"], "holds torch.int64 values, not floating-point"),
+    ("generate.py", GENERATE + ["--checkpoint", "{weights_nan}"], "holds NaN or infinite values (a diverged or"),
+    ("export_hf.py", EXPORT + ["--checkpoint", "{weights_nan}"], "holds NaN or infinite values"),
+    ("evaluate.py", EVALUATE + ["--file", "{texts}"], "--file {texts}: a directory; give one .txt or .jsonl file"),
     ("export_hf.py", EXPORT + ["--checkpoint", "{config_disagrees}"], "config_disagrees"),
     ("prepare_data.py", ["--source", "{texts}", "--tokenizer_dir", "{tokenizer_garbage}", *PREPARE],
      "tokenizer.json: not valid JSON"),
@@ -265,6 +278,13 @@ CASES = [
      "--val_source {texts} is --source {texts}: its documents would train too"),
     ("prepare_data.py", ["--source", "{texts}", "--val_source", "{texts}/doc000.txt", *PREPARE],
      "is inside --source {texts}: its documents would train too"),
+    ("prepare_data.py", ["--source", "{texts}/*.txt", "--val_source", "{texts}/doc000.txt", *PREPARE],
+     "--val_source {texts}/doc000.txt: 1 of its files ({texts}/doc000.txt) are also read by --source {texts}/*.txt"),
+    # sources that are not what they seem, and paths that are not one line
+    ("prepare_data.py", ["--source", "{fifo}", *PREPARE], "--source {fifo}: not a regular file (a pipe, socket or"),
+    ("prepare_data.py", ["--source", "{out}/no\nsuch", *PREPARE], "{out}/no\\nsuch: no such file or folder"),
+    ("prepare_data.py", ["--source", "{texts}", *PREPARE, "--out_dir", "{scratch_owner}"],
+     "prepare_data.py builds --out_dir mine in this path, but it holds something a preparation did not make"),
 ]  # fmt: skip
 
 
@@ -345,6 +365,7 @@ def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> 
     paths["duplicate_keys"] = write(
         root / "duplicate_keys.yaml", "train:\n  max_tokens: 2048\ntrain:\n  log_interval: 1\n"
     )
+    paths["section_scalar"] = write(root / "section_scalar.yaml", "train: 5\n")
     paths["model_python_tag"] = write(models / "model_python_tag.yaml", "name: !!python/object/apply:os.getcwd []\n")
     paths["ds_expert_parallel"] = write(root / "ds.json", '{"expert_parallel": {"enabled": true, "autoep_size": 2}}')
     for name, text in (("config_empty", ""), ("config_broken", "n_layer: [2\n"),
@@ -379,6 +400,19 @@ def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> 
     shards.unlink()
     write(shards / "checkpoint" / "mp_rank_00_model_states.pt", checkpoint)
     write(shards / "latest", "../../../outside")
+    paths["fifo"] = root / "pipes" / "stream.txt"  # nobody writes to it: reading it would wait forever
+    paths["fifo"].parent.mkdir()
+    os.mkfifo(paths["fifo"])
+    paths["scratch_owner"] = root / "mine"  # prepare_data.py would build it in .mine.partial, the user's own folder
+    paths["user_scratch"] = write(root / ".mine.partial" / "important.txt", "my notes\n").parent
+    weights = torch.load(trained / "final" / "lit_model.pth", weights_only=True)["model"]
+    for name, damaged in (
+        ("weights_not_tensors", [1, 2, 3]),
+        ("weights_integer", {key: tensor.long() for key, tensor in weights.items()}),
+        ("weights_nan", {**weights, "lm_head.weight": weights["lm_head.weight"] * float("nan")}),
+    ):
+        paths[name] = checkpoint_copy(trained, root / name)
+        torch.save({"model": damaged}, paths[name] / "lit_model.pth")  # fmt: skip
     paths["corrupt_run"] = root / "corrupt_run"
     checkpoint_copy(trained, paths["corrupt_run"] / "step-00000004", weights=checkpoint[:1000])
     return paths
@@ -425,6 +459,24 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(script, argv, message,
     assert not list(tmp_path.iterdir())  # no output, scratch or partial directory left in the working directory
     if script == "generate.py":
         assert out == ""  # refused before the prompt is echoed
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("WORLD_SIZE", "abc", "environment variable WORLD_SIZE='abc': not a whole number; unset it"),
+        ("LOCAL_RANK", "-1", "environment variable LOCAL_RANK='-1': not a whole number"),
+        ("WORLD_SIZE", "4", "environment variable WORLD_SIZE=4, but this run has 1 rank(s) (--devices x --num_nodes)"),
+    ],
+)
+def test_launcher_variables_left_in_the_environment_are_one_line(variable, value, message, world, tmp_path,
+                                                                 monkeypatch, capsys):  # fmt: skip
+    """A shell left from a torchrun job keeps WORLD_SIZE: litdata would split the data for ranks that do not exist."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, value)
+    status, _, err = run_script("run_train.py", [arg.format(**world) for arg in RUN], monkeypatch, capsys)
+    assert status == 2 and err.strip().splitlines() == [f"error: {err.strip()[7:]}"] and message in err, err[-2000:]
+    assert not list(tmp_path.iterdir())
 
 
 def test_enough_cases_for_every_command():

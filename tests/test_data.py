@@ -1,5 +1,6 @@
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,18 @@ def test_rerun_skips_and_force_rebuilds(tmp_path, text_folder, capsys):
     prepare(source=str(text_folder), out_dir=out_dir, vocab_size=300, val_fraction=0.2, force=True)
     assert next((out_dir / "train").glob("*.bin")).stat().st_mtime_ns != written
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no scratch or old dirs left behind
+
+
+def test_force_through_a_linked_out_dir_rebuilds_where_the_link_points(tmp_path, text_folder, capsys):
+    """Data linked to a bigger disk: --force replaces the data there and keeps the link."""
+    (tmp_path / "big_disk").mkdir()
+    old = prepare(source=str(text_folder), out_dir=tmp_path / "big_disk" / "data", vocab_size=300, val_fraction=0.2)
+    (tmp_path / "data").symlink_to(tmp_path / "big_disk" / "data")
+    new = prepare(source=str(text_folder), out_dir=tmp_path / "data", vocab_size=280, val_fraction=0.2, force=True)
+    assert f"links to {tmp_path / 'big_disk' / 'data'}: the data is prepared there" in capsys.readouterr().out
+    assert (tmp_path / "data").is_symlink() and new.tokenizer_fingerprint != old.tokenizer_fingerprint
+    assert json.loads((tmp_path / "big_disk" / "data" / MANIFEST).read_text()) == json.loads(json.dumps(asdict(new)))
+    assert sorted(path.name for path in (tmp_path / "big_disk").iterdir()) == ["data"]  # no scratch left
 
 
 def test_jsonl_text_and_chat_records(tmp_path, prepared):

@@ -53,8 +53,9 @@ def test_text_file_bits_per_byte_by_hand(trained, tmp_path):
     assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode()), rel=1e-5)
 
 
-def test_defaults_to_the_data_the_checkpoint_trained_on(trained, prepared):
-    (result,) = evaluate([trained], seq_length=64, max_batches=1)
+def test_defaults_to_the_data_the_checkpoint_trained_on(trained, prepared, capsys):
+    (result,) = evaluate([trained], seq_length=1000, max_batches=1)  # above the block size: said, and cut to it
+    assert result["seq_length"] == 64 and "--seq_length 1000 is above" in capsys.readouterr().out
     assert result["data"] == f"{prepared} (val)" and result["tokens"] == 4 * 64
 
 
@@ -79,3 +80,13 @@ def test_one_checkpoint_may_be_given_as_a_bare_path(trained, prepared):
     results = run_function(evaluate, ["--checkpoints", str(trained / "final"), "--data_dir", str(prepared),
                                       "--max_batches", "1"])  # fmt: skip
     assert len(results) == 1 and results[0]["checkpoint"] == str(trained / "final")
+
+
+def test_results_files_are_strict_json():
+    """Python writes NaN for a loss that overflowed; jq and browsers refuse it: null instead."""
+    from litmoe.inference.evaluate import strict_json
+
+    text = json.dumps(strict_json([{"loss": float("nan"), "load": [0.5, float("inf")], "name": "a"}]))
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(name)) == [
+        {"loss": None, "load": [0.5, None], "name": "a"}
+    ]

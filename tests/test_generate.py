@@ -1,5 +1,8 @@
 import io
+import re
+import sys
 
+import pytest
 import torch
 
 from litmoe.inference.generate import generate, generate_tokens, stream_text
@@ -104,3 +107,23 @@ def test_a_sample_of_only_blanks_says_why(trained, capsys, monkeypatch):
     generate(trained, prompt="The cat", max_new_tokens=5, temperature=0.0)
     err = capsys.readouterr().err
     assert "sample 1: only whitespace: after this prompt the model's most likely tokens are blanks" in err
+
+
+@pytest.mark.parametrize(
+    ("piped", "expected"),
+    [
+        (b"\xef\xbb\xbfThe cat", "The cat"),  # a byte-order mark (PowerShell pipes one) is not part of the prompt
+        (b"\xff\xfe\x00", "the prompt on stdin is not UTF-8 text (byte 0); pipe UTF-8 text"),
+        (b"", "the prompt on stdin is empty; pipe some text, or pass --prompt ''"),
+    ],
+)
+def test_a_prompt_on_stdin_is_read_as_utf8(piped, expected, monkeypatch):
+    from litmoe.core.errors import UserError
+    from litmoe.inference.generate import read_prompt
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped)))
+    if expected == "The cat":
+        assert read_prompt(None, None) == expected
+    else:
+        with pytest.raises(UserError, match=re.escape(expected)):
+            read_prompt("-", None)

@@ -7,6 +7,7 @@ import runpy
 import sys
 
 import pytest
+import yaml
 from conftest import REPO, make_documents
 from test_train import logged
 
@@ -52,6 +53,13 @@ def test_numbers_as_users_write_them():
         "train": {"max_tokens": 200_000_000, "min_lr": 3e-5},
         "out_dir": "1e3",
     }
+
+
+def test_yaml_merge_keys_work_and_the_mapping_s_own_keys_win():
+    text = "base: &base {micro_batch_size: 4, max_tokens: 1e6}\ntrain:\n  <<: *base\n  max_tokens: 2e6\n"
+    assert read_yaml(text)["train"] == {"micro_batch_size": 4, "max_tokens": 2e6}
+    with pytest.raises(yaml.YAMLError, match="the key 'max_tokens' is given twice"):
+        read_yaml("train:\n  <<: {a: 1}\n  max_tokens: 1\n  max_tokens: 2\n")
 
 
 def test_documented_flags_reach_the_optimizer_and_the_loop(train_args, tmp_path):

@@ -1,6 +1,7 @@
 """Data at pretraining scale: the formats corpora ship in, parallel workers, resuming an interrupted preparation, a
 given validation set, and existing Hugging Face tokenizers."""
 
+import codecs
 import gzip
 import json
 import random
@@ -203,13 +204,28 @@ def test_a_gpt2_format_tokenizer_is_used_as_it_is(tmp_path, train_args):
     assert config["vocab_size"] == tokenizer.get_vocab_size()  # the model's vocabulary follows the tokenizer
 
 
+def damaged_gzip(fraction: float) -> bytes:
+    """A .jsonl.gz with one byte flipped: early, the deflate stream breaks; later, it decompresses to garbage that
+    only the checksum at the end exposes (the JSON parser meets the garbage first)."""
+    lines = "".join(json.dumps({"text": document}) + "\n" for document in DOCUMENTS * 20).encode()
+    data = bytearray(gzip.compress(lines, mtime=0))
+    data[int(len(data) * fraction)] ^= 0xFF
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "a.parquet"), "a.parquet: no 'text' column (it has"),
-        (lambda d: (d / "a.jsonl.zst").write_bytes(b"not zstd at all"), "a.jsonl.zst: cannot read it"),
+        (lambda d: (d / "a.jsonl.zst").write_bytes(b"not zstd at all"), "a.jsonl.zst: a corrupt compressed file"),
         (lambda d: (d / "a.jsonl.gz").write_bytes(gzip.compress(b'{"text": "ok"}\n{"text": 5}\n')),
-         "a.jsonl.gz:2: record has no 'text' string"),
+         "a.jsonl.gz:2: 'text' is a JSON number, not text"),
+        (lambda d: (d / "a.jsonl").write_text('[{"text": "ok"}]\n'), "a.jsonl:1: a JSON array, not an object"),
+        (lambda d: (d / "a.jsonl").write_text('{"text": "a", "text": "b"}\n'),
+         "a.jsonl:1: the key 'text' appears twice in one object; keep one"),
+        (lambda d: (d / "a.txt").write_bytes(b"text" + bytes(1000)), "a.txt: holds NUL bytes, so it is binary data"),
+        (lambda d: (d / "a.jsonl.gz").write_bytes(damaged_gzip(0.02)), "a.jsonl.gz: a corrupt compressed file (Error"),
+        (lambda d: (d / "a.jsonl.gz").write_bytes(damaged_gzip(0.62)), "a.jsonl.gz: a corrupt compressed file (Compr"),
         (lambda d: pq.write_table(pa.table({"text": [1, 2]}), d / "a.parquet"), "a.parquet, row 1: 'text' is int"),
     ],
 )  # fmt: skip
@@ -220,6 +236,36 @@ def test_bad_records_in_any_format_are_one_line(tmp_path, make, message):
         prepare(str(tmp_path / "src"), tmp_path / "out", vocab_size=300)
     assert "\n" not in str(error.value)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]  # nothing left behind
+
+
+def test_byte_order_marks_json_arrays_and_empty_documents(tmp_path, capsys):
+    """A UTF-8 byte-order mark (as Notepad and PowerShell write) is not part of the text; a .json file may hold one
+    array of records; empty documents are skipped and counted, not dropped without a word."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    records = "".join(json.dumps({"text": text}) + "\n" for text in [*DOCUMENTS[:40], ""])
+    (folder / "bom.jsonl").write_bytes(codecs.BOM_UTF8 + records.encode())
+    (folder / "bom.txt").write_bytes(codecs.BOM_UTF8 + DOCUMENTS[40].encode())
+    (folder / "blank.txt").write_text(" \n")
+    assert sorted(resolve_source(str(folder), tmp_path).documents()) == sorted([*DOCUMENTS[:41], "", " \n"])
+    manifest = prepare(str(folder), tmp_path / "out", vocab_size=300, val_fraction=0.2)
+    assert sum(manifest.documents.values()) == 41
+    assert "Skipped 2 empty documents (blank files or records, empty text)" in capsys.readouterr().out
+
+    array = tmp_path / "records.json"
+    array.write_bytes(codecs.BOM_UTF8 + json.dumps([{"text": text} for text in DOCUMENTS[:5]], indent=2).encode())
+    assert list(resolve_source(str(array), tmp_path).documents()) == DOCUMENTS[:5]
+
+
+def test_a_vocabulary_larger_than_the_text_supports_is_said(tmp_path, capsys):
+    from tokenizers import Tokenizer
+
+    from litmoe.data.tokenizer import train_bpe_tokenizer
+
+    train_bpe_tokenizer(DOCUMENTS, 100_000, tmp_path / "tokenizer")
+    learned = Tokenizer.from_file(str(tmp_path / "tokenizer" / "tokenizer.json")).get_vocab_size()
+    assert learned < 100_000
+    assert f"The tokenizer has {learned:,} tokens, not --vocab_size 100,000" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------- training reads
@@ -327,12 +373,15 @@ def stat_state(pid: int) -> str:
         return "Z"
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_stopping_a_preparation_leaves_no_worker_running(how, tmp_path, prepared):
-    """SIGTERM: the pool stops, finished shards are kept, one line, exit 75, and the same command continues.
-    kill -9 of the parent: its workers die with it (nothing goes on writing into the partial build)."""
+    """SIGTERM or SIGINT mid-work: the pool stops, finished shards are kept, one line (no warning about what the
+    stopped workers held), exit 75, and the same command continues. kill -9 of the parent: its workers die with it
+    (nothing goes on writing into the partial build)."""
     import signal
     import time
+
+    from litmoe.data.shards import SHARD_DONE
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -349,17 +398,18 @@ def test_stopping_a_preparation_leaves_no_worker_running(how, tmp_path, prepared
         }
         time.sleep(0.2)
     assert len(workers) == 2, "the workers did not start"
-    time.sleep(1.0)
+    while not list(tmp_path.glob(f".out.partial/shards/*/{SHARD_DONE}")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the workers are busy: a shard is done, the next ones are under way
     process.send_signal(getattr(signal, how))
     _, err = process.communicate(timeout=60)
     deadline = time.monotonic() + 10
     while alive(workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(workers)
-    if how == "SIGTERM":
+    if how != "SIGKILL":
         lines = err.strip().splitlines()
         assert process.returncode == 75 and len(lines) == 1, err[-2000:]
-        assert lines[0].startswith("Stopped by SIGTERM:") and "run the same command again to continue" in lines[0]
+        assert lines[0].startswith(f"Stopped by {how}:") and "run the same command again to continue" in lines[0]
         rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         assert "Resuming the preparation in" in rerun.stdout and (tmp_path / "out" / "manifest.json").is_file()
@@ -374,7 +424,9 @@ def test_chat_parquet_of_message_structs_and_a_cut_off_zst(tmp_path):
     lines = "".join(json.dumps({"text": document}) + "\n" for document in DOCUMENTS).encode()
     frame = zstandard.ZstdCompressor(write_content_size=False).compress(lines)
     (tmp_path / "cut.jsonl.zst").write_bytes(frame[: len(frame) // 2])  # an interrupted download
-    with pytest.raises(UserError, match=r"cut.jsonl.zst: cannot read it \(the file ends inside a zstd frame"):
+    with pytest.raises(
+        UserError, match=r"cut.jsonl.zst: a corrupt compressed file \(the file ends inside a zstd frame"
+    ):
         list(resolve_source(str(tmp_path / "cut.jsonl.zst"), tmp_path).documents())
 
 

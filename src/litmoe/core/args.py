@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from litmoe.core.errors import UserError
+
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that replay CUDA graphs
 
 
@@ -136,3 +138,11 @@ class UpcycleArgs:
     """Standard deviation of the router's initial weights (coarse experts; fine-grained experts start at zero)."""
     noise: float = 0.0
     """Relative noise on each expert's copy of the dense weights, to break their symmetry (0: an exact start)."""
+
+
+SEEDS = 2**32  # numpy's range: Lightning seeds numpy with the same seed
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < SEEDS:
+        raise UserError(f"--seed {seed}: must be between 0 and {SEEDS - 1} (numpy's range; Lightning seeds it too)")

@@ -113,6 +113,26 @@ def load_state(weights: Path) -> dict:
     return state
 
 
+def load_model_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The model's weights in a `lit_model.pth` (its 'model' entry, or the whole file for a plain state dict): names
+    to finite floating-point tensors, or one line saying what is wrong, before anything is built or written."""
+    state = load_state(weights)
+    model = state.get("model", state)
+    if not isinstance(model, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
+        raise UserError(f"{weights}: not a LitGPT checkpoint (its weights must map parameter names to tensors)")
+    if name := next((name for name, tensor in model.items() if not tensor.is_floating_point()), None):
+        raise UserError(
+            f"{weights}: {name} holds {model[name].dtype} values, not floating-point weights; this is not a model"
+            " checkpoint, or it was converted wrongly"
+        )
+    if name := next((name for name, tensor in model.items() if not torch.isfinite(tensor).all()), None):
+        raise UserError(
+            f"{weights}: {name} holds NaN or infinite values (a diverged or damaged checkpoint); use an earlier"
+            " step-*/ checkpoint"
+        )
+    return model
+
+
 @contextmanager
 def weights_only_deepspeed_loads() -> Iterator[None]:
     """DeepSpeed loads its shards with `weights_only=False`; within this scope it loads them with weights_only,

@@ -56,7 +56,7 @@ def run_cli(main: Callable[[], Any]) -> None:
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except ImportError as err:
         if (err.name or "").startswith("litmoe"):  # ours: a bug, with its traceback
@@ -73,7 +73,8 @@ def run_cli(main: Callable[[], Any]) -> None:
     except OSError as err:
         if err.filename is None:  # not about a path: the system or a bug, shown with its traceback
             raise
-        print(f"error: {err.filename}: {err.strerror or err}; check this path and its permissions", file=sys.stderr)
+        print(f"error: {one_line(f'{err.filename}: {err.strerror or err}')}; check this path and its permissions",
+              file=sys.stderr)  # fmt: skip
         sys.exit(EXIT_USAGE)
     except RunStopped as stop:
         if stop.message:
@@ -82,6 +83,12 @@ def run_cli(main: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def one_line(message: str) -> str:
+    """The message on one line, whatever it quotes: a path or value holding a line break or another control
+    character shows it escaped, as Python's repr would."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in message)
 
 
 def run_function(function: Callable[..., Any], argv: list[str] | None = None) -> Any:

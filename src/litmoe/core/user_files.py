@@ -17,11 +17,14 @@ from litmoe.core.errors import UserError
 
 
 class UserYamlLoader(yaml.SafeLoader):
-    """Safe YAML with scientific-notation floats, refusing a key given twice."""
+    """Safe YAML with scientific-notation floats, refusing a key given twice (merge keys, `<<: *anchor`, work as
+    YAML defines them: the mapping's own keys win)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(

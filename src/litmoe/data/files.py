@@ -63,6 +63,12 @@ def files_in(folder: Path) -> list[Path]:
 
 
 def readable_data_files(files: list[Path]) -> list[Path]:
+    special = [path for path in files if data_kind(path) and not path.is_file()]
+    if special:
+        print(
+            f"Skipped {len(special)} data file name{'s' if len(special) != 1 else ''} that are not regular files"
+            f" (pipes, sockets, devices, broken links), e.g. {special[0]}"
+        )
     files = [path for path in files if data_kind(path) and path.is_file()]
     for path in files:
         if not os.access(path, os.R_OK):

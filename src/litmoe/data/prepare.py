@@ -60,7 +60,21 @@ def resolve_sources(
                 " --val_source to hold out --val_fraction of the documents"
             )
     train = resolve_source(source, cache_dir, text_field)
-    return train, (resolve_source(val_source, cache_dir, text_field, "--val_source") if val_source else None)
+    if val_source is None:
+        return train, None
+    held_out = resolve_source(val_source, cache_dir, text_field, "--val_source")
+    if shared := sorted(source_files(train) & source_files(held_out)):
+        raise UserError(
+            f"--val_source {val_source}: {len(shared)} of its files ({shared[0]}{', ...' if len(shared) > 1 else ''})"
+            f" are also read by --source {source}: their documents would train too; give a validation set outside"
+            " the training data"
+        )
+    return train, held_out
+
+
+def source_files(source: Source) -> set[str]:
+    """The real paths of the files a source reads (links resolved)."""
+    return {os.path.realpath(path) for shard in source.shards for path in shard.paths}
 
 
 def has_split_folders(path: Path) -> bool:
@@ -106,6 +120,9 @@ def prepare(
     workers = (os.cpu_count() or 1) if workers is None else workers
     check_prepare_arguments(val_fraction, tokenizer_dir, vocab_size, workers, text_field)
     out_dir = Path(out_dir)
+    if out_dir.is_symlink() and out_dir.exists():  # data linked to a bigger disk: rebuilt there, the link kept
+        print(f"--out_dir {out_dir} links to {out_dir.resolve()}: the data is prepared there")
+        out_dir = out_dir.resolve()
     check_output_dir(out_dir, [source] + ([val_source] if val_source else []))
     train_source, held_out = resolve_sources(source, val_source, Path(cache_dir), text_field)
     wanted_tokenizer = None
@@ -164,8 +181,15 @@ def check_prepare_arguments(
 
 
 def resume_scratch(scratch: Path, inputs: str) -> None:
-    """Keep an interrupted preparation's scratch directory when it was made from the same inputs; else start over."""
+    """Keep an interrupted preparation's scratch directory when it was made from the same inputs; else start over.
+    Only a directory a preparation made (its inputs record, or a finished manifest), or an empty one, is removed."""
     record = scratch / "inputs.json"
+    ours = record.is_file() or (scratch / MANIFEST).is_file() or (scratch.is_dir() and not any(scratch.iterdir()))
+    if scratch.exists() and not ours:
+        raise UserError(
+            f"{scratch}: prepare_data.py builds --out_dir {scratch.name[1 : -len('.partial')]} in this path, but it"
+            " holds something a preparation did not make; move it away, or choose another --out_dir"
+        )
     if scratch.exists() and not (record.is_file() and record.read_text() == inputs):
         shutil.rmtree(scratch)
     if scratch.exists():
@@ -201,6 +225,8 @@ def build(
     start = time.perf_counter()
     counts = run_jobs(jobs, workers)
     report_rate(counts, earlier, time.perf_counter() - start, workers)
+    if empty := sum(count.get("empty", 0) for count in counts):
+        print(f"Skipped {empty:,} empty document{'s' if empty != 1 else ''} (blank files or records, empty text)")
     names = train_source.name + (f" and {held_out.name}" if held_out else "")
     documents, tokens = merge_shards(jobs, counts, scratch, names)
     shutil.rmtree(scratch / "shards")

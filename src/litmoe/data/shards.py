@@ -61,9 +61,14 @@ def is_validation(document: str, val_fraction: float) -> bool:
     return zlib.crc32(document.encode("utf-8")) / 2**32 < val_fraction
 
 
-def split_documents(documents: Iterable[str], val_fraction: float, split: str = "hash") -> Iterator[tuple[str, str]]:
-    """Yield (split, document) for each non-empty document: all into `split`, or by content hash."""
+def split_documents(
+    documents: Iterable[str], val_fraction: float, split: str = "hash", counts: dict | None = None
+) -> Iterator[tuple[str, str]]:
+    """Yield (split, document) for each non-empty document: all into `split`, or by content hash. The empty ones
+    are counted in `counts["empty"]`, where given, to be reported."""
     for document in documents:
+        if not document.strip() and counts is not None:
+            counts["empty"] += 1
         if document.strip():
             yield (
                 (("val" if is_validation(document, val_fraction) else "train") if split == "hash" else split),
@@ -170,8 +175,8 @@ def process_shard(job: Job) -> dict[str, dict[str, int]]:
     if job.tokenizer not in _encoders:
         _encoders[job.tokenizer] = Encoder.load(job.tokenizer)
     writers: dict[str, BinaryWriter] = {}
-    counts = {"documents": dict.fromkeys(SPLITS, 0), "tokens": dict.fromkeys(SPLITS, 0)}
-    documents = split_documents(job.shard.documents(), job.val_fraction, job.split)
+    counts = {"documents": dict.fromkeys(SPLITS, 0), "tokens": dict.fromkeys(SPLITS, 0), "empty": 0}
+    documents = split_documents(job.shard.documents(), job.val_fraction, job.split, counts)
     for split, ids in encode_documents(_encoders[job.tokenizer], documents):
         if split not in writers:
             writers[split] = BinaryWriter(str(out_dir / split), chunk_bytes="64MB", item_loader=TokensLoader())
@@ -205,20 +210,40 @@ def run_jobs(jobs: list[Job], workers: int) -> list[dict]:
                 results.append(counts)
                 progress.update()
         except BaseException:  # a stop signal, Ctrl-C or a failed shard: no worker goes on without us
-            for process in list(pool._processes.values()):  # the executor has no API to stop running workers
-                process.kill()
-            pool.shutdown(wait=True, cancel_futures=True)
+            stop_workers(pool)
             raise
         pool.shutdown()
     progress.close()
     return results
 
 
+def stop_workers(pool: ProcessPoolExecutor, grace: float = 5.0) -> None:
+    """Ask every worker to leave (`leave_shard`: it exits as Python does, releasing the semaphores it holds, where
+    SIGKILL would leave them to the resource tracker's warnings), and kill any still running after `grace` s."""
+    processes = list(pool._processes.values())  # the executor has no API to stop running workers
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGUSR1)
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+    pool.shutdown(wait=True)
+
+
+def leave_shard(signum: int, frame) -> None:
+    raise SystemExit(1)
+
+
 def start_worker(parent: int) -> None:
-    """In each worker process: die with the parent, leave signals to it, and tokenize on one thread."""
+    """In each worker process: die with the parent, leave signals to it (SIGUSR1 is its request to stop), and
+    tokenize on one thread."""
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, leave_shard)
     # the workers share the cores, so each tokenizes on one thread (unless the user set TOKENIZERS_PARALLELISM);
     # with one worker, the tokenizer's own threads use every core
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

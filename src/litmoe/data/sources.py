@@ -99,24 +99,63 @@ def render_chat(messages: list, where: str) -> str:
 
 def record_text(record, text_field: str, where: str) -> str | None:
     """A record's document: its `text_field` string, or its rendered chat `messages`; None for a null text."""
-    if isinstance(record, dict) and isinstance(record.get(text_field), str):
+    if not isinstance(record, dict):
+        raise UserError(
+            f"{where}: a JSON {json_type(record)}, not an object; each record must be {{{text_field!r}: ...}}"
+        )
+    if isinstance(record.get(text_field), str):
         return record[text_field]
-    if isinstance(record, dict) and record.get("messages") is not None:
+    if record.get("messages") is not None:
         return render_chat(record["messages"], where)
-    if isinstance(record, dict) and text_field in record and record[text_field] is None:
+    if text_field in record and record[text_field] is None:
         return None
+    if text_field in record:
+        raise UserError(f"{where}: {text_field!r} is a JSON {json_type(record[text_field])}, not text")
     raise UserError(
         f"{where}: record has no {text_field!r} string or 'messages' list; add one, or name the field with --text_field"
     )
 
 
+def json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), "null")
+
+
+def unique_keys(where: str):
+    """A json `object_pairs_hook` refusing a key given twice (json keeps the last without a word)."""
+
+    def build(pairs: list[tuple[str, object]]) -> dict:
+        record = dict(pairs)
+        if len(record) < len(pairs):
+            twice = next(key for index, (key, _) in enumerate(pairs) if key in dict(pairs[:index]))
+            raise UserError(f"{where}: the key {twice!r} appears twice in one object; keep one")
+        return record
+
+    return build
+
+
 def open_text(path: Path):
-    """A text stream of a file, decompressing .gz and .zst."""
+    """A text stream of a file, decompressing .gz and .zst (a UTF-8 byte-order mark, as Windows tools write, is
+    dropped)."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="strict")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="strict")
     if path.name.endswith(".zst"):
-        return io.TextIOWrapper(io.BufferedReader(ZstdFrames(path)), encoding="utf-8")
-    return open(path, encoding="utf-8", errors="strict")
+        return io.TextIOWrapper(io.BufferedReader(ZstdFrames(path)), encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig", errors="strict")
+
+
+def compression_problem(path: Path) -> str | None:
+    """Why a compressed file cannot be decompressed to its end (a corrupt or cut-off file decompresses to garbage
+    before the checksum says so), or None when it is sound or not compressed."""
+    if not path.name.endswith((".gz", ".zst")):
+        return None
+    try:
+        with open_text(path) as file:
+            while file.buffer.read(1 << 20):
+                pass
+    except decompression_errors() as err:
+        return reason(err)
+    return None
 
 
 class ZstdFrames(io.RawIOBase):
@@ -159,29 +198,62 @@ class ZstdFrames(io.RawIOBase):
 
 
 def read_jsonl(path: Path, text_field: str = "text") -> Iterator[str]:
-    """One document per line: a record with a `text_field` string, or a chat record with `messages`."""
+    """One document per line: a record with a `text_field` string, or a chat record with `messages`. A .json file
+    may instead hold one array of such records."""
     try:
-        with open_text(path) as file:
-            for line_no, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from err
-                if (text := record_text(record, text_field, where)) is not None:
-                    yield text
+        for where, record in json_records(path):
+            if (text := record_text(record, text_field, where)) is not None:
+                yield text
     except UnicodeDecodeError as err:
+        if problem := compression_problem(path):
+            raise corrupt(path, problem) from None
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-encode it as UTF-8") from None
-    except (OSError, EOFError, ValueError, zstandard_error()) as err:  # corrupt compression, unreadable file
-        raise UserError(f"{path}: cannot read it ({reason(err)}); check the file, or remove it") from None
+    except decompression_errors() as err:  # corrupt compression, unreadable file
+        raise unreadable(path, err) from None
 
 
-def zstandard_error() -> type[Exception]:
+def unreadable(path: Path, err: Exception) -> UserError:
+    if path.name.endswith((".gz", ".zst")) and getattr(err, "errno", None) is None:  # not the file system's
+        return corrupt(path, reason(err))
+    return UserError(f"{path}: cannot read it ({reason(err)}); check the file, or remove it")
+
+
+def corrupt(path: Path, problem: str) -> UserError:
+    return UserError(f"{path}: a corrupt compressed file ({problem}); download or compress it again")
+
+
+def json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for each record of a JSON Lines file, or of a .json file holding one array."""
+    with open_text(path) as file:
+        if path.suffix == ".json" and file.read(4096).lstrip().startswith("["):
+            file.seek(0)
+            records = parse_json(file.read(), str(path), "the file must be one JSON array of objects")
+            yield from ((f"{path}, record {index}", record) for index, record in enumerate(records, start=1))
+            return
+        if path.suffix == ".json":
+            file.seek(0)
+        for line_no, line in enumerate(file, start=1):
+            if line.strip():
+                where = f"{path}:{line_no}"
+                yield where, parse_json(line, where, "each line must be one JSON object", path)
+
+
+def parse_json(text: str, where: str, form: str, path: Path | None = None):
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys(where))
+    except json.JSONDecodeError as err:
+        if path is not None and (problem := compression_problem(path)):
+            raise corrupt(path, problem) from None
+        raise UserError(f"{where}: not valid JSON ({err.msg}); {form}") from None
+
+
+def decompression_errors() -> tuple[type[Exception], ...]:
+    """What reading a damaged or unreadable (compressed) file raises."""
+    import zlib
+
     import zstandard
 
-    return zstandard.ZstdError
+    return OSError, EOFError, ValueError, zlib.error, zstandard.ZstdError
 
 
 def read_table(path: Path, text_field: str) -> Iterator[str]:
@@ -233,8 +305,12 @@ def reason(err: BaseException) -> str:
 
 
 def read_text_file(path: Path) -> str:
+    """A text file's content (a UTF-8 byte-order mark dropped); binary data posing as text is refused."""
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
+        if "\x00" in text:
+            raise UserError(f"{path}: holds NUL bytes, so it is binary data, not text; remove it from the source")
+        return text
     except UnicodeDecodeError as err:
         raise UserError(
             f"{path}: not UTF-8 text ({err.reason} at byte {err.start});"
@@ -368,6 +444,8 @@ def resolve_source(source: str, cache_dir: Path, text_field: str = "text", flag:
         count = txt_count if txt_count == len(files) else None
         return Source(f"folder:{path}", files_fingerprint(files, text_field), shards_of(files, text_field, False),
                       count=count)  # fmt: skip
+    if not path.is_file():
+        raise UserError(f"{flag} {source}: not a regular file (a pipe, socket or device); give a data file or folder")
     kind = "jsonl" if path.suffix == ".json" else data_kind(path)
     if kind is None:
         raise UserError(f"{flag} {source}: unsupported file type {path.suffix!r}; use {', '.join(DATA_SUFFIXES)}")

@@ -30,6 +30,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path) ->
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if (learned := tokenizer.get_vocab_size()) < vocab_size:
+        print(f"The tokenizer has {learned:,} tokens, not --vocab_size {vocab_size:,}: the text holds no more merges")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     tokenizer_config = {
@@ -52,6 +54,8 @@ def load_tokenizer(tokenizer_dir: Path):
     """Load a LitGPT tokenizer, with a one-line error when the directory cannot serve pretraining data."""
     from litgpt import Tokenizer
 
+    if tokenizer_dir.is_file():
+        raise UserError(f"tokenizer dir {tokenizer_dir} is a file: pass its directory, {tokenizer_dir.parent}")
     if not tokenizer_dir.is_dir():
         raise UserError(f"tokenizer dir {tokenizer_dir} does not exist: pass a directory with tokenizer.json")
     if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
@@ -62,9 +66,11 @@ def load_tokenizer(tokenizer_dir: Path):
     except (KeyError, ValueError, OSError) as err:
         raise UserError(f"{tokenizer_dir}: LitGPT cannot load this tokenizer ({err})") from err
     if tokenizer.eos_id is None or tokenizer.bos_id is None:
+        config = tokenizer_dir / "tokenizer_config.json"
+        missing = "" if config.is_file() else " (the file is missing: copy it from where tokenizer.json came from)"
         raise UserError(
-            f"{tokenizer_dir / 'tokenizer_config.json'}: the tokenizer needs both bos_token and eos_token"
-            " (documents start with BOS and end with EOS)"
+            f"{config}: the tokenizer needs both bos_token and eos_token (documents start with BOS and end with"
+            f" EOS){missing}"
         )
     return tokenizer
 

@@ -191,6 +191,25 @@ def candidate_plans(hardware: Hardware, nvme: bool, expert_split: int = 1) -> li
     return plans
 
 
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "GLOBAL_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "NNODES")
+
+
+def check_launcher_variables(world_size: int, environ: dict[str, str] = os.environ) -> None:
+    """What a launcher says about the ranks in the environment: whole numbers, and as many ranks as this run has.
+    litdata splits the data by WORLD_SIZE itself, so a stale one (a shell left from torchrun) would silently train
+    a single process on a fraction of the data."""
+    for name in LAUNCHER_VARIABLES:
+        if name in environ and not environ[name].strip().isdigit():
+            value = environ[name]
+            raise UserError(f"environment variable {name}={value!r}: not a whole number; unset it (launchers set it)")
+    if "WORLD_SIZE" in environ and int(environ["WORLD_SIZE"]) != world_size:
+        raise UserError(
+            f"environment variable WORLD_SIZE={environ['WORLD_SIZE'].strip()}, but this run has {world_size} rank(s)"
+            " (--devices x --num_nodes): the data would be split for another number of ranks; unset WORLD_SIZE (left"
+            " from a launcher?), or give --devices and --num_nodes that match it"
+        )
+
+
 def adopt_launcher_node_rank(environ: dict[str, str] = os.environ) -> None:
     """The DeepSpeed launcher names the node rank CROSS_RANK; Lightning reads NODE_RANK (else every node would
     count itself node 0)."""

@@ -39,6 +39,8 @@ def prepared_windows(data_dir: Path, seq_length: int) -> Iterator[torch.Tensor]:
 
 def file_windows(path: Path, tokenizer, seq_length: int) -> Iterator[torch.Tensor]:
     """A .txt file (one document) or a .jsonl file (one per record), framed BOS ... EOS, cut into windows."""
+    if path.is_dir():
+        raise UserError(f"--file {path}: a directory; give one .txt or .jsonl file")
     if not path.is_file():
         raise UserError(f"--file {path}: no such file")
     documents = read_jsonl(path) if path.suffix in (".jsonl", ".json") else [read_text_file(path)]
@@ -120,6 +122,8 @@ def evaluate_checkpoint(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(checkpoint_dir, device, dtype)
     length = min(seq_length or model.config.block_size, model.config.block_size)
+    if seq_length is not None and seq_length > length:
+        print(f"--seq_length {seq_length} is above {checkpoint_dir}'s block size: scoring windows of {length} tokens")
     model.max_seq_length = length
     if file is not None:
         windows, source = file_windows(Path(file), tokenizer, length), str(file)
@@ -148,6 +152,18 @@ def check_evaluation(
     for flag, value in (counts | {"--tasks_limit": tasks_limit}).items():
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with NaN and infinities as null: JSON has no such numbers (Python writes `NaN`, which jq and browsers
+    refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def is_results_file(path: Path) -> bool:
@@ -322,7 +338,7 @@ def evaluate(
             load = " ".join(f"{share:.2f}" for share in layer["load"])
             print(f"{result['checkpoint']} layer {index}: expert load [{load}] imbalance {layer['imbalance']:.2f}")
     if out is not None:
-        write_file(out, json.dumps(results, indent=2) + "\n")
+        write_file(out, json.dumps(strict_json(results), indent=2) + "\n")
         write_comparison_figure(results, figure)
         print(f"Results written to {out}, and as a figure to {figure}", file=sys.stderr)
     return results

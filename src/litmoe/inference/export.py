@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from litmoe.core.checkpoint_io import load_state
+from litmoe.core.checkpoint_io import load_model_weights
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_dir
 from litmoe.data.tokenizer import TOKENIZER_FILES, load_tokenizer
@@ -104,9 +104,9 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
         raise UserError(f"--out_dir {out_dir} is not empty; choose a new directory")
     config = checkpoint_model_config(checkpoint_dir)
     tokenizer = load_tokenizer(checkpoint_dir)
-    state = load_state(checkpoint_dir / "lit_model.pth")
-    check_exportable(config, state.get("model", state), checkpoint_dir)
-    check_weights_match(checkpoint_dir, state.get("model", state))
+    weights = load_model_weights(checkpoint_dir / "lit_model.pth")
+    check_exportable(config, weights, checkpoint_dir)
+    check_weights_match(checkpoint_dir, weights)
 
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its arguments as a raw dict
         convert_lit_checkpoint(checkpoint_dir, out_dir)  # writes out_dir/model.pth with Hugging Face names

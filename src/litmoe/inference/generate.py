@@ -8,6 +8,7 @@ from typing import Literal, TextIO
 
 import torch
 
+from litmoe.core.args import check_seed
 from litmoe.core.errors import UserError
 from litmoe.core.user_files import read_text
 from litmoe.inference.loading import load_model, resolve_checkpoint_dir
@@ -69,7 +70,14 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is None or prompt == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise UserError("no prompt: pass --prompt TEXT, --prompt_file FILE, or pipe text to stdin")
-        return sys.stdin.read()
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise UserError(f"the prompt on stdin is not UTF-8 text (byte {err.start}); pipe UTF-8 text") from None
+        if not text:
+            raise UserError("the prompt on stdin is empty; pipe some text, or pass --prompt '' to sample from nothing")
+        return text
     return prompt
 
 
@@ -100,6 +108,7 @@ def generate(
         precision: Weights' precision; default bf16-true on a CUDA GPU, 32-true on CPU.
     """
     check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p)
+    check_seed(seed)
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)
     text = read_prompt(prompt, prompt_file)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

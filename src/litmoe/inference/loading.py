@@ -14,7 +14,7 @@ from litmoe.core.checkpoint_io import (
     is_complete,
     is_zero_checkpoint,
     latest_checkpoint,
-    load_state,
+    load_model_weights,
 )
 from litmoe.core.errors import UserError
 from litmoe.data.tokenizer import load_tokenizer, tokenizer_vocab_size
@@ -58,8 +58,7 @@ def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype):
             f"{checkpoint_dir}: the tokenizer has {vocab:,} tokens but the model only {config.padded_vocab_size:,}"
             " embeddings; use the tokenizer the model was trained with"
         )
-    state = load_state(checkpoint_dir / "lit_model.pth")
-    weights = state.get("model", state)
+    weights = load_model_weights(checkpoint_dir / "lit_model.pth")
     check_weights_match(checkpoint_dir, weights)
     model = build_model(checkpoint_dir, has_expert_bias(weights))
     model.load_state_dict(weights)

@@ -189,6 +189,14 @@ def build_parser(settings: dict[str, Any], types_of: dict[str, Any], config_path
     for action in parser._actions:  # jsonargparse builds the help from these; no public way to amend one
         if action.dest in NOT_READ_HERE:
             action.help = f"({NOT_READ_HERE[action.dest]}) {action.help}"
+    sections = {key for key in settings if any(flag.startswith(f"--{key}.") for flag in types_of)}
+    for section in sections:
+        if settings[section] is not None and not isinstance(settings[section], dict):
+            raise UserError(
+                f"{config_path}: `{section}:` is {settings[section]!r}, not a mapping of settings; write `{section}:`"
+                " with its keys indented below it (train_config.yaml shows them)"
+            )
+    settings = {key: value for key, value in settings.items() if key not in sections or value is not None}
     try:
         parser.set_defaults(flat_settings(normalize_settings(settings, types_of), types_of))
     except KeyError as err:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from litmoe.core.args import UpcycleArgs
-from litmoe.core.checkpoint_io import checkpoint_problem, is_zero_checkpoint, load_state
+from litmoe.core.checkpoint_io import checkpoint_problem, is_zero_checkpoint, load_model_weights
 from litmoe.core.errors import UserError
 from litmoe.data.tokenizer import TOKENIZER_FILES, tokenizer_fingerprint
 from litmoe.distributed.zero_checkpoints import consolidated
@@ -53,8 +53,7 @@ def checkpoint_weights(checkpoint_dir: Path, flag: str) -> dict[str, torch.Tenso
         raise UserError(f"{flag} {checkpoint_dir}: no lit_model.pth there; give a final/ or step-*/ dir")
     if (problem := checkpoint_problem(weights)) is not None:
         raise UserError(f"{flag} {weights}: {problem}")
-    state = load_state(weights)
-    return state.get("model", state)
+    return load_model_weights(weights)
 
 
 def same_model_weights(checkpoint_dir: Path, config) -> dict[str, torch.Tensor]:

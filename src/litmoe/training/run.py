@@ -11,7 +11,15 @@ from typing import Any, Literal
 import torch
 from litgpt.args import EvalArgs, LogArgs, TrainArgs
 
-from litmoe.core.args import CheckpointArgs, HealthArgs, MoEArgs, OptimizationArgs, StrategyArgs, UpcycleArgs
+from litmoe.core.args import (
+    CheckpointArgs,
+    HealthArgs,
+    MoEArgs,
+    OptimizationArgs,
+    StrategyArgs,
+    UpcycleArgs,
+    check_seed,
+)
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_dir
 from litmoe.core.run_lock import launching_process, run_lock
@@ -19,7 +27,7 @@ from litmoe.data.tokenizer import load_tokenizer, tokenizer_vocab_size
 from litmoe.data.training_data import PreparedData, TrainingData, describe_sources, sources_key, training_data
 from litmoe.distributed.expert_parallel import auto_expert_split, check_expert_parallel
 from litmoe.distributed.plans import Hardware, StrategyChoice
-from litmoe.distributed.strategy import adopt_launcher_node_rank, resolve_strategy
+from litmoe.distributed.strategy import adopt_launcher_node_rank, check_launcher_variables, resolve_strategy
 from litmoe.model.attention import attention_kernel_scope, check_attention, default_precision, tf32_matmuls
 from litmoe.model.builder import expected_state
 from litmoe.model.configs import load_model_config, model_fields
@@ -98,6 +106,7 @@ def setup(
         progress: Show a live progress bar (tokens of the budget, loss, tokens/s, ETA).
     """
     run_config = {name: plain(value) for name, value in locals().items()}
+    check_seed(seed)
     plan = plan_run(
         model, data_dir, precision, train, eval, optimizer, optimization, strategy, checkpoint, health,
         initial_checkpoint_dir, upcycle, devices, num_nodes, num_workers, moe,
@@ -179,6 +188,7 @@ def plan_run(
     seq_len = sequence_length(train, config.block_size)
     precision = precision or default_precision(training=True)
     devices_per_node = check_devices(devices, num_nodes, num_workers, precision)
+    check_launcher_variables(devices_per_node * num_nodes)
     optimizer = resolve_optimizer(optimizer, [])
     check_training(train, eval, devices_per_node * num_nodes, seq_len, learning_rate(optimizer))
     data = training_data(data_dir, train.micro_batch_size, seq_len, DEFAULT_DATA_DIR)

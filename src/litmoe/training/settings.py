@@ -85,16 +85,24 @@ def optimizer_class(class_path: str) -> type:
 
 def check_optimizer(optimizer: dict[str, Any]) -> None:
     cls = optimizer_class(optimizer["class_path"])
-    accepted = set(inspect.signature(cls).parameters) - {"params"}
-    for name in optimizer["init_args"]:
+    parameters = inspect.signature(cls).parameters
+    accepted = set(parameters) - {"params"}
+    for name, value in optimizer["init_args"].items():
         if name not in accepted:
             takes = ", ".join(sorted(accepted))
             raise UserError(f"--optimizer.init_args.{name}: {cls.__name__} has no such argument; it takes {takes}")
+        default = parameters[name].default
+        if is_number(default) and not (is_number(value) and math.isfinite(value)):
+            raise UserError(f"--optimizer.init_args.{name} {value}: expected a finite number (default {default})")
     try:
         cls([torch.zeros(1, requires_grad=True)], **optimizer["init_args"])
     except (ValueError, TypeError, RuntimeError) as err:
         settings = optimizer["init_args"]
         raise UserError(f"--optimizer.init_args {settings}: {cls.__name__} refuses them ({err})") from None
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def learning_rate(optimizer: dict[str, Any]) -> float:
