@@ -347,11 +347,19 @@ def test_skip_survives_one_bad_batch_and_logs_the_gradient_norm(train_args, tmp_
 
 
 def test_keep_last_removes_older_steps_only_after_a_newer_one_is_complete(train_args, tmp_path):
+    """Only checkpoints the run wrote are removed: a file, a folder of notes or a link that is merely named step-*
+    is the user's and stays."""
     out_dir = tmp_path / "out"
+    (out_dir / "step-00000003").mkdir(parents=True)
+    (out_dir / "step-00000003" / "notes.txt").write_text("mine")
+    (out_dir / "step-00000001").write_text("mine too")
+    (tmp_path / "elsewhere").mkdir()
+    (out_dir / "step-00000005").symlink_to(tmp_path / "elsewhere")
     main(train_args(out_dir, 256 * 10, extra=("--train.save_interval", "2", "--keep-last", "2")))
     assert sorted(path.name for path in out_dir.iterdir() if not path.name.startswith(".")) == [
-        "final", "logs", "step-00000008", "step-00000010",
+        "final", "logs", "step-00000001", "step-00000003", "step-00000005", "step-00000008", "step-00000010",
     ]  # fmt: skip
+    assert (out_dir / "step-00000003" / "notes.txt").read_text() == "mine" and (tmp_path / "elsewhere").is_dir()
 
 
 def test_one_run_per_directory(train_args, tmp_path, capsys):

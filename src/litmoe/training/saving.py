@@ -157,12 +157,19 @@ def step_number(path: Path) -> int | None:
 
 
 def remove_old_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
-    """Remove all but the newest `keep_last` step-* checkpoints (final/ is never touched); returns the removed."""
-    steps = sorted((path for path in Path(out_dir).iterdir() if step_number(path) is not None), key=step_number)
+    """Remove all but the newest `keep_last` step-* checkpoints (final/ is never touched); returns the removed.
+    Only checkpoint directories a run wrote count: a link, a file or a folder without weights that happens to be
+    named step-* is the user's, and stays."""
+    steps = sorted((path for path in Path(out_dir).iterdir() if step_number(path) is not None and written_here(path)),
+                   key=step_number)  # fmt: skip
     removed = steps[:-keep_last] if keep_last > 0 else []
     for path in removed:
         shutil.rmtree(path)
     return removed
+
+
+def written_here(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and (path / "lit_model.pth").exists()
 
 
 def out_of_space(err: BaseException | None) -> bool:
