@@ -247,6 +247,8 @@ CASES = [
     ("evaluate.py", EVALUATE + ["--checkpoints", "{tokenizer_garbage}"], "tokenizer.json: not valid JSON"),
     ("run_train.py", RUN + ["--seed", "-1"], "--seed -1: must be between 0 and 4294967295"),
     ("generate.py", GENERATE + ["--seed", str(2**70)], f"--seed {2**70}: must be between 0 and 4294967295"),
+    ("run_train.py", RUN + ["--resume", "{weights_only}"],
+     "lit_model.pth: weights only, without the optimizer and progress a run resumes"),
     # weights that load but are not a model's: found at load, before a prompt is echoed or a file written
     ("generate.py", GENERATE + ["--checkpoint", "{weights_not_tensors}"], "its weights must map parameter names to"),
     ("evaluate.py", EVALUATE + ["--checkpoints", "{weights_integer}"], "holds torch.int64 values, not floating-point"),
@@ -263,6 +265,8 @@ CASES = [
     ("run_train.py", RUN + ["--data_dir", "{prepared_truncated}"],
      "chunk-0-0-0.bin: 1,000 bytes where the index records"),
     ("run_train.py", RUN + ["--data_dir", "{prepared_missing}"], "chunk-0-0-0.bin: missing from the prepared data"),
+    ("run_train.py", RUN + ["--data_dir", "{prepared_foreign_manifest}"],
+     "manifest.json: not a manifest prepare_data.py wrote (it holds ['foo']); prepare the data again"),
     ("evaluate.py", EVALUATE + ["--data_dir", "{prepared_missing_val}"], "missing from the prepared data; prepare"),
     ("run_train.py", RUN + ["--data_dir", "{prepared_small_files}"],
      "too few for one micro-batch of 4 windows of 65 tokens (windows do not span chunks"),
@@ -280,6 +284,8 @@ CASES = [
      "is inside --source {texts}: its documents would train too"),
     ("prepare_data.py", ["--source", "{texts}/*.txt", "--val_source", "{texts}/doc000.txt", *PREPARE],
      "--val_source {texts}/doc000.txt: 1 of its files ({texts}/doc000.txt) are also read by --source {texts}/*.txt"),
+    ("prepare_data.py", ["--source", "tinystories", "--cache_dir", "{csv}", *PREPARE],
+     "--cache_dir {csv} is a file; give a directory to keep downloaded sources in"),
     # sources that are not what they seem, and paths that are not one line
     ("prepare_data.py", ["--source", "{fifo}", *PREPARE], "--source {fifo}: not a regular file (a pipe, socket or"),
     ("prepare_data.py", ["--source", "{out}/no\nsuch", *PREPARE], "{out}/no\\nsuch: no such file or folder"),
@@ -382,12 +388,13 @@ def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> 
     (paths["tokenizer_no_bos"] / "tokenizer_config.json").write_text(json.dumps(settings | {"bos_token": None}))
     paths["other_tokenizer"] = checkpoint_copy(trained, root / "other_tokenizer")  # same size, other ids
     (paths["other_tokenizer"] / "tokenizer_config.json").write_text(json.dumps(settings | {"model_max_length": 7}))
-    for name in ("prepared_truncated", "prepared_missing", "prepared_missing_val"):
+    for name in ("prepared_truncated", "prepared_missing", "prepared_missing_val", "prepared_foreign_manifest"):
         paths[name] = root / name
         shutil.copytree(prepared, paths[name])
     chunk = paths["prepared_truncated"] / "train" / "chunk-0-0-0.bin"
     chunk.write_bytes(chunk.read_bytes()[:1000])
     (paths["prepared_missing"] / "train" / "chunk-0-0-0.bin").unlink()
+    (paths["prepared_foreign_manifest"] / "manifest.json").write_text('{"foo": 1}')
     (paths["prepared_missing_val"] / "val" / "chunk-0-0-0.bin").unlink()
     small_files = root / "small_files"  # each file its own shard and chunks: no chunk holds a 65-token window
     for index, document in enumerate(make_documents(count=160, sentences=1, seed=9)):
@@ -407,12 +414,13 @@ def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> 
     paths["user_scratch"] = write(root / ".mine.partial" / "important.txt", "my notes\n").parent
     weights = torch.load(trained / "final" / "lit_model.pth", weights_only=True)["model"]
     for name, damaged in (
+        ("weights_only", weights),
         ("weights_not_tensors", [1, 2, 3]),
         ("weights_integer", {key: tensor.long() for key, tensor in weights.items()}),
         ("weights_nan", {**weights, "lm_head.weight": weights["lm_head.weight"] * float("nan")}),
     ):
         paths[name] = checkpoint_copy(trained, root / name)
-        torch.save({"model": damaged}, paths[name] / "lit_model.pth")  # fmt: skip
+        torch.save(damaged if name == "weights_only" else {"model": damaged}, paths[name] / "lit_model.pth")
     paths["corrupt_run"] = root / "corrupt_run"
     checkpoint_copy(trained, paths["corrupt_run"] / "step-00000004", weights=checkpoint[:1000])
     return paths

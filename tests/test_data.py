@@ -128,6 +128,19 @@ def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(prepared, monk
     assert "".join(pieces(long, 1000)) == long and "".join(pieces("y" * 2500, 1000)) == "y" * 2500
 
 
+def test_special_token_strings_written_in_a_document_are_text(prepared):
+    """Only the framing adds BOS and EOS: `<|endoftext|>` written in a document (code, a text about tokenizers)
+    would otherwise end it in the middle for the model."""
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    encoder = Encoder.load(TokenizerSpec(str(prepared / "tokenizer"), tokenizer.bos_id, tokenizer.eos_id))
+    document = "A model ends text with <|endoftext|> and starts it with <|bos|>."
+    ((_, ids),) = encode_documents(encoder, [("train", document)])
+    ids = ids.tolist()
+    assert (ids[0], ids[-1]) == (tokenizer.bos_id, tokenizer.eos_id)
+    assert ids.count(tokenizer.bos_id) == ids.count(tokenizer.eos_id) == 1
+    assert encoder.processor.decode(ids[1:-1]) == document
+
+
 def test_other_tokenizer_refused_and_data_kept(tmp_path, prepared, text_folder):
     out_dir = tmp_path / "data"
     prepare(source=str(text_folder), out_dir=out_dir, vocab_size=280, val_fraction=0.2)

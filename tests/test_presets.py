@@ -55,9 +55,11 @@ def test_model_fields_change_from_the_command_line_and_reach_the_checkpoint(trai
 
 
 def test_starting_from_the_weights_of_a_checkpoint(train_args, trained, tmp_path):
-    """Fresh optimizer and schedule, the checkpoint's weights: the first validation scores those weights."""
+    """Fresh optimizer and schedule, the checkpoint's weights: the first validation scores those weights. The
+    checkpoint may be named by its lit_model.pth, as --resume and generate.py take it."""
     out_dir = tmp_path / "out"
-    run = main(train_args(out_dir, 256 * 2, extra=("--initial_checkpoint_dir", str(trained / "final"))))
+    extra = ("--initial_checkpoint_dir", str(trained / "final" / "lit_model.pth"))
+    run = main(train_args(out_dir, 256 * 2, extra=extra))
     assert run.summary.initial_val_loss == pytest.approx(logged(trained, "val_loss")[30], rel=1e-5)
     assert logged(out_dir, "learning_rate")[0] < logged(trained, "learning_rate")[2]  # warming up again
     assert not list(out_dir.glob(".*"))  # the scratch copy of the weights is gone

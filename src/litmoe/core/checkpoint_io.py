@@ -99,6 +99,12 @@ def first_line(err: BaseException, limit: int = 160) -> str:
     return text[:limit]
 
 
+def checkpoint_dir_of(path: Path) -> Path:
+    """A checkpoint directory, given as itself or as its lit_model.pth file."""
+    path = Path(path)
+    return path.parent if path.name == "lit_model.pth" and path.is_file() else path
+
+
 def load_state(weights: Path) -> dict:
     """The contents of a `lit_model.pth` file, loaded with weights_only (no code in it can run); problems are
     one-line errors."""

@@ -6,6 +6,7 @@ out_dir/
   manifest.json     what was prepared from what, with token counts
 """
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +37,17 @@ def read_manifest(out_dir: Path) -> Manifest | None:
     path = out_dir / MANIFEST
     if not path.is_file():
         return None
+    fix = "prepare the data again (prepare_data.py --force)"
     try:
-        return Manifest(**json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, TypeError, OSError) as err:
-        raise UserError(f"{path}: not a manifest prepare_data.py can read ({err}); prepare the data again") from None
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path}: not a manifest prepare_data.py can read ({err}); {fix}") from None
+    fields = {field.name for field in dataclasses.fields(Manifest)}
+    required = {field.name for field in dataclasses.fields(Manifest) if field.default is dataclasses.MISSING}
+    if not isinstance(record, dict) or not required <= set(record) <= fields:
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise UserError(f"{path}: not a manifest prepare_data.py wrote (it holds {found}); {fix}")
+    return Manifest(**record)
 
 
 def check_output_dir(out_dir: Path, sources: list[str]) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from litmoe.core.errors import UserError
 from litmoe.data.prepared import SPLITS
 from litmoe.data.sources import Shard
-from litmoe.data.tokenizer import load_tokenizer
+from litmoe.data.tokenizer import literal_special_tokens, load_tokenizer
 
 PIECE_CHARS = 1 << 18  # a long document goes through the tokenizer in pieces of at most this many characters
 BATCH_CHARS = 1 << 22  # characters per tokenizer call
@@ -111,7 +111,7 @@ class Encoder:
         if json_file.is_file():  # LitGPT prefers it over tokenizer.model too
             from tokenizers import Tokenizer
 
-            return cls(Tokenizer.from_file(str(json_file)), spec.bos_id, spec.eos_id)
+            return cls(literal_special_tokens(Tokenizer.from_file(str(json_file))), spec.bos_id, spec.eos_id)
         return cls(load_tokenizer(Path(spec.directory)), spec.bos_id, spec.eos_id)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:

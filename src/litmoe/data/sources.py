@@ -391,6 +391,8 @@ def download(url: str, destination: Path) -> None:
 
 def tinystories_source(cache_dir: Path) -> Source:
     """TinyStories (the MoE-200M recipe's data set), downloaded once into `cache_dir`."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UserError(f"--cache_dir {cache_dir} is a file; give a directory to keep downloaded sources in")
     files = [cache_dir / name for name in TINYSTORIES_FILES]
     for path in files:
         if not path.is_file():

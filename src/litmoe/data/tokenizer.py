@@ -128,6 +128,13 @@ def read_markers(tokenizer_dir: Path) -> tuple[int | None, int | None] | None:
     return ids["bos"], ids["eos"]
 
 
+def literal_special_tokens(processor):
+    """A `tokenizers.Tokenizer` that encodes `<|endoftext|>` written in a document as the text it is: only the
+    framing adds BOS and EOS (a corpus about tokenizers, or code, holds such strings; nanoGPT's `encode_ordinary`)."""
+    processor.encode_special_tokens = True
+    return processor
+
+
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
     """A hash of the files that define the tokenizer: equal fingerprints encode text identically."""
     digest = hashlib.sha256()

@@ -19,7 +19,7 @@ from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_file, write_file
 from litmoe.data.prepared import MANIFEST, SPLITS, check_chunks, read_manifest
 from litmoe.data.sources import read_jsonl, read_text_file
-from litmoe.data.tokenizer import tokenizer_fingerprint
+from litmoe.data.tokenizer import literal_special_tokens, tokenizer_fingerprint
 from litmoe.inference.loading import load_model, resolve_checkpoint_dir
 from litmoe.model.attention import compute_dtype, default_precision
 from litmoe.model.moe import moe_layers, read_routing_stats
@@ -44,6 +44,8 @@ def file_windows(path: Path, tokenizer, seq_length: int) -> Iterator[torch.Tenso
     if not path.is_file():
         raise UserError(f"--file {path}: no such file")
     documents = read_jsonl(path) if path.suffix in (".jsonl", ".json") else [read_text_file(path)]
+    if tokenizer.backend == "huggingface":  # as prepare_data.py encodes documents
+        literal_special_tokens(tokenizer.processor)
     stream = [
         token
         for document in documents

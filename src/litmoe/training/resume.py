@@ -25,12 +25,14 @@ from litmoe.core.checkpoint_io import (
     is_zero_checkpoint,
     latest_checkpoint,
     latest_sound_checkpoint,
+    load_state,
 )
 from litmoe.core.errors import UserError
 from litmoe.data.training_data import sources_key
 from litmoe.training.saving import read_progress
 
 IGNORED_MODEL_FIELDS = {"name", "hf_config"}
+TRAINING_STATE = {"model", "optimizer", "iter_num"}  # what LitGPT's pretrain loop saves and resumes
 
 
 def resolve_resume(resume: bool | str | Path, out_dir: Path, deepspeed: bool = False) -> bool | Path:
@@ -81,6 +83,11 @@ def check_resumable(checkpoint: Path, deepspeed: bool) -> None:
         raise UserError(
             f"{checkpoint}: a single-file checkpoint; DeepSpeed resumes only its own shard directories, so resume"
             " with the strategy that wrote it"
+        )
+    if not is_zero_checkpoint(checkpoint) and not TRAINING_STATE <= load_state(checkpoint).keys():
+        raise UserError(
+            f"--resume {checkpoint}: weights only, without the optimizer and progress a run resumes (as LitGPT's"
+            f" conversions write them); start a new run from them with --initial_checkpoint_dir {checkpoint.parent}"
         )
 
 

@@ -20,6 +20,7 @@ from litmoe.core.args import (
     UpcycleArgs,
     check_seed,
 )
+from litmoe.core.checkpoint_io import checkpoint_dir_of
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_dir
 from litmoe.core.run_lock import launching_process, run_lock
@@ -107,6 +108,10 @@ def setup(
     """
     run_config = {name: plain(value) for name, value in locals().items()}
     check_seed(seed)
+    if initial_checkpoint_dir is not None:
+        initial_checkpoint_dir = checkpoint_dir_of(initial_checkpoint_dir)
+    if upcycle.dense_checkpoint is not None:
+        upcycle = dataclasses.replace(upcycle, dense_checkpoint=checkpoint_dir_of(upcycle.dense_checkpoint))
     plan = plan_run(
         model, data_dir, precision, train, eval, optimizer, optimization, strategy, checkpoint, health,
         initial_checkpoint_dir, upcycle, devices, num_nodes, num_workers, moe,
