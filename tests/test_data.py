@@ -11,8 +11,9 @@ from litdata.streaming import StreamingDataset, TokensLoader
 from litmoe.core.errors import UserError
 from litmoe.data.prepare import prepare
 from litmoe.data.prepared import MANIFEST
+from litmoe.data.readers import read_jsonl, render_chat
 from litmoe.data.shards import Encoder, TokenizerSpec, encode_documents, pieces, split_documents
-from litmoe.data.sources import python_docs_source, read_jsonl, render_chat, tinystories_source
+from litmoe.data.sources import python_docs_source, tinystories_source
 from litmoe.data.tokenizer import BOS_TOKEN, EOS_TOKEN, document_markers, load_tokenizer
 
 

@@ -156,7 +156,8 @@ def test_an_interrupted_preparation_resumes_with_its_finished_shards(tmp_path, m
     assert not (tmp_path / ".out.partial").exists()
 
 
-def test_a_given_validation_set_is_kept_as_it_is(tmp_path):
+def test_a_given_validation_set_is_kept_as_it_is(tmp_path, capsys):
+    """As given, and checked for exact copies of training documents (said, not refused: a user may want them)."""
     train, val = make_documents(30, 10, seed=1), make_documents(6, 10, seed=2)
     write_corpus(tmp_path / "train", train)
     (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in val))
@@ -164,14 +165,16 @@ def test_a_given_validation_set_is_kept_as_it_is(tmp_path):
         str(tmp_path / "train"), tmp_path / "out", vocab_size=300, val_source=str(tmp_path / "val.jsonl")
     )
     assert manifest.documents == {"train": 26, "val": 6} and manifest.val_source.endswith("val.jsonl")
+    assert "exact copies" not in capsys.readouterr().out
 
     layout = tmp_path / "custom_text"  # the MoE-200M recipe's custom_text/train|val layout
-    for split, texts in (("train", train), ("val", val)):
+    for split, texts in (("train", train), ("val", [*val, *train[:2]])):
         (layout / split).mkdir(parents=True)
         for index, text in enumerate(texts):
             (layout / split / f"{index}.txt").write_text(text)
     by_folders = prepare(str(layout), tmp_path / "out2", vocab_size=300)
-    assert by_folders.documents == {"train": 30, "val": 6}
+    assert by_folders.documents == {"train": 30, "val": 8}
+    assert "Note: 2 of the 8 given validation documents are exact copies of training" in capsys.readouterr().out
 
 
 def test_a_gpt2_format_tokenizer_is_used_as_it_is(tmp_path, train_args):

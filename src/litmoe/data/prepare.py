@@ -27,6 +27,7 @@ from litmoe.data.shards import (
     Job,
     PreparationStopped,
     TokenizerSpec,
+    copied_documents,
     merge_shards,
     pieces,
     run_jobs,
@@ -227,6 +228,11 @@ def build(
     report_rate(counts, earlier, time.perf_counter() - start, workers)
     if empty := sum(count.get("empty", 0) for count in counts):
         print(f"Skipped {empty:,} empty document{'s' if empty != 1 else ''} (blank files or records, empty text)")
+    if held_out is not None and (copies := copied_documents(jobs))[0]:
+        print(
+            f"Note: {copies[0]:,} of the {copies[1]:,} given validation documents are exact copies of training"
+            " documents; their validation loss measures memorisation, not generalisation"
+        )
     names = train_source.name + (f" and {held_out.name}" if held_out else "")
     documents, tokens = merge_shards(jobs, counts, scratch, names)
     shutil.rmtree(scratch / "shards")

@@ -7,6 +7,7 @@ marked done (`done.json`, written last) is kept by an interrupted preparation th
 """
 
 import ctypes
+import hashlib
 import json
 import multiprocessing
 import os
@@ -30,6 +31,7 @@ from litmoe.data.tokenizer import literal_special_tokens, load_tokenizer
 
 PIECE_CHARS = 1 << 18  # a long document goes through the tokenizer in pieces of at most this many characters
 BATCH_CHARS = 1 << 22  # characters per tokenizer call
+FINGERPRINTS = "fingerprints.npy"  # a shard's documents, hashed, where a given validation set is checked for copies
 SHARD_DONE = "done.json"  # written last into a shard's scratch directory: its counts
 
 
@@ -177,16 +179,21 @@ def process_shard(job: Job) -> dict[str, dict[str, int]]:
     writers: dict[str, BinaryWriter] = {}
     counts = {"documents": dict.fromkeys(SPLITS, 0), "tokens": dict.fromkeys(SPLITS, 0), "empty": 0}
     documents = split_documents(job.shard.documents(), job.val_fraction, job.split, counts)
+    fingerprints = None if job.split == "hash" else []  # a given validation set is compared with the training data
     for split, ids in encode_documents(_encoders[job.tokenizer], documents):
         if split not in writers:
             writers[split] = BinaryWriter(str(out_dir / split), chunk_bytes="64MB", item_loader=TokensLoader())
         writers[split].add_item(counts["documents"][split], torch.from_numpy(ids))
         counts["documents"][split] += 1
         counts["tokens"][split] += len(ids)
+        if fingerprints is not None:
+            fingerprints.append(int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little"))
     for writer in writers.values():
         writer.done()
         writer.merge()
     out_dir.mkdir(parents=True, exist_ok=True)  # a shard without documents wrote nothing yet
+    if fingerprints is not None:
+        np.save(out_dir / FINGERPRINTS, np.unique(np.asarray(fingerprints, dtype=np.uint64)))
     (out_dir / f"{SHARD_DONE}.partial").write_text(json.dumps(counts))
     (out_dir / f"{SHARD_DONE}.partial").replace(out_dir / SHARD_DONE)
     return counts
@@ -282,6 +289,19 @@ def stop_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def copied_documents(jobs: list[Job]) -> tuple[int, int]:
+    """(validation documents that are exact copies of a training document, validation documents), for a given
+    validation set (a content-hash split cannot put one text in both)."""
+
+    def fingerprints(split: str) -> np.ndarray:
+        files = [Path(job.out_dir) / FINGERPRINTS for job in jobs if job.split == split]
+        arrays = [np.load(path) for path in files if path.is_file()]  # absent: finished before this check existed
+        return np.unique(np.concatenate(arrays)) if arrays else np.empty(0, dtype=np.uint64)
+
+    held_out = fingerprints("val")
+    return int(np.isin(held_out, fingerprints("train")).sum()), len(held_out)
 
 
 def merge_shards(jobs: list[Job], counts: list[dict], scratch: Path, source_names: str) -> tuple[dict, dict]:

@@ -18,7 +18,7 @@ import yaml
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_file, write_file
 from litmoe.data.prepared import MANIFEST, SPLITS, check_chunks, read_manifest
-from litmoe.data.sources import read_jsonl, read_text_file
+from litmoe.data.readers import read_jsonl, read_text_file
 from litmoe.data.tokenizer import literal_special_tokens, tokenizer_fingerprint
 from litmoe.inference.loading import load_model, resolve_checkpoint_dir
 from litmoe.model.attention import compute_dtype, default_precision
