@@ -277,6 +277,17 @@ CASES = [
      "--data_dir {prepared}:heavy,{other_prepared}:1: 'heavy' is not a weight"),
     ("run_train.py", RUN + ["--data_dir", "{prepared}:-1,{other_prepared}:1"], "weight -1 of {prepared}"),
     ("run_train.py", RUN + ["--data_dir", "{prepared},{prepared}"], "a directory appears twice"),
+    ("run_train.py", RUN + ["--data_dir", "{prepared},"], "an empty entry (a stray comma?); write DIR or DIR:WEIGHT"),
+    ("run_train.py", RUN + ["--data_dir", "{prepared}:1e308,{other_prepared}:1e308"],
+     "the weights add up past a float's range; give proportions"),
+    ("run_train.py", RUN + ["--moe.layer", "stock", "--moe.bias_update_rate", "0.001"],
+     "--moe.bias_update_rate: LitGPT's MoE layer (--moe.layer stock) has no selection bias"),
+    ("run_train.py", RUN + ["--out_dir", "/"], "--out_dir / is the root directory; give a directory of its own"),
+    # --estimate checks what does not depend on this machine or the data, as a run would
+    ("run_train.py", RUN + ["--estimate", "--num_nodes", "-1"], "--num_nodes -1: must be at least 1"),
+    ("run_train.py", RUN + ["--estimate", "--checkpoint.keep_last", "-1"], "--checkpoint.keep_last -1: keep at"),
+    ("run_train.py", RUN + ["--estimate", "--health.spike_window", "0"], "--health.spike_window 0: must be positive"),
+    ("run_train.py", RUN + ["--estimate", "--seed", "-5"], "--seed -5: must be between 0 and 4294967295"),
     # validation data that would also train
     ("prepare_data.py", ["--source", "{texts}", "--val_source", "{texts}", *PREPARE],
      "--val_source {texts} is --source {texts}: its documents would train too"),

@@ -391,6 +391,7 @@ def test_resume_checks_what_changed_against_the_checkpoint(train_args, tmp_path,
         ("--train.max_seq_length", "32"): "train.max_seq_length 64 -> 32: not allowed",
         ("--seed", "7"): "seed 42 -> 7: not allowed, the checkpoint's data position depends on it",
         ("--num_workers", "2"): "num_workers 0 -> 2: not allowed",
+        ("--moe.layer", "stock"): "--moe.layer litmoe -> stock: not allowed, the optimizer state holds the",
     }
     for change, message in refused.items():
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

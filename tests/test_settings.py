@@ -124,3 +124,13 @@ def test_the_small_gpu_profile_fits_six_gigabytes(capsys, tmp_path):
     assert "with activation checkpointing" in out
     total = float(re.search(r"total +([0-9.]+) GiB", out)[1])
     assert 2 < total < 5.5  # bf16 weights and gradients, one checkpointed micro-batch: room for the runtime
+
+
+def test_a_tilde_in_an_output_path_is_the_home_directory():
+    """`out_dir: ~/runs/a` in a config file or `--out_dir=~/runs/a` reaches us unexpanded: checkpoints and logs
+    must land in one place, the home directory's."""
+    from pathlib import Path
+
+    from litmoe.core.outputs import check_output
+
+    assert check_output("~/runs/a", "--out_dir") == Path.home() / "runs" / "a"

@@ -32,8 +32,11 @@ def check_output(
     directory the command itself makes and may replace whole ("prepared-data" for prepare_data.py)."""
     if str(path).strip() == "":
         raise UserError(f"{flag} '': give a path")
-    path = Path(path)
+    path = Path(path).expanduser()  # `~` from a config file or `--flag=~/x`, where no shell expanded it
     target = path.resolve()
+    if target in (Path(target.anchor), Path.home().resolve()):
+        raise UserError(f"{flag} {path} is {'your home directory' if target.parts[1:] else 'the root directory'};"
+                        " give a directory of its own (e.g. out/my-run)")  # fmt: skip
     for input_flag, input_path in inputs:
         if input_path is None or str(input_path) == "":
             continue

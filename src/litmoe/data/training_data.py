@@ -65,6 +65,8 @@ def source_from(item: Any, data_dir: str | Path | list) -> DataSource:
             path, _, weight = path.rpartition(":")
     else:
         raise UserError(f"{where}: entry {item!r}: give a path, or a mapping with path and weight")
+    if not path.strip():
+        raise UserError(f"{where}: an empty entry (a stray comma?); write DIR or DIR:WEIGHT,DIR:WEIGHT")
     try:
         weight = float(weight)
     except (TypeError, ValueError):
@@ -84,6 +86,8 @@ def shown(data_dir: str | Path | list) -> str:
 def check_sources(sources: list[DataSource], data_dir: str | Path | list) -> None:
     if not sources or any(not str(source.path).strip() for source in sources):
         raise UserError(f"--data_dir {shown(data_dir)!r}: give one or more prepared data directories")
+    if not math.isfinite(sum(source.weight for source in sources)):
+        raise UserError(f"--data_dir {shown(data_dir)}: the weights add up past a float's range; give proportions")
     paths = [source.path.resolve() for source in sources]
     if len(set(paths)) != len(paths):
         raise UserError(f"--data_dir {shown(data_dir)}: a directory appears twice; give each source once")

@@ -16,7 +16,7 @@ import torch
 from jsonargparse import DefaultHelpFormatter
 from litgpt.args import TrainArgs
 
-from litmoe.core.args import MoEArgs, OptimizationArgs, StrategyArgs
+from litmoe.core.args import CheckpointArgs, HealthArgs, MoEArgs, OptimizationArgs, StrategyArgs, check_seed
 from litmoe.core.cli import (
     flag_types,
     function_parser,
@@ -249,12 +249,14 @@ def main(argv: list[str] | None = None):
 
 def print_estimate(
     model: str | dict, data_dir: str | list, precision: str | None, train: TrainArgs, optimization: OptimizationArgs,
-    strategy: StrategyArgs, devices: int | str, num_nodes: int, moe: MoEArgs, **unused: Any,
+    strategy: StrategyArgs, devices: int | str, num_nodes: int, moe: MoEArgs, checkpoint: CheckpointArgs,
+    health: HealthArgs, seed: int, **unused: Any,
 ) -> None:  # fmt: skip
     """Parameters, FLOPs, per-device memory and speed of this run's settings, without allocating the model.
 
     An explicit --strategy (with --devices and --num_nodes) is estimated even where it could not run, so that a
-    run can be planned on another machine; `auto` decides for this machine's hardware."""
+    run can be planned on another machine; `auto` decides for this machine's hardware. The settings a run checks
+    that do not depend on this machine or the data are checked here too: an estimate is no promise otherwise."""
     from litmoe.data.prepared import MANIFEST
     from litmoe.data.tokenizer import load_tokenizer
     from litmoe.data.training_data import data_sources
@@ -264,9 +266,13 @@ def print_estimate(
     from litmoe.distributed.strategy import requested, resolve_strategy, with_expert_parallel
     from litmoe.model.attention import default_precision
     from litmoe.model.configs import load_model_config
-    from litmoe.training.run import fit_vocabulary, memory_per_device
-    from litmoe.training.settings import device_count, sequence_length
+    from litmoe.training.run import check_run_care, fit_vocabulary, memory_per_device
+    from litmoe.training.settings import check_moe, device_count, sequence_length
 
+    check_seed(seed)
+    check_moe(moe)
+    if num_nodes < 1:
+        raise UserError(f"--num_nodes {num_nodes}: must be at least 1")
     config = load_model_config(model)
     first = data_sources(data_dir)[0].path
     if (first / MANIFEST).is_file():  # size the vocabulary as training would
@@ -281,6 +287,7 @@ def print_estimate(
         choice = resolve_strategy(strategy, hardware, memory_of, compile=optimization.compile, expert_split=split)
     else:
         choice = with_expert_parallel(requested(strategy, hardware.world_size), strategy.expert_parallel, hardware)
+    check_run_care(checkpoint, health, strategy, choice)
     print(describe(estimate, config, precision, choice, memory_of(choice), optimization.gradient_checkpointing,
                    hardware.world_size, hardware.devices_per_node,
                    max_tokens=train.max_tokens and float(train.max_tokens)))  # fmt: skip

@@ -6,7 +6,8 @@ run may change:
   allowed      the token budget (raising it continues a finished run), the global batch size (gradient
                accumulation follows), the micro-batch size (the iteration count is converted, so the token
                budget stays exact), optimizer and schedule settings, logging
-  not allowed  the model (its weights belong to the checkpoint's model), the sequence length, the data
+  not allowed  the model (its weights belong to the checkpoint's model) and its MoE layer (the optimizer state
+               holds that layer's parameters), the sequence length, the data
                directory, the seed, the number of data workers (litdata saves one position per worker), the
                number of ranks (the data position and DeepSpeed's shards are per rank: the refusal names the
                conversion, a new run from the checkpoint's weights with --initial_checkpoint_dir)
@@ -103,6 +104,7 @@ class RunShape:
     data_dir: str
     seed: int
     num_workers: int
+    moe_layer: str = "litmoe"
 
 
 def saved_shape(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
@@ -138,6 +140,13 @@ def check_continuation(weights: Path, run: RunShape) -> int | None:
         raise UserError(
             f"{where}: the model differs from the checkpoint's ({'; '.join(changed[:3])}): not allowed, the weights"
             " belong to the checkpoint's model; resume with its model_config.yaml, or choose another --out_dir"
+        )
+    saved_layer = (settings.get("moe") or {}).get("layer")
+    if saved_layer not in (None, run.moe_layer):
+        raise UserError(
+            f"{where}: --moe.layer {saved_layer} -> {run.moe_layer}: not allowed, the optimizer state holds the"
+            f" parameters of {saved_layer}'s layer; resume with --moe.layer {saved_layer}, or start a new run from"
+            f" its weights with --initial_checkpoint_dir {checkpoint_dir}"
         )
     if settings.get("data_dir") is not None:
         refuse_changed(where, "data_dir", sources_key(settings["data_dir"]), run.data_dir)

@@ -123,7 +123,7 @@ def setup(
     out_dir = check_output_dir(out_dir, "--out_dir", inputs)
     shape = RunShape(
         model_fields(plan.config), plan.hardware.world_size, train.micro_batch_size, train.global_batch_size,
-        plan.seq_len, sources_key(data_dir), seed, num_workers,
+        plan.seq_len, sources_key(data_dir), seed, num_workers, moe.layer,
     )  # fmt: skip
     with run_lock(out_dir):
         point = resume_point(resume, out_dir, plan.choice, shape, int(train.max_tokens))
@@ -309,8 +309,9 @@ def check_run_care(
         raise UserError(f"--timeout-minutes {strategy.timeout_minutes}: must be at least 1 (30 is the default)")
     if checkpoint.keep_last is not None and checkpoint.keep_last < 1:
         raise UserError(f"--checkpoint.keep_last {checkpoint.keep_last}: keep at least 1 (null keeps every one)")
-    if health.max_skips < 1 or health.spike_window < 1 or health.spike_sigmas <= 0:
-        raise UserError("--health.max_skips, --health.spike_window and --health.spike_sigmas must be positive")
+    for name in ("max_skips", "spike_window", "spike_sigmas"):
+        if getattr(health, name) <= 0:
+            raise UserError(f"--health.{name} {getattr(health, name)}: must be positive")
     if health.nonfinite == "skip" and choice.name == "deepspeed":
         raise UserError(
             "--health.nonfinite skip: DeepSpeed's engine steps before the gradient norm is known, so a step"

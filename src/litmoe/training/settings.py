@@ -168,6 +168,10 @@ def check_moe(moe: MoEArgs) -> None:
         raise UserError(f"--moe.capacity_factor {factor}: must be above 0 (1.0 = a fair share; null: dropless)")
     if factor is not None and moe.layer != "litmoe":
         raise UserError(f"--moe.capacity_factor: LitGPT's MoE layer (--moe.layer {moe.layer}) is dropless only")
+    if moe.layer != "litmoe" and moe.bias_update_rate:
+        raise UserError(f"--moe.bias_update_rate: LitGPT's MoE layer (--moe.layer {moe.layer}) has no selection bias")
+    if moe.layer != "litmoe" and (moe.aux_loss_coef or moe.z_loss_coef):
+        print(f"--moe.layer {moe.layer}: LitGPT's layer has no balancing losses; aux_loss_coef and z_loss_coef unused")
 
 
 def check_batch(train: TrainArgs, world_size: int) -> None:
