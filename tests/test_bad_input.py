@@ -30,6 +30,12 @@ GENERATE = ["--checkpoint", "{checkpoint}", "--prompt", "The cat", "--max_new_to
 EVALUATE = ["--checkpoints", "[{checkpoint}]", "--max_batches", "1"]
 EXPORT = ["--checkpoint", "{checkpoint}", "--out_dir", "{out}"]
 
+
+def config(argv: list[str], path: str) -> list[str]:
+    """`argv` with another train config in place of its own (two --config flags are refused)."""
+    return [path if arg == "{train_config}" else arg for arg in argv]
+
+
 CASES = [
     # run_train.py: batch arithmetic and budget
     ("run_train.py", RUN + ["--train.micro_batch_size", "0"], "--train.micro_batch_size 0: must be at least 1"),
@@ -68,9 +74,9 @@ CASES = [
     ("run_train.py", RUN + ["--precision", "16-mixed"], "--precision 16-mixed: fp16 needs a CUDA GPU"),
     ("run_train.py", RUN + ["--precision", "fp8"], "--precision fp8: expected one of bf16-true, bf16-mixed, 16-mixed"),
     ("run_train.py", RUN + ["--trian.max_tokens", "10"], "Unrecognized arguments: --trian.max_tokens 10; see --help"),
-    ("run_train.py", RUN + ["--config", "{missing}"], "missing.yaml: train config not found"),
-    ("run_train.py", RUN + ["--config", "{broken_yaml}"], "broken.yaml: not valid YAML"),
-    ("run_train.py", RUN + ["--config", "{unknown_setting}"], "unknown_setting.yaml: unknown setting 'trian"),
+    ("run_train.py", config(RUN, "{missing}"), "missing.yaml: train config not found"),
+    ("run_train.py", config(RUN, "{broken_yaml}"), "broken.yaml: not valid YAML"),
+    ("run_train.py", config(RUN, "{unknown_setting}"), "unknown_setting.yaml: unknown setting 'trian"),
     ("run_train.py", RUN + ["--profile", "huge-gpu"], "--profile huge-gpu: {train_config} has no such profile"),
     # run_train.py: the optimizer
     ("run_train.py", RUN + ["--optimizer.init_args.lr", "-1"], "AdamW refuses them (Invalid learning rate: -1"),
@@ -220,8 +226,14 @@ CASES = [
     ("prepare_data.py", ["--source", "{texts}", "--out_dir", "{prepared}/tokenizer", "--force"],
      "is inside the prepared-data directory {prepared}"),
     # every user file read one guarded way: YAML, JSON, tokenizer, checkpoint config
-    ("run_train.py", RUN + ["--config", "{duplicate_keys}"], "the key 'train' is given twice; keep one"),
-    ("run_train.py", RUN + ["--config", "{section_scalar}"], "section_scalar.yaml: `train:` is 5, not a mapping of"),
+    ("run_train.py", config(RUN, "{duplicate_keys}"), "the key 'train' is given twice; keep one"),
+    ("run_train.py", config(RUN, "{section_scalar}"), "section_scalar.yaml: `train:` is 5, not a mapping of"),
+    ("run_train.py", RUN + ["--config", "{duplicate_keys}"],
+     "--config given twice ({train_config}, {duplicate_keys}); give one, and override its settings with flags"),
+    ("run_train.py", RUN + ["--config="], "--config needs a value"),
+    ("run_train.py", RUN + ["--moe", "stock"],
+     "--moe stock: --moe takes a YAML file of moe: settings; to set one, write --moe."),
+    ("run_train.py", RUN + ["--moe", "{model}"], "--moe takes a YAML file of moe: settings; to set one, write"),
     ("run_train.py", RUN + ["--optimizer.init_args.lr", "nan"],
      "--optimizer.init_args.lr nan: expected a finite number (default 0.001)"),
     ("run_train.py", RUN + ["--optimizer.init_args.weight_decay", ".inf"],
@@ -255,6 +267,8 @@ CASES = [
     ("generate.py", GENERATE + ["--checkpoint", "{weights_nan}"], "holds NaN or infinite values (a diverged or"),
     ("export_hf.py", EXPORT + ["--checkpoint", "{weights_nan}"], "holds NaN or infinite values"),
     ("evaluate.py", EVALUATE + ["--file", "{texts}"], "--file {texts}: a directory; give one .txt or .jsonl file"),
+    ("evaluate.py", EVALUATE + ["--checkpoints", "[{checkpoint},,{checkpoint}]"],
+     "not a list of paths (an empty member, or a space?); write [DIR1,DIR2]"),
     ("export_hf.py", EXPORT + ["--checkpoint", "{config_disagrees}"], "config_disagrees"),
     ("prepare_data.py", ["--source", "{texts}", "--tokenizer_dir", "{tokenizer_garbage}", *PREPARE],
      "tokenizer.json: not valid JSON"),

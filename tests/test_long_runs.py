@@ -348,8 +348,10 @@ def test_skip_survives_one_bad_batch_and_logs_the_gradient_norm(train_args, tmp_
 
 def test_keep_last_removes_older_steps_only_after_a_newer_one_is_complete(train_args, tmp_path):
     """Only checkpoints the run wrote are removed: a file, a folder of notes or a link that is merely named step-*
-    is the user's and stays."""
+    is the user's and stays; so does a logs/report.png that no run drew (the report goes beside it)."""
     out_dir = tmp_path / "out"
+    (out_dir / "logs").mkdir(parents=True)
+    (out_dir / "logs" / "report.png").write_bytes(b"the user's own figure")
     (out_dir / "step-00000003").mkdir(parents=True)
     (out_dir / "step-00000003" / "notes.txt").write_text("mine")
     (out_dir / "step-00000001").write_text("mine too")
@@ -360,6 +362,8 @@ def test_keep_last_removes_older_steps_only_after_a_newer_one_is_complete(train_
         "final", "logs", "step-00000001", "step-00000003", "step-00000005", "step-00000008", "step-00000010",
     ]  # fmt: skip
     assert (out_dir / "step-00000003" / "notes.txt").read_text() == "mine" and (tmp_path / "elsewhere").is_dir()
+    assert (out_dir / "logs" / "report.png").read_bytes() == b"the user's own figure"
+    assert (out_dir / "logs" / "report-2.png").stat().st_size > 10_000
 
 
 def test_one_run_per_directory(train_args, tmp_path, capsys):

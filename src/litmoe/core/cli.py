@@ -128,12 +128,20 @@ def describe_parse_error(message: str, types_of: dict[str, Any], argv: list[str]
     value = re.search(r"(?:Got|Given) value: (.*)", message)
     if message.startswith("Unrecognized arguments"):
         return f"{message.splitlines()[0].rstrip('.')}; see --help for the flags"
-    flag = f"--{key.group(1)}" if key else None
+    group = re.search(r"Group '([^']+)'", message)
+    flag = f"--{key.group(1)}" if key else f"--{group.group(1)}" if group else None
     given = value.group(1).strip() if value else given_value(argv, flag)
     if flag in types_of and given is not None:  # jsonargparse names no value for a bad Literal in a dataclass
         return f"{flag} {given}: expected {describe_type(types_of[flag])}"
     if key and "required" in message:
         return f"--{key.group(1)} is required; see --help"
+    sections = {name.split(".")[0] for name in types_of if "." in name}
+    if flag in sections and ("Unable to load config" in message or "does not accept nested key" in message):
+        example = next(name for name in sorted(types_of) if name.startswith(f"{flag}."))
+        return (
+            f"{flag} {given_value(argv, flag)}: {flag} takes a YAML file of {flag[2:]}: settings; to set one, write"
+            f" {example} VALUE (see --help)"
+        )
     return " ".join(message.split())
 
 

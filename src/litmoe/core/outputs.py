@@ -85,3 +85,14 @@ def write_file(path: Path, text: str) -> None:
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
         raise
+
+
+def figure_written_by(path: Path, software: str) -> bool:
+    """Whether `path` is a PNG figure whose metadata names `software` as its writer (one a command may replace)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == software
+    except (OSError, ValueError):
+        return False

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from litmoe.core.errors import UserError
-from litmoe.core.outputs import check_output_file, write_file
+from litmoe.core.outputs import check_output_file, figure_written_by, write_file
 from litmoe.data.prepared import MANIFEST, SPLITS, check_chunks, read_manifest
 from litmoe.data.readers import read_jsonl, read_text_file
 from litmoe.data.tokenizer import literal_special_tokens, tokenizer_fingerprint
@@ -184,13 +184,7 @@ FIGURE_SOFTWARE = "litmoe evaluate.py"  # PNG metadata: a figure evaluate.py may
 
 def is_results_figure(path: Path) -> bool:
     """Whether `path` is a figure that evaluate.py wrote (which a new --out may replace)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.info.get("Software") == FIGURE_SOFTWARE
-    except (OSError, ValueError):
-        return False
+    return figure_written_by(path, FIGURE_SOFTWARE)
 
 
 def write_comparison_figure(results: list[dict[str, Any]], path: Path) -> None:
@@ -312,6 +306,12 @@ def evaluate(
         force: Let --out replace a file that is not an earlier results file of evaluate.py.
     """
     checkpoints = [checkpoints] if isinstance(checkpoints, str | Path) else checkpoints
+    for checkpoint in checkpoints:
+        listed = str(checkpoint).startswith("[") and str(checkpoint).endswith("]")
+        if listed and not Path(checkpoint).exists():  # a list that did not parse
+            raise UserError(
+                f"--checkpoints {checkpoint}: not a list of paths (an empty member, or a space?); write [DIR1,DIR2]"
+            )
     check_evaluation(checkpoints, seq_length, batch_size, max_batches, tasks_limit)
     if out is not None:
         inputs = [("--checkpoints", checkpoint) for checkpoint in checkpoints] + [

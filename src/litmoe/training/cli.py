@@ -87,18 +87,23 @@ def expand_short_flags(argv: list[str]) -> list[str]:
 
 
 def take_flag(argv: list[str], flag: str, with_value: bool = False) -> tuple[list[str], str | bool | None]:
-    """Remove `flag` (and its value) from argv; returns the rest and the value (True for a bare flag)."""
+    """Remove `flag` (and its value) from argv; returns the rest and the value (True for a bare flag). A value given
+    twice, or empty, is refused: keeping one of them would drop the other without a word."""
     rest, found = [], None
     args = iter(argv)
     for arg in args:
-        if arg == flag:
-            found = next(args, None) if with_value else True
-            if with_value and found is None:
-                raise UserError(f"{flag} needs a value")
-        elif with_value and arg.startswith(flag + "="):
-            found = arg.split("=", 1)[1]
-        else:
+        if arg != flag and not (with_value and arg.startswith(flag + "=")):
             rest.append(arg)
+            continue
+        if not with_value:
+            found = True
+            continue
+        value = next(args, None) if arg == flag else arg.split("=", 1)[1]
+        if value is None or not value.strip():
+            raise UserError(f"{flag} needs a value")
+        if found is not None:
+            raise UserError(f"{flag} given twice ({found}, {value}); give one, and override its settings with flags")
+        found = value
     return rest, found
 
 

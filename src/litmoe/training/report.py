@@ -3,7 +3,8 @@
 Four panels, each with labelled axes: the training loss with the validation loss, throughput (tokens/s, all
 ranks), the gradient norm, and each MoE layer's expert load over time (the share of routed tokens per expert,
 relative to a fair share). A resumed run opens a new CSV version; the report reads them all, in order, so it
-covers the whole run. TensorBoard keeps the same numbers; this is the page one attaches to a message.
+covers the whole run. TensorBoard keeps the same numbers; this is the page one attaches to a message. A
+`report.png` that no run wrote (its metadata says so) is the user's: the report goes to `report-2.png` instead.
 """
 
 import csv
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from litmoe.core.outputs import figure_written_by
+
 LOAD_COLUMN = re.compile(r"moe/layer(\d+)/load/expert(\d+)")
+REPORT_SOFTWARE = "litmoe run report"  # PNG metadata: a report a later run may replace
 
 
 def read_log(out_dir: Path) -> list[dict[str, float]]:
@@ -85,7 +89,11 @@ def write_report(out_dir: Path) -> Path | None:
         return None
     figure = report_figure(rows)
     path = out_dir / "logs" / "report.png"
-    figure.savefig(path, dpi=110)
+    number = 1
+    while path.exists() and not figure_written_by(path, REPORT_SOFTWARE):  # the user's own file stays
+        number += 1
+        path = out_dir / "logs" / f"report-{number}.png"
+    figure.savefig(path, dpi=110, metadata={"Software": REPORT_SOFTWARE})
     import matplotlib.pyplot as plt
 
     plt.close(figure)

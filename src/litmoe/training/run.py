@@ -370,6 +370,10 @@ def fit_vocabulary(config, tokenizer):
     """Size the embedding for the tokenizer the data was made with, padded as LitGPT pads."""
     vocab_size = tokenizer_vocab_size(tokenizer)
     if vocab_size != config.vocab_size:
+        given = config.vocab_size
         config = dataclasses.replace(config, vocab_size=vocab_size, padded_vocab_size=None)
-        print(f"Vocabulary: {vocab_size:,} tokens from the data's tokenizer (padded to {config.padded_vocab_size:,})")
+        print(
+            f"Vocabulary: {vocab_size:,} tokens from the data's tokenizer (padded to {config.padded_vocab_size:,}),"
+            f" not the model config's vocab_size {given:,}: the embedding follows the data"
+        )
     return config
