@@ -253,7 +253,7 @@ def test_resume_rules(tmp_path):
         resolve_resume("out/nope", out)
     for name in ("step-00000004", "step-00000008"):
         (out / name).mkdir(parents=True)
-        torch.save({"model": {}, "iter_num": 4}, out / name / "lit_model.pth")
+        torch.save({"model": {}, "optimizer": {}, "iter_num": 4}, out / name / "lit_model.pth")
     assert resolve_resume("auto", out) == out / "step-00000008" / "lit_model.pth"
     assert resolve_resume(out / "step-00000004", out) == out / "step-00000004" / "lit_model.pth"
     with pytest.raises(UserError, match=r"already holds checkpoints \(step-00000008/\); pass --resume auto"):
