@@ -512,6 +512,20 @@ def test_launcher_variables_left_in_the_environment_are_one_line(variable, value
     assert not list(tmp_path.iterdir())
 
 
+def test_several_nodes_without_a_launcher_are_one_line(world, tmp_path, monkeypatch, capsys):
+    """Without MASTER_ADDR (or a cluster launcher) each node would wait alone for the others until the timeout."""
+    from litmoe.distributed.strategy import CLUSTER_VARIABLES
+
+    monkeypatch.chdir(tmp_path)
+    for variable in CLUSTER_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    argv = [arg.format(**world) for arg in RUN] + ["--num_nodes", "2", "--train.global_batch_size", "8"]
+    status, _, err = run_script("run_train.py", argv, monkeypatch, capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert "--num_nodes 2: the nodes meet at MASTER_ADDR, and nothing set it; launch with" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_enough_cases_for_every_command():
     scripts = [script for script, _, _ in CASES]
     assert len(CASES) >= 60

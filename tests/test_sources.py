@@ -440,3 +440,5 @@ def test_a_data_dir_whose_name_holds_a_colon_is_that_directory(tmp_path):
     assert data_sources(str(tmp_path / "run:2")) == [DataSource(tmp_path / "run:2", 1.0)]
     assert data_sources(f"{tmp_path / 'a'}:3,{tmp_path / 'b'}") == [DataSource(tmp_path / "a", 3.0),
                                                                      DataSource(tmp_path / "b", 1.0)]  # fmt: skip
+    with pytest.raises(UserError, match="True is not a weight"):  # YAML's `weight: true` is no number
+        data_sources([{"path": str(tmp_path / "a"), "weight": True}, str(tmp_path / "b")])

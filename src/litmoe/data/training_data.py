@@ -68,6 +68,8 @@ def source_from(item: Any, data_dir: str | Path | list) -> DataSource:
     if not path.strip():
         raise UserError(f"{where}: an empty entry (a stray comma?); write DIR or DIR:WEIGHT,DIR:WEIGHT")
     try:
+        if isinstance(weight, bool):  # YAML's `weight: true`
+            raise TypeError
         weight = float(weight)
     except (TypeError, ValueError):
         raise UserError(f"{where}: {weight!r} is not a weight; write DIR:WEIGHT,DIR:WEIGHT (a:0.7,b:0.3)") from None

@@ -194,6 +194,20 @@ def candidate_plans(hardware: Hardware, nvme: bool, expert_split: int = 1) -> li
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "GLOBAL_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "NNODES")
 
 
+CLUSTER_VARIABLES = ("MASTER_ADDR", "SLURM_NTASKS", "GROUP_RANK", "LSB_JOBID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def check_node_rendezvous(num_nodes: int, environ: dict[str, str] = os.environ) -> None:
+    """Several nodes meet at MASTER_ADDR, which a cluster launcher provides; without one each node would wait alone
+    for the others until the collective timeout."""
+    if num_nodes > 1 and not any(name in environ for name in CLUSTER_VARIABLES):
+        raise UserError(
+            f"--num_nodes {num_nodes}: the nodes meet at MASTER_ADDR, and nothing set it; launch with"
+            " scripts/slurm_train.sbatch or scripts/torchrun_multinode.sh, or set MASTER_ADDR, MASTER_PORT and"
+            " NODE_RANK on every node"
+        )
+
+
 def check_launcher_variables(world_size: int, environ: dict[str, str] = os.environ) -> None:
     """What a launcher says about the ranks in the environment: whole numbers, and as many ranks as this run has.
     litdata splits the data by WORLD_SIZE itself, so a stale one (a shell left from torchrun) would silently train

@@ -28,7 +28,12 @@ from litmoe.data.tokenizer import load_tokenizer, tokenizer_vocab_size
 from litmoe.data.training_data import PreparedData, TrainingData, describe_sources, sources_key, training_data
 from litmoe.distributed.expert_parallel import auto_expert_split, check_expert_parallel
 from litmoe.distributed.plans import Hardware, StrategyChoice
-from litmoe.distributed.strategy import adopt_launcher_node_rank, check_launcher_variables, resolve_strategy
+from litmoe.distributed.strategy import (
+    adopt_launcher_node_rank,
+    check_launcher_variables,
+    check_node_rendezvous,
+    resolve_strategy,
+)
 from litmoe.model.attention import attention_kernel_scope, check_attention, default_precision, tf32_matmuls
 from litmoe.model.builder import expected_state
 from litmoe.model.configs import load_model_config, model_fields
@@ -194,6 +199,7 @@ def plan_run(
     precision = precision or default_precision(training=True)
     devices_per_node = check_devices(devices, num_nodes, num_workers, precision)
     check_launcher_variables(devices_per_node * num_nodes)
+    check_node_rendezvous(num_nodes)
     optimizer = resolve_optimizer(optimizer, [])
     check_training(train, eval, devices_per_node * num_nodes, seq_len, learning_rate(optimizer))
     data = training_data(data_dir, train.micro_batch_size, seq_len, DEFAULT_DATA_DIR)
