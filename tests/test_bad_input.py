@@ -267,6 +267,8 @@ CASES = [
     ("generate.py", GENERATE + ["--checkpoint", "{weights_nan}"], "holds NaN or infinite values (a diverged or"),
     ("export_hf.py", EXPORT + ["--checkpoint", "{weights_nan}"], "holds NaN or infinite values"),
     ("evaluate.py", EVALUATE + ["--file", "{texts}"], "--file {texts}: a directory; give one .txt or .jsonl file"),
+    ("evaluate.py", EVALUATE + ["--checkpoints", "[{checkpoint},{checkpoint}/]"],
+     "--checkpoints: {checkpoint} is given twice; give each checkpoint once"),
     ("evaluate.py", EVALUATE + ["--checkpoints", "[{checkpoint},,{checkpoint}]"],
      "not a list of paths (an empty member, or a space?); write [DIR1,DIR2]"),
     ("export_hf.py", EXPORT + ["--checkpoint", "{config_disagrees}"], "config_disagrees"),

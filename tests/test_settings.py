@@ -134,3 +134,13 @@ def test_a_tilde_in_an_output_path_is_the_home_directory():
     from litmoe.core.outputs import check_output
 
     assert check_output("~/runs/a", "--out_dir") == Path.home() / "runs" / "a"
+
+
+def test_a_capacity_that_drops_most_tokens_is_said(capsys):
+    from litmoe.core.args import MoEArgs
+    from litmoe.training.settings import check_moe
+
+    check_moe(MoEArgs(capacity_factor=1.25))
+    assert capsys.readouterr().out == ""
+    check_moe(MoEArgs(capacity_factor=1e-9))
+    assert "--moe.capacity_factor 1e-09: most routed tokens will skip their experts" in capsys.readouterr().out

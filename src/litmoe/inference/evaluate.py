@@ -150,6 +150,10 @@ def check_evaluation(
     """Settings in range before any checkpoint is loaded."""
     if not checkpoints:
         raise UserError("--checkpoints is empty; give one or more checkpoint dirs, e.g. [out/moe-tiny/final]")
+    resolved = [Path(checkpoint).resolve() for checkpoint in checkpoints]
+    if len(set(resolved)) < len(resolved):
+        twice = next(checkpoint for index, checkpoint in enumerate(checkpoints) if resolved[index] in resolved[:index])
+        raise UserError(f"--checkpoints: {twice} is given twice; give each checkpoint once")
     counts = {"--seq_length": seq_length, "--batch_size": batch_size, "--max_batches": max_batches}
     for flag, value in (counts | {"--tasks_limit": tasks_limit}).items():
         if value is not None and value < 1:

@@ -168,6 +168,8 @@ def check_moe(moe: MoEArgs) -> None:
         raise UserError(f"--moe.capacity_factor {factor}: must be above 0 (1.0 = a fair share; null: dropless)")
     if factor is not None and moe.layer != "litmoe":
         raise UserError(f"--moe.capacity_factor: LitGPT's MoE layer (--moe.layer {moe.layer}) is dropless only")
+    if factor is not None and factor < 0.5:
+        print(f"--moe.capacity_factor {factor}: most routed tokens will skip their experts (1.0 to 1.25 is usual)")
     if moe.layer != "litmoe" and moe.bias_update_rate:
         raise UserError(f"--moe.bias_update_rate: LitGPT's MoE layer (--moe.layer {moe.layer}) has no selection bias")
     if moe.layer != "litmoe" and (moe.aux_loss_coef or moe.z_loss_coef):
