@@ -272,12 +272,11 @@ def print_estimate(
     from litmoe.model.attention import default_precision
     from litmoe.model.configs import load_model_config
     from litmoe.training.run import check_run_care, fit_vocabulary, memory_per_device
-    from litmoe.training.settings import check_moe, device_count, sequence_length
+    from litmoe.training.settings import check_moe, check_nodes, device_count, sequence_length
 
     check_seed(seed)
     check_moe(moe)
-    if num_nodes < 1:
-        raise UserError(f"--num_nodes {num_nodes}: must be at least 1")
+    check_nodes(num_nodes)
     config = load_model_config(model)
     first = data_sources(data_dir)[0].path
     if (first / MANIFEST).is_file():  # size the vocabulary as training would

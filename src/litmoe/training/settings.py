@@ -209,13 +209,17 @@ def device_count(devices: int | str) -> int:
     return parse_devices(devices)
 
 
+def check_nodes(num_nodes: int) -> None:
+    if num_nodes < 1:
+        raise UserError(f"--num_nodes {num_nodes}: must be at least 1")
+
+
 def check_devices(devices: int | str, num_nodes: int, num_workers: int, precision: str) -> int:
     """Devices per node, after checking devices, nodes, data workers and precision against this machine."""
     count, gpus = device_count(devices), torch.cuda.device_count()
     if gpus and count > gpus:
         raise UserError(f"--devices {devices}: this node has {gpus} CUDA GPU{'s' if gpus > 1 else ''}")
-    if num_nodes < 1:
-        raise UserError(f"--num_nodes {num_nodes}: must be at least 1")
+    check_nodes(num_nodes)
     if num_workers < 0:
         raise UserError(f"--num_workers {num_workers}: must be 0 (load in the training process) or more")
     if not gpus and precision.startswith("16"):
