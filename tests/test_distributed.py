@@ -103,6 +103,37 @@ def test_expert_parallel_trains_as_ddp_and_checkpoints_what_ddp_does(prepared, t
         assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got), target
 
 
+SHARDED_EXPERT_PARALLEL = ("--strategy", "fsdp", "--strategy.expert_parallel", "2")
+
+
+def test_expert_parallel_on_fsdp_trains_as_ddp_and_checkpoints_what_ddp_does(prepared, tiny_model_file, tmp_path,
+                                                                            ddp_run):  # fmt: skip
+    """FSDP2 shards the dense weights over both ranks and each rank holds half of the experts: the losses and
+    final weights are DDP's, a checkpoint is the one DDP writes (every weight and optimizer moment, stock keys),
+    and a DDP checkpoint resumes under it with the uninterrupted run's losses."""
+    ddp, _ = ddp_run
+    sharded = tmp_path / "sharded"
+    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, sharded, BUDGET, EXTRA), SHARDED_EXPERT_PARALLEL)
+    assert "Strategy: FSDP across 2 ranks, experts split over 2 (expert parallel)" in out
+    expected, got = logged(ddp, "loss"), logged(sharded, "loss")
+    assert sorted(got) == sorted(expected) == list(range(30))
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
+    ours, reference = final_weights(sharded), final_weights(ddp)
+    assert ours.keys() == reference.keys()
+    assert all(torch.allclose(ours[key], reference[key], rtol=1e-5, atol=1e-6) for key in reference)
+    ours, reference = (torch.load(run / "step-00000010" / "lit_model.pth")["optimizer"] for run in (sharded, ddp))
+    assert ours["param_groups"] == reference["param_groups"] and ours["state"].keys() == reference["state"].keys()
+    for index, moments in reference["state"].items():
+        assert all(torch.allclose(ours["state"][index][key], value, rtol=1e-4, atol=1e-7) for key, value in
+                   moments.items()), index  # fmt: skip
+
+    extra = (*EXTRA, "--resume", str(ddp / "step-00000010" / "lit_model.pth"))
+    run_two_ranks(tiny_run_args(prepared, tiny_model_file, tmp_path / "resumed", BUDGET, extra), SHARDED_EXPERT_PARALLEL)
+    got = logged(tmp_path / "resumed", "loss")
+    assert sorted(got) == list(range(10, 30))
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
+
+
 def test_expert_parallel_accumulates_like_ddp(prepared, tiny_model_file, tmp_path):
     """Two micro-batches per optimizer step: the experts' gradients are reduced once per step, after both, and the
     losses stay DDP's."""
@@ -129,22 +160,22 @@ def test_a_torchrun_launch_with_expert_parallelism_writes_a_stock_checkpoint(pre
     assert len(generate(out_dir / "final", prompt="The", max_new_tokens=3)[0]) >= 1
 
 
-def test_four_ranks_with_experts_split_over_2_and_over_4_train_as_ddp(prepared, tiny_model_file, tmp_path):
-    """4 ranks: experts split over 2 (two replicas of each half) and over 4 (one expert per rank, no replica)
-    follow plain DDP's loss series and end with its weights (to a looser tolerance than the losses: AdamW divides
-    by the root of the second moment, which turns summation-order noise in a near-zero gradient into a step of
-    up to the learning rate)."""
+def test_four_ranks_with_experts_split_over_2_and_over_4_and_on_fsdp_train_as_ddp(prepared, tiny_model_file, tmp_path):
+    """4 ranks: experts split over 2 (two replicas of each half), over 4 (one expert per rank, no replica), and over
+    2 on FSDP (each half of the experts sharded once more over its two replicas) follow plain DDP's loss series
+    and end with its weights (to a looser tolerance than the losses: AdamW divides by the root of the second
+    moment, which turns summation-order noise in a near-zero gradient into a step of up to the learning rate)."""
     budget, extra = 4 * 4 * 64 * 10, ("--train.global_batch_size", "16", "--train.save_interval", "100")
     runs = {}
-    for name, strategy in (("ddp", ()), ("ep2", ("--strategy.expert_parallel", "2")),
-                           ("ep4", ("--strategy.expert_parallel", "4"))):  # fmt: skip
+    for name, strategy in (("ddp", ("ddp", "1")), ("ep2", ("ddp", "2")), ("ep4", ("ddp", "4")),
+                           ("fsdp-ep2", ("fsdp", "2"))):  # fmt: skip
         runs[name] = tmp_path / name
         args = [*tiny_run_args(prepared, tiny_model_file, runs[name], budget, extra), "--devices", "4"]
-        out = run_train_process([*args, "--strategy", "ddp", *strategy])
-        assert "parameters identical on all 4 ranks after training" in out
-    assert "experts split over 4 (expert parallel)" in out
+        out = run_train_process([*args, "--strategy", strategy[0], "--strategy.expert_parallel", strategy[1]])
+        assert name == "fsdp-ep2" or "parameters identical on all 4 ranks after training" in out
+    assert "FSDP across 4 ranks, experts split over 2 (expert parallel)" in out
     expected, reference = logged(runs["ddp"], "loss"), final_weights(runs["ddp"])
-    for name in ("ep2", "ep4"):
+    for name in ("ep2", "ep4", "fsdp-ep2"):
         got, ours = logged(runs[name], "loss"), final_weights(runs[name])
         assert sorted(got) == sorted(expected) == list(range(10)), name
         assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got), name

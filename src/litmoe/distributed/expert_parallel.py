@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from litmoe.core.errors import UserError
 from litmoe.model.dispatch import ExpertGroup
@@ -101,9 +102,19 @@ def gathered(tensor: torch.Tensor, group: ExpertGroup) -> torch.Tensor:
     return torch.cat(shards)
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor sharded by FSDP (no communication); any other tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def whole(tensor: Any) -> Any:
+    """A tensor sharded by FSDP gathered whole (a collective over its shards' ranks); any other value as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict with every expert of every layer, under stock LitGPT keys, as one process without
-    expert parallelism would save it (a collective: every rank of the run calls it)."""
+    """The module's state dict with every expert of every layer, under stock LitGPT keys, and every FSDP shard
+    gathered, as one process without expert parallelism would save it (a collective: every rank calls it)."""
     state = module.state_dict()
     for name, layer in module.named_modules():
         experts = getattr(layer, "experts", None)
@@ -112,9 +123,9 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         prefix = f"{name}.experts." if name else "experts."
         for key in [key for key in state if key.startswith(prefix)]:
             del state[key]
-        stacked = {f"{prefix}{n}": gathered(p, layer.expert_group) for n, p in experts.named_parameters()}
+        stacked = {f"{prefix}{n}": gathered(whole(p), layer.expert_group) for n, p in experts.named_parameters()}
         state.update(stock_expert_entries(stacked, prefix, range(experts.n_expert), experts.hidden))
-    return state
+    return {key: whole(value) for key, value in state.items()}
 
 
 def split_moments(optimizer: torch.optim.Optimizer, state: dict, split: dict[int, tuple]) -> Iterator[tuple]:
@@ -125,13 +136,17 @@ def split_moments(optimizer: torch.optim.Optimizer, state: dict, split: dict[int
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, split: dict[int, tuple]) -> dict[str, Any]:
-    """The optimizer's state dict with the moments of split experts gathered to all experts (a collective)."""
+    """The optimizer's state dict with the moments of split experts gathered to all experts, and every FSDP shard
+    gathered (a collective)."""
     state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: replaced, not changed
     for index, _, group in split_moments(optimizer, state, split):
         state["state"][index] = {
-            key: gathered(value, group) if torch.is_tensor(value) and value.dim() > 0 else value
+            key: gathered(whole(value), group) if torch.is_tensor(value) and value.dim() > 0 else value
             for key, value in state["state"][index].items()
         }
+    state["state"] = {
+        index: {key: whole(value) for key, value in moments.items()} for index, moments in state["state"].items()
+    }
     return state
 
 

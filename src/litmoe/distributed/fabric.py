@@ -4,7 +4,8 @@ LitGPT's `pretrain.setup` constructs one `L.Fabric(strategy=..., ...)`; the trai
 for a namespace whose `Fabric` is `fabric_builder(choice, ...)`. Every Fabric built here has the collective
 timeout, and its single-file saves go straight into the scratch directory of litmoe.training.saving (no
 temporary file in $TMPDIR). LitGPT's own strategy argument (FSDP, hybrid-sharded within a node, for more than
-one device) is kept when it is the choice.
+one device) is kept when it is the choice, except with expert parallelism (FSDP2, litmoe.distributed.
+expert_parallel_fsdp).
 """
 
 import os
@@ -61,6 +62,14 @@ def fabric_builder(
                 strategy = ExpertParallelDDPStrategy(expert_parallelism, checkpoint_io=DirectCheckpointIO(), **options)
             else:
                 strategy = DDPStrategy(checkpoint_io=DirectCheckpointIO(), **options)
+        elif choice.name == "fsdp" and expert_parallelism is not None:
+            from litmoe.distributed.expert_parallel_fsdp import ExpertParallelFSDPStrategy
+
+            world_size = kwargs["devices"] * kwargs.get("num_nodes", 1)
+            backend = None if torch.cuda.is_available() else "gloo"
+            strategy = ExpertParallelFSDPStrategy(
+                expert_parallelism, world_size, DirectCheckpointIO(), timeout, process_group_backend=backend
+            )
         elif choice.name == "fsdp":  # LitGPT's own FSDPStrategy, which saves its files directly
             strategy._timeout = timeout
         else:

@@ -27,6 +27,8 @@ class StrategyChoice:
             return f"DDP across {world_size} ranks, experts split over {self.expert_parallel} (expert parallel)"
         if self.name == "ddp":
             return f"DDP across {world_size} ranks"
+        if self.name == "fsdp" and self.expert_parallel > 1:
+            return f"FSDP across {world_size} ranks, experts split over {self.expert_parallel} (expert parallel)"
         if self.name == "fsdp":
             return f"FSDP, sharded within each node's {devices_per_node} devices"
         label = f"DeepSpeed ZeRO-{self.zero_stage} across {world_size} rank{'s' if world_size > 1 else ''}"

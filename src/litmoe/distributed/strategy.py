@@ -56,9 +56,12 @@ def with_expert_parallel(choice: StrategyChoice, size: int, hardware: Hardware) 
         raise UserError(f"{flag}: must be 1 (every rank holds every expert) or more")
     if hardware.world_size == 1:
         raise UserError(f"{flag}: expert parallelism needs several ranks; this run has one (--devices)")
-    if choice.name != "ddp":
+    if choice.name not in ("ddp", "fsdp"):
         chosen = choice.label(hardware.world_size, hardware.devices_per_node)
-        raise UserError(f"{flag}: expert parallelism runs on DDP, not on {chosen}; use --strategy ddp")
+        raise UserError(
+            f"{flag}: expert parallelism runs on DDP or FSDP, not on {chosen}; use --strategy ddp, or --strategy fsdp"
+            " to shard the rest"
+        )
     if hardware.world_size % size:
         raise UserError(f"{flag}: must divide the number of ranks ({hardware.world_size})")
     return replace(choice, expert_parallel=size, reason=f"{choice.reason}, {flag}")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from litmoe.model.attention import compute_dtype
 
@@ -227,9 +228,20 @@ def stock_expert_entries(stacked: dict[str, torch.Tensor], prefix: str, held: ra
     return entries
 
 
+def stacked_from_stock_keys(model: nn.Module, state_dict: dict) -> dict:
+    """`state_dict` with stock's expert entries turned into the stacked tensors of `model`'s experts (those it
+    holds), as loading does: for a strategy that must cut each tensor to its shard before loading it."""
+    state_dict = dict(state_dict)
+    for name, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            _from_stock_keys(module, state_dict, f"{name}." if name else "")
+    return state_dict
+
+
 def _to_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    if state_dict[prefix + "w_in"].dim() != 3:  # ZeRO-3's empty placeholder (the weights are in its shards)
-        return
+    stacked = state_dict[prefix + "w_in"]
+    if stacked.dim() != 3 or isinstance(stacked, DTensor):  # ZeRO-3's placeholder or an FSDP shard: the
+        return  # strategy writes the stock entries itself (litmoe.distributed.expert_parallel.full_state_dict)
     names = [prefix + name for name in ("w_in", "w_out", "b_in", "b_out") if prefix + name in state_dict]
     stacked = {name: state_dict.pop(name) for name in names}
     state_dict.update(stock_expert_entries(stacked, prefix, module.held, module.hidden))

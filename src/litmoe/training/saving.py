@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from litmoe.core.errors import UserError
+from litmoe.distributed.expert_parallel import local, split_experts
 
 PARTIAL, REPLACED = ".partial", ".old"
 STEP_DIR_PREFIX = "step-"
@@ -85,7 +86,8 @@ class AtomicSave:
 def require_finite_weights(fabric, model: torch.nn.Module, target: Path) -> None:
     """Refuse to write NaN or inf weights (each rank checks what it holds; the answer is agreed)."""
     with torch.no_grad():
-        finite = [torch.isfinite(param).all() for param in model.parameters() if param.numel()]
+        held = [local(param) for param in model.parameters()]
+        finite = [torch.isfinite(param).all() for param in held if param.numel()]
         all_finite = torch.stack(finite).all().float() if finite else torch.ones((), device=fabric.device)
     if fabric.world_size > 1:
         all_finite = fabric.all_reduce(all_finite.to(fabric.device), reduce_op="min")
@@ -198,8 +200,10 @@ def gigabytes(count: int) -> str:
 
 def checkpoint_bytes(model: torch.nn.Module, world_size: int, sharded: bool) -> int:
     """About what one checkpoint takes: fp32 weights and AdamW's two fp32 moments, 12 bytes per parameter.
-    Parameters are counted whole (ZeRO-3's placeholders by `ds_numel`, FSDP's shards times the ranks)."""
-    count = sum(getattr(param, "ds_numel", param.numel()) for param in model.parameters())
+    Parameters are counted whole (ZeRO-3's placeholders by `ds_numel`, FSDP's flat shards times the ranks, FSDP2's
+    by their global shape, experts split over ranks times the split)."""
+    split = {key: experts.n_expert // len(experts) for key, (experts, _) in split_experts(model).items()}
+    count = sum(getattr(p, "ds_numel", p.numel()) * split.get(id(p), 1) for p in model.parameters())
     return 12 * count * (world_size if sharded else 1)
 
 

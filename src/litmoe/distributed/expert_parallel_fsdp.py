@@ -1,0 +1,154 @@
+"""FSDP2 with the experts split over ranks (`--strategy fsdp --strategy.expert_parallel N`), as torchtitan does.
+
+Hosted by Lightning's `ModelParallelStrategy`, whose `parallelize_fn` is `shard` below:
+
+  experts     each rank builds only its expert group's share (litmoe.distributed.expert_parallel); those are
+              sharded once more over the ranks that hold the same experts (`fully_shard` on the replica group),
+              whose reduce-scatter sums and then divides by the world size, so every gradient is DDP's average
+  dense part  every transformer block, then the rest of the model, sharded over all ranks (`fully_shard`)
+  clip norm   each rank's shards of every gradient hold each element once across the world: the squares of the
+              local shards summed over all ranks are the squared norm of the whole model
+  save        weights and optimizer moments gathered to every expert under stock keys, the same file the DDP
+              strategies write, so a run resumes at any expert-parallel size, under DDP or FSDP
+  load        each rank keeps its own shard of its experts and of the dense weights from such a file
+
+Every rank builds the whole model before sharding it (no meta device), so the initial weights are DDP's for the
+same seed; a model that does not fit one device before sharding needs ZeRO-3 instead.
+"""
+
+from contextlib import ExitStack
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.strategies import ModelParallelStrategy
+from lightning.fabric.strategies.strategy import Strategy
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.utils import get_total_norm
+from torch.optim import Optimizer
+
+from litmoe.core.patching import swapped
+from litmoe.distributed.expert_parallel import (
+    ExpertParallelism,
+    full_optimizer_state,
+    full_state_dict,
+    local,
+    sliced_optimizer_state,
+    split_experts,
+)
+from litmoe.model.experts import stacked_from_stock_keys
+from litmoe.model.moe import moe_layers
+
+
+class ExpertParallelFSDPStrategy(ModelParallelStrategy):
+    def __init__(
+        self, parallelism: ExpertParallelism, world_size: int, checkpoint_io: CheckpointIO, timeout: timedelta,
+        process_group_backend: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(
+            self.shard, data_parallel_size=world_size, tensor_parallel_size=1, save_distributed_checkpoint=False,
+            process_group_backend=process_group_backend, timeout=timeout,
+        )  # fmt: skip
+        self.parallelism = parallelism
+        self.file_io = checkpoint_io
+        self.split: dict[int, tuple] = {}  # id(expert parameter) -> (its experts, their group), once sharded
+
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        return self.file_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO) -> None:
+        self.file_io = io
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self.parallelism.connect()  # before LitGPT builds the model, whose MoE layers take the groups
+
+    def module_init_context(self, empty_init: bool | None = None):
+        """The whole model on every rank's device, initialized as under DDP (on the meta device each shard would be
+        initialized on its own); `shard` then keeps each rank's part."""
+        return Strategy.module_init_context(self, empty_init)
+
+    def shard(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        from litgpt.model import Block
+        from torch.distributed.fsdp import fully_shard
+
+        world = mesh["data_parallel"]
+        replicas = DeviceMesh.from_group(self.parallelism.replicas, self.root_device.type)
+        for layer in moe_layers(module):
+            experts = fully_shard(layer.experts, mesh=replicas)
+            experts.set_gradient_divide_factor(self.world_size)
+            experts.set_force_sum_reduction_for_comms(True)  # a sum, then the division (gloo has no pre-scaled sum)
+        for block in module.modules():
+            if isinstance(block, Block):
+                fully_shard(block, mesh=world)
+        fully_shard(module, mesh=world)
+        self.split = split_experts(module)  # the sharded parameters replace the module's own
+        return module
+
+    def clip_gradients_norm(
+        self, module, optimizer: Optimizer, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = True
+    ) -> torch.Tensor:
+        if norm_type != 2.0:
+            raise ValueError(f"expert parallelism clips by the 2-norm, not the {norm_type}-norm")
+        self.precision.unscale_gradients(optimizer)
+        grads = [local(p.grad) for p in self.precision.main_params(optimizer) if p.grad is not None]
+        squares = get_total_norm(grads).square() if grads else torch.zeros((), device=self.root_device)
+        dist.all_reduce(squares)
+        norm = squares.sqrt()
+        if error_if_nonfinite and not torch.isfinite(norm):
+            raise RuntimeError(f"the total norm of the gradients is {norm.item()}")
+        if grads:
+            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
+
+    def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
+        return full_state_dict(module)
+
+    def get_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        return full_optimizer_state(optimizer, self.split)
+
+    def save_checkpoint(self, path, state: dict, storage_options: Any = None, filter: dict | None = None) -> None:
+        Strategy.save_checkpoint(self, path, state, storage_options, filter)  # one file, as DDP writes
+
+    def load_checkpoint(self, path, state=None, strict: bool = True, weights_only: bool | None = None):
+        """Loading as DDP does, each parameter and optimizer moment cut to this rank's shard."""
+        optimizers = [obj for obj in state.values() if isinstance(obj, Optimizer)] if isinstance(state, dict) else []
+        with ExitStack() as stack:
+            for optimizer in optimizers:
+                load = partial(load_sharded_moments, optimizer, optimizer.load_state_dict, self.split)
+                stack.enter_context(swapped(optimizer, "load_state_dict", load))
+            return Strategy.load_checkpoint(self, path, state, strict, weights_only)
+
+    def load_module_state_dict(self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True) -> None:
+        state_dict = stacked_from_stock_keys(module, state_dict)
+        parameters = dict(module.named_parameters())
+        module.load_state_dict(
+            {key: like(parameters[key], value) if key in parameters else value for key, value in state_dict.items()},
+            strict=strict,
+        )
+
+
+def like(parameter: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A full tensor cut to `parameter`'s shard on this rank (no communication: every rank holds the value)."""
+    if not isinstance(parameter, DTensor):
+        return value
+    value = value.to(device=parameter.device, dtype=parameter.dtype)
+    return distribute_tensor(value, parameter.device_mesh, parameter.placements, src_data_rank=None)
+
+
+def load_sharded_moments(optimizer: Optimizer, load, split: dict[int, tuple], state: dict) -> None:
+    state = sliced_optimizer_state(optimizer, state, split)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, moments in state["state"].items():
+        state["state"][index] = {
+            key: like(parameters[index], value) if torch.is_tensor(value) and value.dim() > 0 else value
+            for key, value in moments.items()
+        }
+    load(state)
