@@ -1,6 +1,7 @@
-"""Two ranks, three ways to hold the experts: DDP (every rank holds all), ZeRO-3 (weights sharded, gathered for
-each use) and expert parallelism (each rank holds half of the experts; tokens travel by all-to-all). For each
-model: steady tokens/s, the first losses, and the bytes each plan moves per micro-batch, from `--estimate`.
+"""Two ranks, four ways to hold the experts: DDP (every rank holds all), ZeRO-3 (weights sharded, gathered for
+each use), expert parallelism (each rank holds half of the experts; tokens travel by all-to-all) on DDP, and on
+FSDP (the rest sharded too). For each model: steady tokens/s, the first losses, and the bytes each plan moves per
+micro-batch, from `--estimate`.
 
     uv run python benchmarks/expert_parallel.py                       # CPU: 2 gloo ranks, MoE-tiny and wide experts
     uv run python benchmarks/expert_parallel.py -- --no-cpu-profile    # GPU machine: the recipe
@@ -24,6 +25,7 @@ PLANS = {
     "DDP": ["--strategy", "ddp"],
     "ZeRO-3": ["--strategy", "deepspeed", "--zero-stage", "3", "--no-compile"],
     "expert parallel 2": ["--strategy", "ddp", "--strategy.expert_parallel", "2"],
+    "FSDP + expert parallel 2": ["--strategy", "fsdp", "--strategy.expert_parallel", "2"],
 }
 MODELS = {  # the CPU profile's MoE-tiny, and a variant whose experts hold most of the weights
     "MoE-tiny": [],
@@ -35,9 +37,11 @@ COMMON = ["--devices", "2", "--train.max_tokens", "81920", "--train.log_interval
 
 def moved_per_micro_batch(estimate: str, plan: str) -> str:
     """What a rank sends or receives per micro-batch beyond DDP's gradient all-reduce (once per step)."""
-    if plan == "expert parallel 2":
-        match = re.search(r"sends ([\d.]+ GiB) per micro-batch by all-to-all", estimate)
-        return f"{match.group(1)} all-to-all" if match else "-"
+    if "expert parallel" in plan:
+        sent = re.search(r"sends ([\d.]+ GiB) per micro-batch by all-to-all", estimate)
+        gathered = re.search(r"FSDP gathers ([\d.]+ GiB)", estimate)
+        moved = f"{sent.group(1)} all-to-all" if sent else "-"
+        return moved + (f" + {gathered.group(1)} gathered" if gathered else "")
     if plan == "ZeRO-3":
         match = re.search(r"would gather ([\d.]+ GiB) per micro-batch", estimate)
         return f"{match.group(1)} gathered" if match else "-"
@@ -46,7 +50,8 @@ def moved_per_micro_batch(estimate: str, plan: str) -> str:
 
 def run(plan: str, model: list[str], out_dir: Path, extra: list[str]) -> list[str]:
     command = [sys.executable, "run_train.py", f"--out_dir={out_dir}", *COMMON, *PLANS[plan], *model, *extra]
-    estimate_plan = PLANS["expert parallel 2"]  # its estimate prints both the all-to-all and the ZeRO-3 bytes
+    # an expert-parallel plan's estimate prints its all-to-all (and FSDP) bytes, and what ZeRO-3 would gather
+    estimate_plan = PLANS[plan] if "expert parallel" in plan else PLANS["expert parallel 2"]
     estimate_command = [sys.executable, "run_train.py", *COMMON, *estimate_plan, *model, *extra, "--estimate"]
     estimate = subprocess.run(estimate_command, cwd=REPO, capture_output=True, text=True, check=True).stdout
     environment = {**os.environ, "LITMOE_DEEPSPEED_CPU": "1"}  # DeepSpeed on its CPU accelerator where no GPU

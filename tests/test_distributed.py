@@ -128,8 +128,9 @@ def test_expert_parallel_on_fsdp_trains_as_ddp_and_checkpoints_what_ddp_does(pre
                    moments.items()), index  # fmt: skip
 
     extra = (*EXTRA, "--resume", str(ddp / "step-00000010" / "lit_model.pth"))
-    run_two_ranks(tiny_run_args(prepared, tiny_model_file, tmp_path / "resumed", BUDGET, extra), SHARDED_EXPERT_PARALLEL)
-    got = logged(tmp_path / "resumed", "loss")
+    resumed = tmp_path / "resumed"
+    run_two_ranks(tiny_run_args(prepared, tiny_model_file, resumed, BUDGET, extra), SHARDED_EXPERT_PARALLEL)
+    got = logged(resumed, "loss")
     assert sorted(got) == list(range(10, 30))
     assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
 

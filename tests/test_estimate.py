@@ -113,6 +113,16 @@ def test_expert_parallel_holds_its_share_of_the_experts():
     assert (got.weights, got.gradients, got.optimizer) == (400 * 4, 400 * 4, 400 * 8)
 
 
+def test_expert_parallel_on_fsdp_shards_everything_over_the_world():
+    """Hand-computed, 8 ranks, EP 4, 2 layers: the 200 dense parameters over 8 ranks and each rank's 200 experts
+    over their 2 replicas: 125 per rank; one block gathered holds its 50 dense parameters and a quarter of its 400
+    experts (fp32 weights under bf16-mixed, gathered for the forward and again for the backward)."""
+    estimate = TrainingEstimate(1000, 500, 450, 6000, 64.0, 16.0, expert_parameters=800, layers=2)
+    got = per_device_memory(estimate, "bf16-mixed", StrategyChoice("fsdp", "", expert_parallel=4), world_size=8,
+                            devices_per_node=8)  # fmt: skip
+    assert (got.weights, got.gradients, got.optimizer, got.gathered) == (125 * 4, 125 * 4, 125 * 8, 2 * 150 * 4)
+
+
 def test_estimate_command_for_moe_200m(capsys, tmp_path):
     from conftest import REPO
 
@@ -149,6 +159,16 @@ def test_estimate_command_for_moe_200m(capsys, tmp_path):
     assert f"would gather {gathered / 2**30:.3f} GiB per micro-batch instead" in out
     worst = 8 * rows * 768 * 2  # every row of the 8 ranks' micro-batches to one rank's experts, bf16
     assert f"up to 8x its share of rows, at worst {worst / 2**30:.3f} GiB received per layer" in out
+
+    main(["--config", str(REPO / "train_config.yaml"), "--no-cpu-profile", "--estimate", "--data_dir",
+          str(tmp_path / "none"), "--precision", "bf16-mixed", "--strategy", "fsdp", "--devices", "8",
+          "--strategy.expert_parallel", "4"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "strategy: FSDP across 8 ranks, experts split over 4 (expert parallel)" in out
+    assert f"optimizer state  {549_808_896 * 8 / 8 / 2**30:8.2f} GiB" in out  # all of it over the 8 ranks
+    dense = 549_808_896 - experts
+    gathered = 2 * 4 * (dense * 7 / 8 + experts / 4 / 2)  # fp32 weights: the dense part, and one's experts' half
+    assert f"FSDP gathers {gathered / 2**30:.3f} GiB of weights" in out
 
 
 def test_durations_and_budgets_read_as_people_write_them():

@@ -65,6 +65,32 @@ def test_auto_splits_the_experts_where_a_replica_does_not_fit_but_a_split_one_do
     assert resolve_strategy(StrategyArgs(), hardware, memory_of, expert_split=8).expert_parallel == 1  # DDP fits
 
 
+def test_auto_shards_the_rest_with_fsdp_where_a_split_replica_does_not_fit():
+    """8 x 80 GB, 30B parameters of which 28B are experts: with an eighth of the experts a replica still needs
+    5.5B x 16 bytes = 88 GB; FSDP with the experts split holds 1/8 of everything (60 GB), gathers one block's
+    dense part and an eighth of its experts (fp32, twice) and is chosen."""
+    hardware = Hardware(8, 1, 80 * GB, 1024 * GB, True)
+    estimate = TrainingEstimate(30 * 10**9, 10**9, 625 * 10**6, 6 * 10**9, 1 * GB, 0, expert_parameters=28 * 10**9,
+                                layers=48)  # fmt: skip
+    memory_of = partial(per_device_memory, estimate, "bf16-mixed", world_size=8, devices_per_node=8)
+    choice = resolve_strategy(StrategyArgs(), hardware, memory_of, expert_split=8)
+    assert (choice.name, choice.expert_parallel) == ("fsdp", 8)
+    needs = 60 * GB + 2 * 4 * (625e6 - 28e9 * 7 / 8 / 48) + 1 * GB
+    assert f"FSDP across 8 ranks, experts split over 8 (expert parallel) needs {needs / 2**30:.1f} GiB" in choice.reason
+
+
+def test_expert_parallel_runs_on_ddp_or_fsdp_and_fsdp_takes_no_fp16_scaling():
+    from litmoe.distributed.strategy import check_expert_parallel_precision, with_expert_parallel
+
+    hardware = Hardware(4, 1, 80 * GB, 1024 * GB, True)
+    with pytest.raises(UserError, match="runs on DDP or FSDP, not on DeepSpeed ZeRO-2 across 4 ranks; use --strat"):
+        with_expert_parallel(StrategyChoice("deepspeed", "", 2), 2, hardware)
+    choice = with_expert_parallel(StrategyChoice("fsdp", "--strategy fsdp"), 2, hardware)
+    check_expert_parallel_precision(choice, "bf16-mixed")
+    with pytest.raises(UserError, match="--precision 16-mixed: FSDP with expert parallelism .* use --precision bf1"):
+        check_expert_parallel_precision(choice, "16-mixed")
+
+
 def test_auto_decision_nvme_cpu_only_and_without_deepspeed(tmp_path):
     # 8 x 80 GB, 1 TB of RAM, 100B parameters: 1.4 TB of offloaded state per node does not fit in RAM
     assert decide(8, 80, 1024, 100, nvme=tmp_path)[0] == ("deepspeed", 3, "nvme", "nvme")

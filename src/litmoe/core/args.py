@@ -84,9 +84,11 @@ class StrategyArgs:
     """A DeepSpeed JSON config of your own, passed through; litmoe only fills in what LitGPT's loop needs
     (batch size, clipping, caller-owned gradient accumulation)."""
     expert_parallel: int = 1
-    """Expert parallelism: split each MoE layer's experts over this many ranks (consecutive ranks; DDP over the
-    rest), the routed tokens moving to their expert and back by all-to-all. It must divide the number of ranks and
-    of experts; 1 (the default) keeps every expert on every rank. Runs on DDP (--strategy ddp)."""
+    """Expert parallelism: split each MoE layer's experts over this many ranks (consecutive ranks; data parallel
+    over the rest), the routed tokens moving to their expert and back by all-to-all. It must divide the number of
+    ranks and of experts; 1 (the default) keeps every expert on every rank. Runs on DDP (--strategy ddp) or on
+    FSDP2 (--strategy fsdp: the rest sharded over all ranks, each rank's experts over their replicas); not on
+    DeepSpeed."""
     timeout_minutes: int = 30
     """How long a collective may wait for the other ranks before the run fails (a dead node ends the job instead
     of hanging it); applies to DDP, FSDP and DeepSpeed."""

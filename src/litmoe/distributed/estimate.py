@@ -67,6 +67,7 @@ class TrainingEstimate:
     activations_checkpointed: float
     expert_parameters: int = 0  # of the routed experts, all layers
     micro_batch_tokens: int = 0
+    layers: int = 1
 
 
 @dataclass
@@ -111,6 +112,7 @@ def estimate_training(config, precision: str, micro_batch_size: int, seq_len: in
         activations_checkpointed=tokens * activation_bytes_per_token(config, act_bytes, checkpointing=True),
         expert_parameters=sum(p.numel() for name, p in model.named_parameters() if ROUTED_EXPERTS in name),
         micro_batch_tokens=tokens,
+        layers=config.n_layer,
     )
 
 
@@ -121,6 +123,21 @@ def all_to_all_bytes(config, estimate: TrainingEstimate, precision: str, expert_
     act_bytes = element_bytes(precision)
     rows = estimate.micro_batch_tokens * config.n_expert_per_token
     return 4 * config.n_layer * rows * config.n_embd * act_bytes * (expert_parallel - 1) / expert_parallel
+
+
+def sharded_experts(choice: StrategyChoice) -> bool:
+    """Whether FSDP2 shards everything: the dense part over all ranks, each rank's experts over their replicas."""
+    return choice.name == "fsdp" and choice.expert_parallel > 1
+
+
+def fsdp_gathered_bytes(estimate: TrainingEstimate, precision: str, world_size: int, expert_parallel: int) -> float:
+    """Bytes one rank receives per micro-batch under FSDP with expert parallelism: the dense weights from all
+    ranks and its own experts from their replicas, for the forward and again for the backward, less its shard."""
+    weight = bytes_per_parameter(precision)[0]
+    replicas = world_size // expert_parallel
+    dense = estimate.total_parameters - estimate.expert_parameters
+    own_experts = estimate.expert_parameters / expert_parallel
+    return 2 * weight * (dense * (world_size - 1) / world_size + own_experts * (replicas - 1) / replicas)
 
 
 def zero3_gathered_bytes(estimate: TrainingEstimate, precision: str, ranks: int) -> float:
@@ -139,7 +156,11 @@ def per_device_memory(
     ranks = {"fsdp": devices_per_node, "deepspeed": world_size}.get(choice.name, 1)
     stage = 3 if choice.name == "fsdp" else choice.zero_stage or 0
 
-    held = estimate.total_parameters - estimate.expert_parameters * (1 - 1 / choice.expert_parallel)
+    others = estimate.expert_parameters * (1 - 1 / choice.expert_parallel)  # experts other ranks hold
+    held = estimate.total_parameters - others
+    block = estimate.block_parameters - others / estimate.layers
+    if sharded_experts(choice):  # 1 / world of the dense part, and of the rank's experts 1 / their replicas
+        held, ranks = estimate.total_parameters, world_size
 
     def sharded(nbytes: float, from_stage: int) -> float:
         return held * nbytes / (ranks if stage >= from_stage else 1)
@@ -153,7 +174,7 @@ def per_device_memory(
     gathers = stage >= 3 and (ranks > 1 or choice.offload_params != "none")
     return DeviceMemory(
         **parts,
-        gathered=2 * estimate.block_parameters * weight if gathers else 0.0,
+        gathered=2 * block * weight if gathers else 0.0,
         activations=estimate.activations_checkpointed if checkpointing else estimate.activations,
         cpu_offload=offloaded["cpu"],
         nvme_offload=offloaded["nvme"],
@@ -195,6 +216,26 @@ def reference_peak_flops(precision: str) -> tuple[str, float]:
     return "H100 SXM (reference; no GPU here)", 989.5e12 if dtype in (torch.bfloat16, torch.float16) else 494.7e12
 
 
+def expert_parallel_traffic(
+    estimate: TrainingEstimate, config, precision: str, choice: StrategyChoice, world_size: int
+) -> str:
+    """What expert parallelism moves per micro-batch, against ZeRO-3 without it, and its worst case."""
+    split = choice.expert_parallel
+    sent = all_to_all_bytes(config, estimate, precision, split)
+    zero3 = zero3_gathered_bytes(estimate, precision, world_size)
+    fsdp = ""
+    if sharded_experts(choice):
+        gathered = fsdp_gathered_bytes(estimate, precision, world_size, split)
+        fsdp = f" and FSDP gathers {gathered / GiB:.3f} GiB of weights (the dense part and its own experts)"
+    worst = estimate.micro_batch_tokens * config.n_expert_per_token * split * config.n_embd * element_bytes(precision)
+    return (
+        f"expert parallel {split}: each rank holds {config.n_expert // split} of {config.n_expert} experts and sends"
+        f" {sent / GiB:.3f} GiB per micro-batch by all-to-all (uniform routing){fsdp}; ZeRO-3 over {world_size} ranks"
+        f" would gather {zero3 / GiB:.3f} GiB per micro-batch instead. Dropless: a skewed router can send one rank up"
+        f" to {split}x its share of rows, at worst {worst / GiB:.3f} GiB received per layer"
+    )
+
+
 def describe(
     estimate: TrainingEstimate, config, precision: str, choice: StrategyChoice, memory: DeviceMemory,
     checkpointing: bool, world_size: int, devices_per_node: int, max_tokens: float | None, mfu: float = 0.4,
@@ -232,16 +273,7 @@ def describe(
             lines.append(f"  offloaded to {where}: {nbytes / GiB:.2f} GiB per rank,"
                          f" {nbytes * devices_per_node / GiB:.2f} GiB per node")  # fmt: skip
     if choice.expert_parallel > 1:
-        sent = all_to_all_bytes(config, estimate, precision, choice.expert_parallel)
-        gathered = zero3_gathered_bytes(estimate, precision, world_size)
-        worst = estimate.micro_batch_tokens * config.n_expert_per_token * choice.expert_parallel * config.n_embd
-        lines.append(
-            f"expert parallel {choice.expert_parallel}: each rank holds {config.n_expert // choice.expert_parallel}"
-            f" of {config.n_expert} experts and sends {sent / GiB:.3f} GiB per micro-batch by all-to-all (uniform"
-            f" routing); ZeRO-3 over {world_size} ranks would gather {gathered / GiB:.3f} GiB per micro-batch instead."
-            f" Dropless: a skewed router can send one rank up to {choice.expert_parallel}x its share of rows, at worst"
-            f" {worst * element_bytes(precision) / GiB:.3f} GiB received per layer"
-        )
+        lines.append(expert_parallel_traffic(estimate, config, precision, choice, world_size))
     budget = f", {duration(max_tokens / tokens_per_sec)} for {token_count(max_tokens)} tokens" if max_tokens else ""
     if torch.cuda.is_available():
         lines.append(f"speed at {mfu:.0%} MFU on {world_size} x {gpu}: {tokens_per_sec:,.0f} tokens/s{budget}")

@@ -6,8 +6,9 @@ plan that fits in 90% of a GPU (and whose offloaded state fits in 80% of a node'
   one GPU          single device; DeepSpeed ZeRO-2 with the optimizer in CPU memory (ZeRO-Offload);
                    ZeRO-3 with weights and optimizer in CPU memory; the same on NVMe (needs --nvme-path)
   several GPUs     DDP; DDP with the experts split over a node's GPUs (expert parallelism, litmoe's MoE layer);
-                   ZeRO-2; ZeRO-3; ZeRO-3 offloading to CPU memory; to NVMe. GPUs under 16 GB offload
-                   the optimizer to CPU memory from ZeRO-2 on. Without DeepSpeed installed: DDP, else FSDP.
+                   the same on FSDP (the rest sharded over all ranks); ZeRO-2; ZeRO-3; ZeRO-3 offloading to CPU
+                   memory; to NVMe. GPUs under 16 GB offload the optimizer to CPU memory from ZeRO-2 on. Without
+                   DeepSpeed installed: DDP, else FSDP.
 Giving any DeepSpeed option (--zero-stage, --offload-*, --deepspeed-config) means DeepSpeed.
 
 The choice runs on the Fabric that litmoe.distributed.fabric builds for it.
@@ -65,6 +66,15 @@ def with_expert_parallel(choice: StrategyChoice, size: int, hardware: Hardware) 
     if hardware.world_size % size:
         raise UserError(f"{flag}: must divide the number of ranks ({hardware.world_size})")
     return replace(choice, expert_parallel=size, reason=f"{choice.reason}, {flag}")
+
+
+def check_expert_parallel_precision(choice: StrategyChoice, precision: str) -> None:
+    """FSDP2 under Lightning's ModelParallelStrategy has no loss scaler, so no fp16 mixed precision."""
+    if choice.name == "fsdp" and choice.expert_parallel > 1 and precision == "16-mixed":
+        raise UserError(
+            f"--precision 16-mixed: FSDP with expert parallelism (--strategy.expert_parallel {choice.expert_parallel})"
+            " has no fp16 loss scaling; use --precision bf16-mixed, or --strategy ddp"
+        )
 
 
 def requested(args: StrategyArgs, world_size: int) -> StrategyChoice:
@@ -174,7 +184,8 @@ def decide(
 def candidate_plans(hardware: Hardware, nvme: bool, expert_split: int = 1) -> list[StrategyChoice]:
     """What `auto` tries, in order; the reason is filled in by `decide`. Expert parallelism comes right after
     DDP: where a replica does not fit, splitting the experts keeps DDP's one all-reduce per step and moves only
-    the routed tokens, where ZeRO gathers weights."""
+    the routed tokens, where ZeRO gathers weights; then the same with the rest sharded by FSDP, which gathers
+    only the dense weights and each rank's own experts."""
     if hardware.world_size == 1:
         plans = [StrategyChoice("single", ""), StrategyChoice("deepspeed", "", 2, "cpu")]
     else:
@@ -182,6 +193,7 @@ def candidate_plans(hardware: Hardware, nvme: bool, expert_split: int = 1) -> li
         plans = [StrategyChoice("ddp", "")]
         if expert_split > 1:
             plans.append(StrategyChoice("ddp", "", expert_parallel=expert_split))
+            plans.append(StrategyChoice("fsdp", "", expert_parallel=expert_split))
         plans.append(StrategyChoice("deepspeed", "", 2, offload))
         plans.append(StrategyChoice("deepspeed", "", 3, offload))
     plans.append(StrategyChoice("deepspeed", "", 3, "cpu", "cpu"))

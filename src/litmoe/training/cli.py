@@ -268,7 +268,12 @@ def print_estimate(
     from litmoe.distributed.estimate import describe, estimate_training
     from litmoe.distributed.expert_parallel import auto_expert_split
     from litmoe.distributed.plans import Hardware
-    from litmoe.distributed.strategy import requested, resolve_strategy, with_expert_parallel
+    from litmoe.distributed.strategy import (
+        check_expert_parallel_precision,
+        requested,
+        resolve_strategy,
+        with_expert_parallel,
+    )
     from litmoe.model.attention import default_precision
     from litmoe.model.configs import load_model_config
     from litmoe.training.run import check_run_care, fit_vocabulary, memory_per_device
@@ -291,6 +296,7 @@ def print_estimate(
         choice = resolve_strategy(strategy, hardware, memory_of, compile=optimization.compile, expert_split=split)
     else:
         choice = with_expert_parallel(requested(strategy, hardware.world_size), strategy.expert_parallel, hardware)
+    check_expert_parallel_precision(choice, precision)
     check_run_care(checkpoint, health, strategy, choice)
     print(describe(estimate, config, precision, choice, memory_of(choice), optimization.gradient_checkpointing,
                    hardware.world_size, hardware.devices_per_node,

@@ -30,6 +30,7 @@ from litmoe.distributed.expert_parallel import auto_expert_split, check_expert_p
 from litmoe.distributed.plans import Hardware, StrategyChoice
 from litmoe.distributed.strategy import (
     adopt_launcher_node_rank,
+    check_expert_parallel_precision,
     check_launcher_variables,
     check_node_rendezvous,
     resolve_strategy,
@@ -336,7 +337,9 @@ def choose_strategy(
         estimate = estimate_training(config, precision, train.micro_batch_size, seq_len)
         memory_of = memory_per_device(estimate, precision, hardware, optimization)
     split = auto_expert_split(config, moe_layer, hardware.devices_per_node)
-    return resolve_strategy(args, hardware, memory_of, compile=optimization.compile, expert_split=split)
+    choice = resolve_strategy(args, hardware, memory_of, compile=optimization.compile, expert_split=split)
+    check_expert_parallel_precision(choice, precision)
+    return choice
 
 
 def memory_per_device(estimate, precision: str, hardware: Hardware, optimization: OptimizationArgs):
