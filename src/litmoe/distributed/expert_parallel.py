@@ -12,8 +12,10 @@ dividing by W then gives exactly DDP's average (DeepSpeed divides by the same gl
 """
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from litmoe.core.errors import UserError
+from litmoe.core.patching import swapped
 from litmoe.model.dispatch import ExpertGroup
 from litmoe.model.experts import GroupedExperts, stock_expert_entries
 from litmoe.model.moe import MoELayer
@@ -148,6 +151,22 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, split: dict[int, tupl
         index: {key: whole(value) for key, value in moments.items()} for index, moments in state["state"].items()
     }
     return state
+
+
+@contextmanager
+def optimizers_loading(state: Any, convert: Callable[[torch.optim.Optimizer, dict], dict]) -> Iterator[None]:
+    """Within: each optimizer in a Fabric state loads `convert(optimizer, full state dict)` instead of the full
+    state dict that a checkpoint holds (Lightning's loading calls `optimizer.load_state_dict` itself)."""
+    objects = state.values() if isinstance(state, dict) else []
+    with ExitStack() as stack:
+        for optimizer in [obj for obj in objects if isinstance(obj, torch.optim.Optimizer)]:
+            load = partial(load_converted, optimizer, optimizer.load_state_dict, convert)
+            stack.enter_context(swapped(optimizer, "load_state_dict", load))
+        yield
+
+
+def load_converted(optimizer: torch.optim.Optimizer, load: Callable, convert: Callable, full: dict) -> None:
+    load(convert(optimizer, full))
 
 
 def sliced_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, split: dict[int, tuple]) -> dict:

@@ -12,7 +12,6 @@ weights are left out of DDP (each rank holds other experts) and handled here, on
   load       each rank keeps its experts' weights and moments from such a checkpoint
 """
 
-from contextlib import ExitStack
 from functools import partial
 from typing import Any
 
@@ -23,11 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from torch.optim import Optimizer
 
-from litmoe.core.patching import swapped
 from litmoe.distributed.expert_parallel import (
     ExpertParallelism,
     full_optimizer_state,
     full_state_dict,
+    optimizers_loading,
     reduce_expert_gradients,
     sliced_optimizer_state,
     split_experts,
@@ -92,13 +91,5 @@ class ExpertParallelDDPStrategy(DDPStrategy):
 
     def load_checkpoint(self, path, state=None, strict: bool = True, weights_only: bool | None = None):
         """Loading as DDP does, each optimizer taking its experts' share of the full moments."""
-        optimizers = [obj for obj in state.values() if isinstance(obj, Optimizer)] if isinstance(state, dict) else []
-        with ExitStack() as stack:
-            for optimizer in optimizers:
-                load = partial(load_held_moments, optimizer, optimizer.load_state_dict, self.split)
-                stack.enter_context(swapped(optimizer, "load_state_dict", load))
+        with optimizers_loading(state, partial(sliced_optimizer_state, split=self.split)):
             return super().load_checkpoint(path, state, strict, weights_only)
-
-
-def load_held_moments(optimizer: Optimizer, load, split: dict[int, tuple], state: dict) -> None:
-    load(sliced_optimizer_state(optimizer, state, split))

@@ -16,7 +16,6 @@ Every rank builds the whole model before sharding it (no meta device), so the in
 same seed; a model that does not fit one device before sharding needs ZeRO-3 instead.
 """
 
-from contextlib import ExitStack
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -32,12 +31,12 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.utils import get_total_norm
 from torch.optim import Optimizer
 
-from litmoe.core.patching import swapped
 from litmoe.distributed.expert_parallel import (
     ExpertParallelism,
     full_optimizer_state,
     full_state_dict,
     local,
+    optimizers_loading,
     sliced_optimizer_state,
     split_experts,
 )
@@ -119,11 +118,7 @@ class ExpertParallelFSDPStrategy(ModelParallelStrategy):
 
     def load_checkpoint(self, path, state=None, strict: bool = True, weights_only: bool | None = None):
         """Loading as DDP does, each parameter and optimizer moment cut to this rank's shard."""
-        optimizers = [obj for obj in state.values() if isinstance(obj, Optimizer)] if isinstance(state, dict) else []
-        with ExitStack() as stack:
-            for optimizer in optimizers:
-                load = partial(load_sharded_moments, optimizer, optimizer.load_state_dict, self.split)
-                stack.enter_context(swapped(optimizer, "load_state_dict", load))
+        with optimizers_loading(state, partial(sharded_moments, split=self.split)):
             return Strategy.load_checkpoint(self, path, state, strict, weights_only)
 
     def load_module_state_dict(self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True) -> None:
@@ -143,7 +138,8 @@ def like(parameter: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(value, parameter.device_mesh, parameter.placements, src_data_rank=None)
 
 
-def load_sharded_moments(optimizer: Optimizer, load, split: dict[int, tuple], state: dict) -> None:
+def sharded_moments(optimizer: Optimizer, state: dict, split: dict[int, tuple]) -> dict:
+    """A full optimizer state dict cut to this rank's experts, and each moment to its parameter's shard."""
     state = sliced_optimizer_state(optimizer, state, split)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     for index, moments in state["state"].items():
@@ -151,4 +147,4 @@ def load_sharded_moments(optimizer: Optimizer, load, split: dict[int, tuple], st
             key: like(parameters[index], value) if torch.is_tensor(value) and value.dim() > 0 else value
             for key, value in moments.items()
         }
-    load(state)
+    return state

@@ -185,8 +185,19 @@ class MoELayer(nn.Module):
         parallelism the rows travel to the ranks that hold their experts and back (litmoe.model.dispatch)."""
         if self.expert_group is None:
             return self.experts(rows, tokens_per_expert)
+        if capacity is None:
+            return self.exchange_dropless(rows, tokens_per_expert)
+        return self.exchange(rows, tokens_per_expert, capacity)
+
+    def exchange(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, capacity: int | None) -> torch.Tensor:
         arrived, per_local_expert, exchange = send_to_experts(rows, tokens_per_expert, self.expert_group, capacity)
         return send_back(self.experts(arrived, per_local_expert), exchange, self.expert_group)
+
+    @torch.compiler.disable
+    def exchange_dropless(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Eager under torch.compile: the split sizes come from the data, and a compiled graph would be
+        recompiled for each new size (until dynamo's recompile limit, then run eagerly anyway)."""
+        return self.exchange(rows, tokens_per_expert, None)
 
     def balancing_losses(
         self, tokens_per_expert: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor
