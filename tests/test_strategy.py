@@ -258,3 +258,16 @@ def torch_cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_each_node_says_once_what_it_waits_for_before_training():
+    from litmoe.distributed.strategy import rendezvous_line
+
+    environ = {"MASTER_ADDR": "node-a", "MASTER_PORT": "29500", "LOCAL_RANK": "0"}
+    assert rendezvous_line(2, 16, 30, environ) == (
+        "Waiting for all 16 ranks on 2 nodes to meet at node-a:29500; a node that never arrives ends the run after"
+        " --timeout-minutes (30)"
+    )
+    assert rendezvous_line(2, 16, 30, {**environ, "LOCAL_RANK": "3"}) is None  # one line per node
+    assert rendezvous_line(1, 8, 30, environ) is None  # one node: nothing to wait for
+    assert "meet; a node" in rendezvous_line(2, 16, 30, {"SLURM_NTASKS": "16"})  # SLURM: Lightning finds the address

@@ -223,6 +223,20 @@ def check_node_rendezvous(num_nodes: int, environ: dict[str, str] = os.environ) 
         )
 
 
+def rendezvous_line(
+    num_nodes: int, world_size: int, timeout_minutes: int, environ: dict[str, str] = os.environ
+) -> str | None:
+    """What a node waits for before training starts, said once per node: without it a node whose peers never
+    arrive waits in silence until the collective timeout."""
+    if num_nodes == 1 or environ.get("LOCAL_RANK", "0").strip() != "0":
+        return None
+    where = f" at {environ['MASTER_ADDR']}:{environ.get('MASTER_PORT', '?')}" if "MASTER_ADDR" in environ else ""
+    return (
+        f"Waiting for all {world_size} ranks on {num_nodes} nodes to meet{where}; a node that never arrives ends the"
+        f" run after --timeout-minutes ({timeout_minutes})"
+    )
+
+
 def check_launcher_variables(world_size: int, environ: dict[str, str] = os.environ) -> None:
     """What a launcher says about the ranks in the environment: whole numbers, and as many ranks as this run has.
     litdata splits the data by WORLD_SIZE itself, so a stale one (a shell left from torchrun) would silently train

@@ -33,6 +33,7 @@ from litmoe.distributed.strategy import (
     check_expert_parallel_precision,
     check_launcher_variables,
     check_node_rendezvous,
+    rendezvous_line,
     resolve_strategy,
 )
 from litmoe.model.attention import attention_kernel_scope, check_attention, default_precision, tf32_matmuls
@@ -164,6 +165,8 @@ def setup(
             val_tokens=plan.data.tokens["val"],
             overview=overview,
         )
+        if line := rendezvous_line(num_nodes, plan.hardware.world_size, strategy.timeout_minutes):
+            print(line)
         with patched_pretrain(settings), attention_kernel_scope(optimization.flash_attention_force):
             run_pretrain(plan, out_dir, resume, initial, train, eval, log, devices, num_nodes, num_workers,
                          logger_name, seed)  # fmt: skip
