@@ -136,16 +136,19 @@ def test_expert_parallel_on_fsdp_trains_as_ddp_and_checkpoints_what_ddp_does(pre
 
 
 def test_expert_parallel_accumulates_like_ddp(prepared, tiny_model_file, tmp_path):
-    """Two micro-batches per optimizer step: the experts' gradients are reduced once per step, after both, and the
-    losses stay DDP's."""
+    """Two micro-batches per optimizer step: on DDP the experts' gradients are reduced once per step, after both;
+    on FSDP every micro-batch's are reduce-scattered and summed in the shards. The losses stay DDP's."""
     budget, extra = 2 * 4 * 64 * 16, ("--train.global_batch_size", "16", "--train.save_interval", "100")
     runs = {}
-    for name, strategy in (("ddp", ("--strategy", "ddp")), ("split", EXPERT_PARALLEL)):
+    for name, strategy in (("ddp", ("--strategy", "ddp")), ("split", EXPERT_PARALLEL),
+                           ("sharded", SHARDED_EXPERT_PARALLEL)):  # fmt: skip
         runs[name] = tmp_path / name
         run_two_ranks(tiny_run_args(prepared, tiny_model_file, runs[name], budget, extra), strategy)
-    expected, got = logged(runs["ddp"], "loss"), logged(runs["split"], "loss")
-    assert sorted(got) == sorted(expected) and len(got) == 8
-    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
+    expected = logged(runs["ddp"], "loss")
+    for name in ("split", "sharded"):
+        got = logged(runs[name], "loss")
+        assert sorted(got) == sorted(expected) and len(got) == 8, name
+        assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got), name
 
 
 def test_a_torchrun_launch_with_expert_parallelism_writes_a_stock_checkpoint(prepared, tiny_model_file, tmp_path):

@@ -86,7 +86,7 @@ def test_bytes_per_parameter():
 
 def test_memory_per_device_under_each_strategy():
     """Hand-computed: 1,000 parameters (block of 100), 64 bytes of activations, bf16-mixed, 2 nodes x 4 GPUs."""
-    estimate = TrainingEstimate(1000, 500, 100, 6000, activations=64.0, activations_checkpointed=16.0)
+    estimate = TrainingEstimate(1000, 500, 100, 6000, activations=64.0, activations_checkpointed=16.0, layers=10)
     placement = {"world_size": 8, "devices_per_node": 4}
 
     def memory(choice, **kwargs):
@@ -108,7 +108,7 @@ def test_memory_per_device_under_each_strategy():
 
 def test_expert_parallel_holds_its_share_of_the_experts():
     """Hand-computed: 1,000 parameters of which 800 are routed experts, split 4 ways: 200 + 800 / 4 per rank."""
-    estimate = TrainingEstimate(1000, 500, 100, 6000, 64.0, 16.0, expert_parameters=800, micro_batch_tokens=10)
+    estimate = TrainingEstimate(1000, 500, 100, 6000, 64.0, 16.0, expert_parameters=800, layers=2)
     got = per_device_memory(estimate, "bf16-mixed", StrategyChoice("ddp", "", expert_parallel=4), world_size=8)
     assert (got.weights, got.gradients, got.optimizer) == (400 * 4, 400 * 4, 400 * 8)
 

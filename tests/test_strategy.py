@@ -23,7 +23,7 @@ def decide(gpus: int, gpu_gb: float | None, cpu_gb: float, billions: float, node
     hardware = Hardware(gpus, nodes, gpu_gb and gpu_gb * GB, cpu_gb * GB, deepspeed)
     params = int(billions * 1e9)
     estimate = TrainingEstimate(
-        params, params, params // 50, 6 * params, activations=1 * GB, activations_checkpointed=0
+        params, params, params // 50, 6 * params, activations=1 * GB, activations_checkpointed=0, layers=50
     )
     memory_of = partial(
         per_device_memory, estimate, "bf16-mixed", world_size=hardware.world_size, devices_per_node=gpus
@@ -54,13 +54,13 @@ def test_auto_splits_the_experts_where_a_replica_does_not_fit_but_a_split_one_do
     """8 x 80 GB, 7B parameters of which 6B are experts: a DDP replica needs 112 GB of state, one with an eighth of
     the experts 28 GB. Auto then splits them over the node's 8 GPUs (and not where the model has none)."""
     hardware = Hardware(8, 1, 80 * GB, 1024 * GB, True)
-    estimate = TrainingEstimate(7 * 10**9, 10**9, 10**8, 6 * 10**9, 1 * GB, 0, expert_parameters=6 * 10**9)
+    estimate = TrainingEstimate(7 * 10**9, 10**9, 10**8, 6 * 10**9, 1 * GB, 0, expert_parameters=6 * 10**9, layers=70)
     memory_of = partial(per_device_memory, estimate, "bf16-mixed", world_size=8, devices_per_node=8)
     choice = resolve_strategy(StrategyArgs(), hardware, memory_of, expert_split=8)
     assert (choice.name, choice.expert_parallel) == ("ddp", 8)
     assert "DDP across 8 ranks, experts split over 8 (expert parallel) needs 27.0 GiB" in choice.reason
     assert resolve_strategy(StrategyArgs(), hardware, memory_of, expert_split=1).name == "deepspeed"
-    small = TrainingEstimate(10**9, 10**9, 10**7, 6 * 10**9, 1 * GB, 0, expert_parameters=8 * 10**8)
+    small = TrainingEstimate(10**9, 10**9, 10**7, 6 * 10**9, 1 * GB, 0, expert_parameters=8 * 10**8, layers=100)
     memory_of = partial(per_device_memory, small, "bf16-mixed", world_size=8, devices_per_node=8)
     assert resolve_strategy(StrategyArgs(), hardware, memory_of, expert_split=8).expert_parallel == 1  # DDP fits
 
@@ -77,6 +77,9 @@ def test_auto_shards_the_rest_with_fsdp_where_a_split_replica_does_not_fit():
     assert (choice.name, choice.expert_parallel) == ("fsdp", 8)
     needs = 60 * GB + 2 * 4 * (625e6 - 28e9 * 7 / 8 / 48) + 1 * GB
     assert f"FSDP across 8 ranks, experts split over 8 (expert parallel) needs {needs / 2**30:.1f} GiB" in choice.reason
+    fp16 = partial(per_device_memory, estimate, "16-mixed", world_size=8, devices_per_node=8)
+    choice = resolve_strategy(StrategyArgs(), hardware, fp16, expert_split=8, precision="16-mixed")
+    assert choice.name == "deepspeed"  # FSDP has no fp16 loss scaler: not among auto's plans then
 
 
 def test_expert_parallel_runs_on_ddp_or_fsdp_and_fsdp_takes_no_fp16_scaling():

@@ -18,7 +18,7 @@ Memory per device:
 
 import os
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,7 +67,7 @@ class TrainingEstimate:
     activations_checkpointed: float
     expert_parameters: int = 0  # of the routed experts, all layers
     micro_batch_tokens: int = 0
-    layers: int = 1
+    layers: int = field(kw_only=True)  # transformer blocks: one block holds expert_parameters / layers
 
 
 @dataclass
@@ -125,11 +125,6 @@ def all_to_all_bytes(config, estimate: TrainingEstimate, precision: str, expert_
     return 4 * config.n_layer * rows * config.n_embd * act_bytes * (expert_parallel - 1) / expert_parallel
 
 
-def sharded_experts(choice: StrategyChoice) -> bool:
-    """Whether FSDP2 shards everything: the dense part over all ranks, each rank's experts over their replicas."""
-    return choice.name == "fsdp" and choice.expert_parallel > 1
-
-
 def fsdp_gathered_bytes(estimate: TrainingEstimate, precision: str, world_size: int, expert_parallel: int) -> float:
     """Bytes one rank receives per micro-batch under FSDP with expert parallelism: the dense weights from all
     ranks and its own experts from their replicas, for the forward and again for the backward, less its shard."""
@@ -153,14 +148,15 @@ def per_device_memory(
 ) -> DeviceMemory:  # fmt: skip
     """One rank's memory under a strategy (see the module docstring for what is sharded where)."""
     weight, gradient, state = bytes_per_parameter(precision, deepspeed=choice.name == "deepspeed")
-    ranks = {"fsdp": devices_per_node, "deepspeed": world_size}.get(choice.name, 1)
     stage = 3 if choice.name == "fsdp" else choice.zero_stage or 0
-
     others = estimate.expert_parameters * (1 - 1 / choice.expert_parallel)  # experts other ranks hold
-    held = estimate.total_parameters - others
-    block = estimate.block_parameters - others / estimate.layers
-    if sharded_experts(choice):  # 1 / world of the dense part, and of the rank's experts 1 / their replicas
+    if choice.shards_experts:  # 1 / world of the dense part, and of the rank's own experts 1 / their replicas
         held, ranks = estimate.total_parameters, world_size
+        block = estimate.block_parameters - others / estimate.layers  # gathered: a block's dense part, own experts
+    else:
+        held = estimate.total_parameters - others
+        ranks = {"fsdp": devices_per_node, "deepspeed": world_size}.get(choice.name, 1)
+        block = estimate.block_parameters
 
     def sharded(nbytes: float, from_stage: int) -> float:
         return held * nbytes / (ranks if stage >= from_stage else 1)
@@ -224,7 +220,7 @@ def expert_parallel_traffic(
     sent = all_to_all_bytes(config, estimate, precision, split)
     zero3 = zero3_gathered_bytes(estimate, precision, world_size)
     fsdp = ""
-    if sharded_experts(choice):
+    if choice.shards_experts:
         gathered = fsdp_gathered_bytes(estimate, precision, world_size, split)
         fsdp = f" and FSDP gathers {gathered / GiB:.3f} GiB of weights (the dense part and its own experts)"
     worst = estimate.micro_batch_tokens * config.n_expert_per_token * split * config.n_embd * element_bytes(precision)

@@ -15,7 +15,6 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -115,9 +114,17 @@ def whole(tensor: Any) -> Any:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def collected(tensor: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """A tensor just gathered for a checkpoint: in CPU memory on the rank that writes the file, dropped on the
+    others (the whole model's state on every device would not fit where the model had to be sharded)."""
+    return tensor.cpu() if keep else None
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's state dict with every expert of every layer, under stock LitGPT keys, and every FSDP shard
-    gathered, as one process without expert parallelism would save it (a collective: every rank calls it)."""
+    gathered, as one process without expert parallelism would save it. A collective: every rank calls it, and
+    only rank 0, which writes the file, keeps what was gathered."""
+    keep = dist.get_rank() == 0
     state = module.state_dict()
     for name, layer in module.named_modules():
         experts = getattr(layer, "experts", None)
@@ -126,9 +133,11 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         prefix = f"{name}.experts." if name else "experts."
         for key in [key for key in state if key.startswith(prefix)]:
             del state[key]
-        stacked = {f"{prefix}{n}": gathered(whole(p), layer.expert_group) for n, p in experts.named_parameters()}
-        state.update(stock_expert_entries(stacked, prefix, range(experts.n_expert), experts.hidden))
-    return {key: whole(value) for key, value in state.items()}
+        group = layer.expert_group
+        stacked = {f"{prefix}{n}": collected(gathered(whole(p), group), keep) for n, p in experts.named_parameters()}
+        if keep:
+            state.update(stock_expert_entries(stacked, prefix, range(experts.n_expert), experts.hidden))
+    return {key: collected(whole(value), keep) if isinstance(value, DTensor) else value for key, value in state.items()}
 
 
 def split_moments(optimizer: torch.optim.Optimizer, state: dict, split: dict[int, tuple]) -> Iterator[tuple]:
@@ -140,15 +149,20 @@ def split_moments(optimizer: torch.optim.Optimizer, state: dict, split: dict[int
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, split: dict[int, tuple]) -> dict[str, Any]:
     """The optimizer's state dict with the moments of split experts gathered to all experts, and every FSDP shard
-    gathered (a collective)."""
+    gathered (a collective; only rank 0 keeps what was gathered, as in `full_state_dict`)."""
+    keep = dist.get_rank() == 0
     state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: replaced, not changed
     for index, _, group in split_moments(optimizer, state, split):
         state["state"][index] = {
-            key: gathered(whole(value), group) if torch.is_tensor(value) and value.dim() > 0 else value
+            key: collected(gathered(whole(value), group), keep) if torch.is_tensor(value) and value.dim() > 0 else value
             for key, value in state["state"][index].items()
         }
     state["state"] = {
-        index: {key: whole(value) for key, value in moments.items()} for index, moments in state["state"].items()
+        index: {
+            key: collected(whole(value), keep) if isinstance(value, DTensor) else value
+            for key, value in moments.items()
+        }
+        for index, moments in state["state"].items()
     }
     return state
 
@@ -160,13 +174,26 @@ def optimizers_loading(state: Any, convert: Callable[[torch.optim.Optimizer, dic
     objects = state.values() if isinstance(state, dict) else []
     with ExitStack() as stack:
         for optimizer in [obj for obj in objects if isinstance(obj, torch.optim.Optimizer)]:
-            load = partial(load_converted, optimizer, optimizer.load_state_dict, convert)
-            stack.enter_context(swapped(optimizer, "load_state_dict", load))
+            stack.enter_context(swapped(optimizer, "load_state_dict", converting_load(optimizer, convert)))
         yield
 
 
-def load_converted(optimizer: torch.optim.Optimizer, load: Callable, convert: Callable, full: dict) -> None:
-    load(convert(optimizer, full))
+def converting_load(optimizer: torch.optim.Optimizer, convert: Callable) -> Callable[[dict], None]:
+    load = optimizer.load_state_dict
+
+    def load_converted(full: dict) -> None:
+        load(convert(optimizer, full))
+
+    return load_converted
+
+
+def clip_to_norm(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor, error_if_nonfinite: bool) -> None:
+    """Scale `grads` (those this rank holds) so that the whole model's gradient norm `norm` is at most `max_norm`,
+    as `torch.nn.utils.clip_grad_norm_` does for a model held by one process."""
+    if error_if_nonfinite and not torch.isfinite(norm):
+        raise RuntimeError(f"the total norm of the gradients is {norm.item()}")
+    if grads:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
 
 
 def sliced_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, split: dict[int, tuple]) -> dict:

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+from torch.nn.utils import get_total_norm
 from torch.optim import Optimizer
 
 from litmoe.distributed.expert_parallel import (
     ExpertParallelism,
+    clip_to_norm,
     full_optimizer_state,
     full_state_dict,
     optimizers_loading,
@@ -73,9 +74,7 @@ class ExpertParallelDDPStrategy(DDPStrategy):
         if dense:
             squares = squares + get_total_norm(dense).square()
         norm = squares.sqrt()
-        if error_if_nonfinite and not torch.isfinite(norm):
-            raise RuntimeError(f"the total norm of the gradients is {norm.item()}")
-        clip_grads_with_norm_(parameters, max_norm, norm)
+        clip_to_norm([p.grad for p in parameters], max_norm, norm, error_if_nonfinite)
         return norm
 
     def optimizer_step(self, optimizer, **kwargs: Any) -> Any:

@@ -8,6 +8,7 @@ Hosted by Lightning's `ModelParallelStrategy`, whose `parallelize_fn` is `shard`
   dense part  every transformer block, then the rest of the model, sharded over all ranks (`fully_shard`)
   clip norm   each rank's shards of every gradient hold each element once across the world: the squares of the
               local shards summed over all ranks are the squared norm of the whole model
+  accumulate  the reduce-scatter runs after every micro-batch, so that gradients stay sharded between them
   save        weights and optimizer moments gathered to every expert under stock keys, the same file the DDP
               strategies write, so a run resumes at any expert-parallel size, under DDP or FSDP
   load        each rank keeps its own shard of its experts and of the dense weights from such a file
@@ -16,6 +17,7 @@ Every rank builds the whole model before sharding it (no meta device), so the in
 same seed; a model that does not fit one device before sharding needs ZeRO-3 instead.
 """
 
+from contextlib import nullcontext
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -25,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.strategies import ModelParallelStrategy
-from lightning.fabric.strategies.strategy import Strategy
+from lightning.fabric.strategies.strategy import Strategy, _BackwardSyncControl
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.utils import get_total_norm
@@ -33,6 +35,7 @@ from torch.optim import Optimizer
 
 from litmoe.distributed.expert_parallel import (
     ExpertParallelism,
+    clip_to_norm,
     full_optimizer_state,
     full_state_dict,
     local,
@@ -56,9 +59,10 @@ class ExpertParallelFSDPStrategy(ModelParallelStrategy):
         self.parallelism = parallelism
         self.file_io = checkpoint_io
         self.split: dict[int, tuple] = {}  # id(expert parameter) -> (its experts, their group), once sharded
+        self._backward_sync_control = ReduceEveryMicroBatch()
 
     @property
-    def checkpoint_io(self) -> CheckpointIO:
+    def checkpoint_io(self) -> CheckpointIO:  # ModelParallelStrategy has none (it writes distributed checkpoints)
         return self.file_io
 
     @checkpoint_io.setter
@@ -83,7 +87,9 @@ class ExpertParallelFSDPStrategy(ModelParallelStrategy):
         for layer in moe_layers(module):
             experts = fully_shard(layer.experts, mesh=replicas)
             experts.set_gradient_divide_factor(self.world_size)
-            experts.set_force_sum_reduction_for_comms(True)  # a sum, then the division (gloo has no pre-scaled sum)
+            # A sum, then one division: gloo has no pre-scaled sum (NCCL's PREMUL_SUM). Not for one replica, where
+            # torch 2.15's FSDP2 would then divide twice (tests/test_distributed.py checks both cases).
+            experts.set_force_sum_reduction_for_comms(replicas.size() > 1)
         for block in module.modules():
             if isinstance(block, Block):
                 fully_shard(block, mesh=world)
@@ -101,10 +107,7 @@ class ExpertParallelFSDPStrategy(ModelParallelStrategy):
         squares = get_total_norm(grads).square() if grads else torch.zeros((), device=self.root_device)
         dist.all_reduce(squares)
         norm = squares.sqrt()
-        if error_if_nonfinite and not torch.isfinite(norm):
-            raise RuntimeError(f"the total norm of the gradients is {norm.item()}")
-        if grads:
-            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        clip_to_norm(grads, max_norm, norm, error_if_nonfinite)
         return norm
 
     def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
@@ -125,12 +128,23 @@ class ExpertParallelFSDPStrategy(ModelParallelStrategy):
         state_dict = stacked_from_stock_keys(module, state_dict)
         parameters = dict(module.named_parameters())
         module.load_state_dict(
-            {key: like(parameters[key], value) if key in parameters else value for key, value in state_dict.items()},
+            {
+                key: shard_like(parameters[key], value) if key in parameters else value
+                for key, value in state_dict.items()
+            },
             strict=strict,
         )
 
 
-def like(parameter: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+class ReduceEveryMicroBatch(_BackwardSyncControl):
+    """Gradient accumulation that keeps FSDP's reduce-scatter after every micro-batch (as torchtitan does): skipping
+    it would keep every rank's whole unsharded gradients between micro-batches, the memory FSDP is there to save."""
+
+    def no_backward_sync(self, module: nn.Module, enabled: bool):
+        return nullcontext()
+
+
+def shard_like(parameter: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """A full tensor cut to `parameter`'s shard on this rank (no communication: every rank holds the value)."""
     if not isinstance(parameter, DTensor):
         return value
@@ -144,7 +158,7 @@ def sharded_moments(optimizer: Optimizer, state: dict, split: dict[int, tuple]) 
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     for index, moments in state["state"].items():
         state["state"][index] = {
-            key: like(parameters[index], value) if torch.is_tensor(value) and value.dim() > 0 else value
+            key: shard_like(parameters[index], value) if torch.is_tensor(value) and value.dim() > 0 else value
             for key, value in moments.items()
         }
     return state

@@ -23,14 +23,19 @@ from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
 
 
 class DirectCheckpointIO(TorchCheckpointIO):
-    """Lightning's single-file save without its temporary file in $TMPDIR: the scratch directory around it is
-    what makes the checkpoint appear atomically."""
+    """Lightning's single-file save without its temporary file in $TMPDIR (the scratch directory around it is
+    what makes the checkpoint appear atomically), and a memory-mapped load."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as file:
             torch.save(checkpoint, file)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Memory-mapped: the ranks of a node share the file's pages instead of each reading the whole checkpoint
+        into its own memory."""
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
 
 
 def fabric_builder(

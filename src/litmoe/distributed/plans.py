@@ -20,6 +20,12 @@ class StrategyChoice:
     offload_params: Literal["none", "cpu", "nvme"] = "none"
     expert_parallel: int = 1  # ranks that share out each MoE layer's experts
 
+    @property
+    def shards_experts(self) -> bool:
+        """FSDP2 with the experts split: the dense part sharded over all ranks, each rank's experts over their
+        replicas (litmoe.distributed.expert_parallel_fsdp)."""
+        return self.name == "fsdp" and self.expert_parallel > 1
+
     def label(self, world_size: int, devices_per_node: int) -> str:
         if self.name == "single":
             return "single device"
@@ -27,7 +33,7 @@ class StrategyChoice:
             return f"DDP across {world_size} ranks, experts split over {self.expert_parallel} (expert parallel)"
         if self.name == "ddp":
             return f"DDP across {world_size} ranks"
-        if self.name == "fsdp" and self.expert_parallel > 1:
+        if self.shards_experts:
             return f"FSDP across {world_size} ranks, experts split over {self.expert_parallel} (expert parallel)"
         if self.name == "fsdp":
             return f"FSDP, sharded within each node's {devices_per_node} devices"

@@ -32,7 +32,7 @@ SMALL_GPU = 16 * 10**9
 
 def resolve_strategy(
     args: StrategyArgs, hardware: Hardware, memory_of: Callable[[StrategyChoice], DeviceMemory] | None = None,
-    compile: bool = False, expert_split: int = 1,
+    compile: bool = False, expert_split: int = 1, precision: str = "bf16-mixed",
 ) -> StrategyChoice:  # fmt: skip
     """The strategy to train with, and why; raises for contradictions, before any work starts.
 
@@ -40,7 +40,7 @@ def resolve_strategy(
     expert-parallel size `auto` may choose (1: none)."""
     if args.decided_by_auto:
         split = expert_split if args.expert_parallel == 1 else 1  # a size the user gave is theirs to keep
-        choice = decide(hardware, memory_of, args.nvme_path, split)
+        choice = decide(hardware, memory_of, args.nvme_path, split, precision)
         return with_expert_parallel(choice, args.expert_parallel, hardware)
     choice = requested(args, hardware.world_size)
     if choice.name == "deepspeed":
@@ -70,7 +70,7 @@ def with_expert_parallel(choice: StrategyChoice, size: int, hardware: Hardware) 
 
 def check_expert_parallel_precision(choice: StrategyChoice, precision: str) -> None:
     """FSDP2 under Lightning's ModelParallelStrategy has no loss scaler, so no fp16 mixed precision."""
-    if choice.name == "fsdp" and choice.expert_parallel > 1 and precision == "16-mixed":
+    if choice.shards_experts and precision == "16-mixed":
         raise UserError(
             f"--precision 16-mixed: FSDP with expert parallelism (--strategy.expert_parallel {choice.expert_parallel})"
             " has no fp16 loss scaling; use --precision bf16-mixed, or --strategy ddp"
@@ -151,14 +151,14 @@ def check_nvme_path(path: Path | None) -> None:
 
 def decide(
     hardware: Hardware, memory_of: Callable[[StrategyChoice], DeviceMemory], nvme_path: Path | None,
-    expert_split: int = 1,
+    expert_split: int = 1, precision: str = "bf16-mixed",
 ) -> StrategyChoice:  # fmt: skip
     world = hardware.world_size
     if hardware.gpu_memory is None:
         if world == 1:
             return StrategyChoice("single", "no CUDA GPU: one CPU process")
         return StrategyChoice("ddp", f"{world} CPU processes: DDP over gloo (FSDP and DeepSpeed need CUDA)")
-    plans = candidate_plans(hardware, nvme_path is not None, expert_split)
+    plans = candidate_plans(hardware, nvme_path is not None, expert_split, precision)
     gpu = hardware.gpu_memory
     needs = {plan: memory_of(plan) for plan in plans}
 
@@ -181,7 +181,9 @@ def decide(
     return replace(chosen, reason=why)
 
 
-def candidate_plans(hardware: Hardware, nvme: bool, expert_split: int = 1) -> list[StrategyChoice]:
+def candidate_plans(
+    hardware: Hardware, nvme: bool, expert_split: int = 1, precision: str = "bf16-mixed"
+) -> list[StrategyChoice]:
     """What `auto` tries, in order; the reason is filled in by `decide`. Expert parallelism comes right after
     DDP: where a replica does not fit, splitting the experts keeps DDP's one all-reduce per step and moves only
     the routed tokens, where ZeRO gathers weights; then the same with the rest sharded by FSDP, which gathers
@@ -193,7 +195,8 @@ def candidate_plans(hardware: Hardware, nvme: bool, expert_split: int = 1) -> li
         plans = [StrategyChoice("ddp", "")]
         if expert_split > 1:
             plans.append(StrategyChoice("ddp", "", expert_parallel=expert_split))
-            plans.append(StrategyChoice("fsdp", "", expert_parallel=expert_split))
+            if precision != "16-mixed":  # no loss scaler there (check_expert_parallel_precision)
+                plans.append(StrategyChoice("fsdp", "", expert_parallel=expert_split))
         plans.append(StrategyChoice("deepspeed", "", 2, offload))
         plans.append(StrategyChoice("deepspeed", "", 3, offload))
     plans.append(StrategyChoice("deepspeed", "", 3, "cpu", "cpu"))

@@ -293,7 +293,7 @@ def print_estimate(
     memory_of = memory_per_device(estimate, precision, hardware, optimization)
     if strategy.decided_by_auto:
         split = auto_expert_split(config, moe.layer, hardware.devices_per_node)
-        choice = resolve_strategy(strategy, hardware, memory_of, compile=optimization.compile, expert_split=split)
+        choice = resolve_strategy(strategy, hardware, memory_of, optimization.compile, split, precision)
     else:
         choice = with_expert_parallel(requested(strategy, hardware.world_size), strategy.expert_parallel, hardware)
     check_expert_parallel_precision(choice, precision)

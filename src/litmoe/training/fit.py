@@ -252,7 +252,7 @@ def start_run(settings: PatchSettings, saver: AtomicSave, fabric, state: dict) -
         fabric.barrier()
         if fabric.is_global_zero:
             shutil.rmtree(settings.initial_weights, ignore_errors=True)
-    flat_shards = settings.strategy.name == "fsdp" and settings.strategy.expert_parallel == 1  # LitGPT's FSDP
+    flat_shards = settings.strategy.name == "fsdp" and not settings.strategy.shards_experts  # LitGPT's FSDP
     saver.needed_bytes = checkpoint_bytes(state["model"], fabric.world_size, flat_shards)
     if fabric.is_global_zero:
         warn_if_little_space(settings.out_dir, saver.needed_bytes, console.print)

@@ -340,7 +340,7 @@ def choose_strategy(
         estimate = estimate_training(config, precision, train.micro_batch_size, seq_len)
         memory_of = memory_per_device(estimate, precision, hardware, optimization)
     split = auto_expert_split(config, moe_layer, hardware.devices_per_node)
-    choice = resolve_strategy(args, hardware, memory_of, compile=optimization.compile, expert_split=split)
+    choice = resolve_strategy(args, hardware, memory_of, optimization.compile, split, precision)
     check_expert_parallel_precision(choice, precision)
     return choice
 
