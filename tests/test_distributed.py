@@ -5,6 +5,7 @@ import importlib.util
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,18 @@ def test_zero3_across_two_ranks_trains_as_ddp(prepared, tiny_model_file, tmp_pat
 EXPERT_PARALLEL = ("--strategy", "ddp", "--strategy.expert_parallel", "2")
 
 
+def assert_trains_as(reference: Path, run: Path) -> dict[int, float]:
+    """`run` logged the reference run's 30 losses (1e-5) and ended with its weights (1e-5 / 1e-6); returns the
+    reference's losses."""
+    expected, got = logged(reference, "loss"), logged(run, "loss")
+    assert sorted(got) == sorted(expected) == list(range(30))
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
+    ours, theirs = final_weights(run), final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6) for key in theirs)
+    return expected
+
+
 def test_expert_parallel_trains_as_ddp_and_checkpoints_what_ddp_does(prepared, tiny_model_file, tmp_path, ddp_run):
     """Each rank holds half of the experts and the tokens travel to them: the losses and final weights are the
     DDP run's, the checkpoint has every expert under stock keys (with the optimizer's moments), a run without
@@ -88,12 +101,7 @@ def test_expert_parallel_trains_as_ddp_and_checkpoints_what_ddp_does(prepared, t
     out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, split, BUDGET, EXTRA), EXPERT_PARALLEL)
     assert "Strategy: DDP across 2 ranks, experts split over 2 (expert parallel)" in out
     assert "Data parallel: parameters identical on all 2 ranks after training" in out  # the replicated ones
-    expected, got = logged(ddp, "loss"), logged(split, "loss")
-    assert sorted(got) == sorted(expected) == list(range(30))
-    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
-    ours, reference = final_weights(split), final_weights(ddp)
-    assert ours.keys() == reference.keys()
-    assert all(torch.allclose(ours[key], reference[key], rtol=1e-5, atol=1e-6) for key in reference)
+    expected = assert_trains_as(ddp, split)
 
     for source, target, strategy in ((split, "unsplit", ("--strategy", "ddp")), (ddp, "resplit", EXPERT_PARALLEL)):
         extra = (*EXTRA, "--resume", str(source / "step-00000010" / "lit_model.pth"))  # each way round
@@ -115,12 +123,7 @@ def test_expert_parallel_on_fsdp_trains_as_ddp_and_checkpoints_what_ddp_does(pre
     sharded = tmp_path / "sharded"
     out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, sharded, BUDGET, EXTRA), SHARDED_EXPERT_PARALLEL)
     assert "Strategy: FSDP across 2 ranks, experts split over 2 (expert parallel)" in out
-    expected, got = logged(ddp, "loss"), logged(sharded, "loss")
-    assert sorted(got) == sorted(expected) == list(range(30))
-    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
-    ours, reference = final_weights(sharded), final_weights(ddp)
-    assert ours.keys() == reference.keys()
-    assert all(torch.allclose(ours[key], reference[key], rtol=1e-5, atol=1e-6) for key in reference)
+    expected = assert_trains_as(ddp, sharded)
     ours, reference = (torch.load(run / "step-00000010" / "lit_model.pth")["optimizer"] for run in (sharded, ddp))
     assert ours["param_groups"] == reference["param_groups"] and ours["state"].keys() == reference["state"].keys()
     for index, moments in reference["state"].items():
