@@ -1,7 +1,21 @@
-"""Real 2-process data-parallel runs on CPU (DDP over gloo, and DeepSpeed ZeRO-3 on DeepSpeed's CPU
-accelerator), launched as users launch them."""
+"""Every way training spreads over CPU ranks (gloo), held to one reference: DDP, DDP and FSDP with the experts split
+(expert parallelism), DeepSpeed ZeRO-3 and ZeRO-2 with offload (DeepSpeed's CPU accelerator), with gradient
+accumulation and with clipping active at every step.
+
+Two launches of two ranks and one of four check everything that needs that many ranks:
+  kill -9      run_train.py --devices 2, as users launch it (Lightning starts the second rank), experts split;
+               every rank killed after the step-10 checkpoint
+  2 ranks      torchrun, tests/ranks.py: DDP (the reference), a SIGTERM to rank 0 only and its resume, experts split
+               on DDP and on FSDP, resumes across those plans, the kill -9 run resumed, ZeRO-3, the expert-parallel
+               layer; then rank 0 alone: one device against ZeRO-3 (resume, consolidation) and ZeRO-2 with offload
+  4 ranks      torchrun: DDP against experts split over 2 and over 4 and over 2 on FSDP; the layer at EP 2 and 4
+The tests below read what the launches left (logs, checkpoints, output); each asserts one property.
+"""
 
 import importlib.util
+import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,7 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, final_weights, run_train_process, tiny_run_args
+from conftest import REPO, final_weights, tiny_run_args
+from expert_parallel_layer import LAYER_CASES
 from test_long_runs import signal_when, start_run
 from test_train import logged
 
@@ -18,189 +33,304 @@ from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
 from litmoe.inference.generate import generate
 from litmoe.training.saving import read_progress
 
-BUDGET = 2 * 4 * 64 * 30  # 30 iterations of micro-batch 4 x 64 tokens on each of 2 ranks
-EXTRA = ("--train.global_batch_size", "8", "--train.save_interval", "10", "--eval.interval", "100")
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+MAX_NORM = 0.25  # below every step's gradient norm in these runs: clipping bites at each step (checked)
+# 20 optimizer steps of 2 accumulated micro-batches (4 x 64 tokens) on each of 2 ranks, checkpoints every 10
+BUDGET = 20 * 2 * 2 * 4 * 64
+EXTRA = (
+    "--train.global_batch_size", "16", "--train.save_interval", "10", "--eval.interval", "100",
+    "--train.max_norm", str(MAX_NORM),
+)  # fmt: skip
+DDP = ("--strategy", "ddp")
+EXPERT_PARALLEL = ("--strategy", "ddp", "--strategy.expert_parallel", "2")
+SHARDED_EXPERT_PARALLEL = ("--strategy", "fsdp", "--strategy.expert_parallel", "2")
+ZERO3 = ("--strategy", "deepspeed", "--zero-stage", "3")
+STEPS = [2 * step + 1 for step in range(20)]  # the iteration each optimizer step is logged at
+# One device against ZeRO (rank 0 alone): 8 optimizer steps of 2 accumulated micro-batches, clipped, checkpoints
+# every 4 steps; aux-loss-free balancing on, so that the experts' selection bias is trained, saved and consolidated
+ALONE_BUDGET = 16 * 4 * 64
+ALONE = (
+    "--train.global_batch_size", "8", "--train.max_norm", str(MAX_NORM), "--eval.interval", "100",
+    "--moe.bias_update_rate", "0.001",
+)  # fmt: skip
+# Four ranks: 10 optimizer steps of one micro-batch per rank
+FOUR_BUDGET = 4 * 4 * 64 * 10
+FOUR = ("--train.global_batch_size", "16", "--train.save_interval", "100", "--train.max_norm", str(MAX_NORM))
 
 
-def run_two_ranks(args: list[str], strategy: tuple[str, ...] = ("--strategy", "ddp")) -> str:
-    return run_train_process([*args, "--devices", "2", *strategy], **{DEEPSPEED_ON_CPU: "1"})
+def torchrun(ranks: int, folder: Path, steps: list[dict]) -> Path:
+    """Run the plan's steps on `ranks` gloo ranks started by torchrun (tests/ranks.py); returns the folder of
+    their outputs, failing with the failed step's output."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = folder / "plan.json"
+    plan.write_text(json.dumps({"folder": str(folder), "steps": steps}))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", DEEPSPEED_ON_CPU: "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launch, "tests/ranks.py", str(plan)], cwd=REPO, env=environment, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    if result.returncode != 0:
+        failed = [path for path in folder.glob("*.status") if path.read_text() == "1"]
+        outputs = "".join(path.with_suffix(".out").read_text()[-3000:] for path in failed)
+        pytest.fail(f"torchrun exited {result.returncode}:\n{outputs}\n{result.stderr[-3000:]}")
+    return folder
+
+
+class Launch:
+    """The folder of a torchrun launch: each step's output, exit status and run directory."""
+
+    def __init__(self, folder: Path, ranks: int) -> None:
+        self.folder, self.ranks = folder, ranks
+
+    def out(self, name: str, rank: int = 0) -> str:
+        return (self.folder / f"{name}.rank{rank}.out").read_text()
+
+    def status(self, name: str, rank: int = 0) -> int:
+        return int((self.folder / f"{name}.rank{rank}.status").read_text())
+
+    def run(self, name: str) -> Path:
+        return self.folder / "runs" / name
 
 
 @pytest.fixture(scope="module")
-def ddp_run(prepared, tiny_model_file, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ddp")
-    return out_dir, run_two_ranks(tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, EXTRA))
+def inputs(prepared, tiny_model_file) -> tuple[Path, Path]:
+    return prepared, tiny_model_file
 
 
-def test_two_ranks_train_on_different_data_stay_in_sync_and_stop_together(prepared, tiny_model_file, tmp_path, ddp_run):
+def plan_run(runs: Path, inputs: tuple[Path, Path], name: str, budget: int, extra: tuple[str, ...], **options):
+    args = tiny_run_args(*inputs, runs / name, budget, extra)
+    return {"name": name, "train": [*args, "--num_workers", "0"], **options}
+
+
+@pytest.fixture(scope="module")
+def killed(inputs, tmp_path_factory) -> Path:
+    """An expert-parallel run launched as users launch it, every rank killed (as a scheduler kills a job) after the
+    step-10 checkpoint."""
+    out_dir = tmp_path_factory.mktemp("killed") / "run"
+    args = [*tiny_run_args(*inputs, out_dir, BUDGET, EXTRA), "--devices", "2", *EXPERT_PARALLEL]
+    process = start_run(args, new_session=True)
+    status, out, _ = signal_when(process, "iter 28 step 14", signal.SIGKILL, whole_group=True)
+    assert status == -signal.SIGKILL and not (out_dir / "final").exists()
+    assert "Strategy: DDP across 2 ranks, experts split over 2 (expert parallel) (--strategy ddp," in out
+    assert read_progress(out_dir / "step-00000010")["world_size"] == 2
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def two_ranks(inputs, killed, tmp_path_factory) -> Launch:
+    folder = tmp_path_factory.mktemp("two-ranks")
+    runs = folder / "runs"
+
+    def run(name: str, budget: int, extra: tuple[str, ...], strategy: tuple[str, ...] = (), **options) -> dict:
+        return plan_run(runs, inputs, name, budget, (*extra, "--devices", "2", *strategy), **options)
+
+    def resumed(name: str, source: Path, strategy: tuple[str, ...]) -> dict:
+        return run(name, BUDGET, (*EXTRA, "--resume", str(source / "step-00000010" / "lit_model.pth")), strategy)
+
+    single = ("--strategy", "single", "--devices", "1")
+    steps = [
+        run("ddp", BUDGET, EXTRA, DDP),
+        run("stopped", BUDGET, EXTRA, DDP, signal_rank0_at=" step 3 |"),
+        run("stopped", BUDGET, (*EXTRA, "--resume", "auto"), DDP) | {"name": "stopped-resumed"},
+        run("split", BUDGET, EXTRA, EXPERT_PARALLEL),
+        resumed("unsplit", runs / "split", DDP),
+        resumed("resplit", runs / "ddp", EXPERT_PARALLEL),
+        run("sharded", BUDGET, EXTRA, SHARDED_EXPERT_PARALLEL),
+        resumed("sharded-resumed", runs / "ddp", SHARDED_EXPERT_PARALLEL),
+        {**plan_run(killed.parent, inputs, killed.name, BUDGET, (*EXTRA, "--resume", "auto", "--devices", "2",
+                                                                  *EXPERT_PARALLEL)), "name": "killed-resumed"},
+        {"name": "layer", "call": "expert_parallel_layer:check_cases", "args": [LAYER_CASES[2], str(folder)]},
+    ]  # fmt: skip
+    if HAS_DEEPSPEED:
+        steps += [
+            run("zero3", BUDGET, EXTRA, ZERO3),
+            {"name": "alone", "alone": True},
+            plan_run(runs, inputs, "single", ALONE_BUDGET, (*ALONE, *single)),
+            plan_run(runs, inputs, "zero3-alone", ALONE_BUDGET, (*ALONE, *ZERO3)),
+            plan_run(runs, inputs, "started", 8 * 64, (*ALONE, *single, "--initial_checkpoint_dir",
+                     str(runs / "zero3-alone" / "step-00000004"), "--optimizer.init_args.lr", "0", "--train.min_lr",
+                     "0")),  # fmt: skip
+            {"name": "copy", "call": "shutil:copytree", "args": [str(runs / "zero3-alone" / "step-00000004"),
+                                                                 str(runs / "zero3-resumed" / "step-00000004")]},
+            plan_run(runs, inputs, "zero3-resumed", ALONE_BUDGET, (*ALONE, *ZERO3, "--resume", "auto")),
+            plan_run(runs, inputs, "zero2-offload", ALONE_BUDGET, (*ALONE, "--strategy", "deepspeed", "--zero-stage",
+                                                                   "2", "--offload-optimizer", "cpu")),
+        ]  # fmt: skip
+    return Launch(torchrun(2, folder, steps), 2)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(inputs, tmp_path_factory) -> Launch:
+    folder = tmp_path_factory.mktemp("four-ranks")
+    steps = [
+        plan_run(folder / "runs", inputs, name, FOUR_BUDGET, (*FOUR, "--devices", "4", "--strategy", plan,
+                                                              "--strategy.expert_parallel", size))
+        for name, plan, size in (("ddp", "ddp", "1"), ("ep2", "ddp", "2"), ("ep4", "ddp", "4"),
+                                 ("fsdp-ep2", "fsdp", "2"))
+    ]  # fmt: skip
+    steps.append({"name": "layer", "call": "expert_parallel_layer:check_cases", "args": [LAYER_CASES[4], str(folder)]})
+    return Launch(torchrun(4, folder, steps), 4)
+
+
+def assert_losses(got: dict[int, float], expected: dict[int, float], steps: list[int], rel: float, name: str = ""):
+    assert sorted(got) == steps, name
+    assert all(got[step] == pytest.approx(expected[step], rel=rel) for step in steps), name
+
+
+def assert_trains_as(reference: Path, run: Path) -> None:
+    """`run` logged the reference run's losses (1e-5) and ended with its weights (1e-4, atol 1e-5: AdamW divides by
+    the root of the second moment, which turns summation-order noise in a near-zero gradient into a step of up to
+    the learning rate; with accumulation such differences reach 2.4e-6 in a few expert weights)."""
+    expected = logged(reference, "loss")
+    assert_losses(logged(run, "loss"), expected, sorted(expected), 1e-5, run.name)
+    ours, theirs = final_weights(run), final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-5) for key in theirs), run.name
+
+
+def test_two_ranks_train_on_different_data_stay_in_sync_and_stop_together(two_ranks):
     """SIGTERM to rank 0 only: both ranks stop at the same step boundary (the stop is agreed on), one checkpoint
     is written, and resuming on 2 ranks continues with the uninterrupted run's losses."""
-    full, out = ddp_run
+    out = two_ranks.out("ddp")
     assert "Strategy: DDP across 2 ranks (--strategy ddp)" in out
     assert "Data parallel: 2 ranks read different first batches" in out
     assert "Data parallel: parameters identical on all 2 ranks after training" in out
+    full, stopped = two_ranks.run("ddp"), two_ranks.run("stopped")
     assert (full / "final" / "lit_model.pth").is_file()
 
-    stopped = tmp_path / "stopped"
-    args = [*tiny_run_args(prepared, tiny_model_file, stopped, BUDGET, EXTRA), "--devices", "2", "--strategy", "ddp"]
-    status, _, err = signal_when(start_run(args), "iter 3 step 3", signal.SIGTERM)
-    assert status == EXIT_PREEMPTED, err[-3000:]
-    step = int(next(line for line in err.splitlines() if line.startswith("Stopped by SIGTERM")).split()[6][:-1])
-    assert 3 <= step < 30 and read_progress(stopped / f"step-{step:08d}")["world_size"] == 2
+    assert (two_ranks.status("stopped", 0), two_ranks.status("stopped", 1)) == (EXIT_PREEMPTED, 0)
+    line = re.search(r"Stopped by SIGTERM after optimizer step (\d+): saved (\S+);", two_ranks.out("stopped"))
+    step = int(line[1])
+    assert 3 <= step < 20 and line[2] == str(stopped / f"step-{step:08d}")
+    assert read_progress(stopped / f"step-{step:08d}")["world_size"] == 2
 
-    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, stopped, BUDGET, (*EXTRA, "--resume", "auto")))
-    assert f"Resuming from {stopped / f'step-{step:08d}' / 'lit_model.pth'}" in out
-    expected, got = logged(full, "loss"), logged(stopped, "loss")
-    assert sorted(got) == list(range(30))
-    assert all(got[index] == pytest.approx(expected[index], rel=1e-4) for index in got)
+    assert f"Resuming from {stopped / f'step-{step:08d}' / 'lit_model.pth'}" in two_ranks.out("stopped-resumed")
+    assert_losses(logged(stopped, "loss"), logged(full, "loss"), STEPS, 1e-5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (uv sync)")
-def test_zero3_across_two_ranks_trains_as_ddp(prepared, tiny_model_file, tmp_path, ddp_run):
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed (uv sync)")
+def test_zero3_across_two_ranks_trains_as_ddp(two_ranks):
     """Each rank holds half of every weight, gradient and optimizer state; the result must not change."""
-    ddp, _ = ddp_run
-    out_dir = tmp_path / "zero3"
-    strategy = ("--strategy", "deepspeed", "--zero-stage", "3")
-    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, EXTRA), strategy)
+    ddp, zero3 = two_ranks.run("ddp"), two_ranks.run("zero3")
+    out = two_ranks.out("zero3")
     assert "Strategy: DeepSpeed ZeRO-3 across 2 ranks" in out
     assert "Data parallel: 2 ranks read different first batches" in out
-    expected, got = logged(ddp, "loss"), logged(out_dir, "loss")
-    assert sorted(got) == sorted(expected) == list(range(30))
-    assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in got)
+    assert_losses(logged(zero3, "loss"), logged(ddp, "loss"), STEPS, 1e-4)
+    norms, expected_norms = logged(zero3, "grad_norm"), logged(ddp, "grad_norm")  # the engine's, inside its step
+    assert_losses(norms, expected_norms, STEPS, 1e-3)
 
-    shards = sorted(path.name for path in (out_dir / "final" / "lit_model.pth" / "checkpoint").iterdir())
+    shards = sorted(path.name for path in (zero3 / "final" / "lit_model.pth" / "checkpoint").iterdir())
     assert shards == [
         f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1) for kind in ("model", "optim")
     ]
-    ours, reference = final_weights(out_dir), final_weights(ddp)
+    ours, reference = final_weights(zero3), final_weights(ddp)
     assert ours.keys() == reference.keys()
     assert all(torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-5) for key in reference)
 
 
-EXPERT_PARALLEL = ("--strategy", "ddp", "--strategy.expert_parallel", "2")
-
-
-def assert_trains_as(reference: Path, run: Path) -> dict[int, float]:
-    """`run` logged the reference run's 30 losses (1e-5) and ended with its weights (1e-5 / 1e-6); returns the
-    reference's losses."""
-    expected, got = logged(reference, "loss"), logged(run, "loss")
-    assert sorted(got) == sorted(expected) == list(range(30))
-    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
-    ours, theirs = final_weights(run), final_weights(reference)
-    assert ours.keys() == theirs.keys()
-    assert all(torch.allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6) for key in theirs)
-    return expected
-
-
-def test_expert_parallel_trains_as_ddp_and_checkpoints_what_ddp_does(prepared, tiny_model_file, tmp_path, ddp_run):
+def test_expert_parallel_trains_as_ddp_and_checkpoints_what_ddp_does(two_ranks):
     """Each rank holds half of the experts and the tokens travel to them: the losses and final weights are the
     DDP run's, the checkpoint has every expert under stock keys (with the optimizer's moments), a run without
     expert parallelism resumes it where the uninterrupted run went on, and an expert-parallel run resumes DDP's."""
-    ddp, _ = ddp_run
-    split = tmp_path / "split"
-    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, split, BUDGET, EXTRA), EXPERT_PARALLEL)
-    assert "Strategy: DDP across 2 ranks, experts split over 2 (expert parallel)" in out
+    ddp, split = two_ranks.run("ddp"), two_ranks.run("split")
+    out = two_ranks.out("split")
+    assert "Strategy: DDP across 2 ranks, experts split over 2 (expert parallel) (--strategy ddp," in out
     assert "Data parallel: parameters identical on all 2 ranks after training" in out  # the replicated ones
-    expected = assert_trains_as(ddp, split)
-
-    for source, target, strategy in ((split, "unsplit", ("--strategy", "ddp")), (ddp, "resplit", EXPERT_PARALLEL)):
-        extra = (*EXTRA, "--resume", str(source / "step-00000010" / "lit_model.pth"))  # each way round
-        run_two_ranks(tiny_run_args(prepared, tiny_model_file, tmp_path / target, BUDGET, extra), strategy)
-        got = logged(tmp_path / target, "loss")
-        assert sorted(got) == list(range(10, 30))  # from the 11th optimizer step on
-        assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got), target
+    assert_trains_as(ddp, split)
+    expected = logged(ddp, "loss")
+    for target in ("unsplit", "resplit"):  # each way round, from the 11th optimizer step on
+        assert_losses(logged(two_ranks.run(target), "loss"), expected, STEPS[10:], 1e-5, target)
 
 
-SHARDED_EXPERT_PARALLEL = ("--strategy", "fsdp", "--strategy.expert_parallel", "2")
-
-
-def test_expert_parallel_on_fsdp_trains_as_ddp_and_checkpoints_what_ddp_does(prepared, tiny_model_file, tmp_path,
-                                                                            ddp_run):  # fmt: skip
+def test_expert_parallel_on_fsdp_trains_as_ddp_and_checkpoints_what_ddp_does(two_ranks):
     """FSDP2 shards the dense weights over both ranks and each rank holds half of the experts: the losses and
     final weights are DDP's, a checkpoint is the one DDP writes (every weight and optimizer moment, stock keys),
     and a DDP checkpoint resumes under it with the uninterrupted run's losses."""
-    ddp, _ = ddp_run
-    sharded = tmp_path / "sharded"
-    out = run_two_ranks(tiny_run_args(prepared, tiny_model_file, sharded, BUDGET, EXTRA), SHARDED_EXPERT_PARALLEL)
-    assert "Strategy: FSDP across 2 ranks, experts split over 2 (expert parallel)" in out
-    expected = assert_trains_as(ddp, sharded)
+    ddp, sharded = two_ranks.run("ddp"), two_ranks.run("sharded")
+    assert "Strategy: FSDP across 2 ranks, experts split over 2 (expert parallel)" in two_ranks.out("sharded")
+    assert_trains_as(ddp, sharded)
     ours, reference = (torch.load(run / "step-00000010" / "lit_model.pth")["optimizer"] for run in (sharded, ddp))
     assert ours["param_groups"] == reference["param_groups"] and ours["state"].keys() == reference["state"].keys()
     for index, moments in reference["state"].items():
         assert all(torch.allclose(ours["state"][index][key], value, rtol=1e-4, atol=1e-7) for key, value in
                    moments.items()), index  # fmt: skip
-
-    extra = (*EXTRA, "--resume", str(ddp / "step-00000010" / "lit_model.pth"))
-    resumed = tmp_path / "resumed"
-    run_two_ranks(tiny_run_args(prepared, tiny_model_file, resumed, BUDGET, extra), SHARDED_EXPERT_PARALLEL)
-    got = logged(resumed, "loss")
-    assert sorted(got) == list(range(10, 30))
-    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got)
+    assert_losses(logged(two_ranks.run("sharded-resumed"), "loss"), logged(ddp, "loss"), STEPS[10:], 1e-5)
 
 
-def test_expert_parallel_accumulates_like_ddp(prepared, tiny_model_file, tmp_path):
-    """Two micro-batches per optimizer step: on DDP the experts' gradients are reduced once per step, after both;
-    on FSDP every micro-batch's are reduce-scattered and summed in the shards. The losses stay DDP's."""
-    budget, extra = 2 * 4 * 64 * 16, ("--train.global_batch_size", "16", "--train.save_interval", "100")
-    runs = {}
-    for name, strategy in (("ddp", ("--strategy", "ddp")), ("split", EXPERT_PARALLEL),
-                           ("sharded", SHARDED_EXPERT_PARALLEL)):  # fmt: skip
-        runs[name] = tmp_path / name
-        run_two_ranks(tiny_run_args(prepared, tiny_model_file, runs[name], budget, extra), strategy)
-    expected = logged(runs["ddp"], "loss")
-    for name in ("split", "sharded"):
-        got = logged(runs[name], "loss")
-        assert sorted(got) == sorted(expected) and len(got) == 8, name
-        assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got), name
+def test_a_torchrun_launch_with_expert_parallelism_writes_a_stock_checkpoint(two_ranks):
+    """As on a cluster: torchrun starts the two processes and Lightning joins them (every run of the launch); the
+    checkpoint of the split experts samples as any other."""
+    assert len(generate(two_ranks.run("split") / "final", prompt="The", max_new_tokens=3)[0]) >= 1
 
 
-def test_a_torchrun_launch_with_expert_parallelism_writes_a_stock_checkpoint(prepared, tiny_model_file, tmp_path):
-    """As on a cluster: torchrun starts the two processes, Lightning joins them, the experts are split."""
-    out_dir = tmp_path / "run"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "run_train.py"]
-    args = [*tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, EXTRA), "--devices", "2", *EXPERT_PARALLEL]
-    result = subprocess.run([*launch, *args, "--num_workers", "0"], cwd=REPO, capture_output=True, text=True,
-                            timeout=420)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    strategy = "Strategy: DDP across 2 ranks, experts split over 2 (expert parallel) (--strategy ddp,"
-    assert strategy in result.stdout and "parameters identical on all 2 ranks" in result.stdout
-    assert len(generate(out_dir / "final", prompt="The", max_new_tokens=3)[0]) >= 1
+def test_expert_parallel_resumes_exactly_after_kill_9(two_ranks, killed):
+    """kill -9 of every rank after the step-10 checkpoint; `--resume auto` continues from it with the uninterrupted
+    run's losses."""
+    assert f"Resuming from {killed / 'step-00000010' / 'lit_model.pth'}" in two_ranks.out("killed-resumed")
+    got = {step: loss for step, loss in logged(killed, "loss").items() if step >= STEPS[10]}
+    assert_losses(got, logged(two_ranks.run("ddp"), "loss"), STEPS[10:], 1e-5)
 
 
-def test_four_ranks_with_experts_split_over_2_and_over_4_and_on_fsdp_train_as_ddp(prepared, tiny_model_file, tmp_path):
+def test_expert_parallel_layer_computes_what_data_parallel_does_on_two_and_four_ranks(two_ranks, four_ranks):
+    """tests/expert_parallel_layer.py: each case held on every rank."""
+    for launch in (two_ranks, four_ranks):
+        assert all(launch.status("layer", rank) == 0 for rank in range(launch.ranks))
+        assert len(list(launch.folder.glob("rank*-ep*"))) == launch.ranks * len(LAYER_CASES[launch.ranks])
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed (uv sync)")
+def test_zero3_on_one_device_trains_as_one_device_resumes_and_consolidates(two_ranks):
+    single, zero3 = two_ranks.run("single"), two_ranks.run("zero3-alone")
+    assert "Strategy: DeepSpeed ZeRO-3 across 1 rank (DeepSpeed requested)" in two_ranks.out("zero3-alone")
+    expected, steps = logged(single, "loss"), [2 * step + 1 for step in range(8)]
+    assert_losses(logged(zero3, "loss"), expected, steps, 1e-4)
+    # the gradient norm the engine measured inside its step is the one clip_gradients reports on one device
+    norms = logged(single, "grad_norm")
+    assert all(norm > MAX_NORM for norm in norms.values())
+    assert_losses(logged(zero3, "grad_norm"), norms, steps, 1e-3)
+    shards = zero3 / "step-00000004" / "lit_model.pth"
+    assert (shards / "latest").is_file() and list((shards / "checkpoint").glob("*optim_states.pt"))
+
+    # the shards consolidate to the single-device run's weights, under stock LitGPT keys
+    ours, reference = final_weights(zero3), final_weights(single)
+    assert ours.keys() == reference.keys() and "transformer.h.0.mlp.experts.3.fc_2.weight" in ours
+    assert reference["transformer.h.0.mlp.expert_bias"].abs().sum() > 0
+    assert all(torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-5) for key in ours)
+
+    # the conversion the refusal of another world size names: a new run from the shards' weights (lr 0 keeps them;
+    # the selection bias moves without the lr)
+    weights = torch.load(zero3 / "step-00000004" / "consolidated" / "lit_model.pth", weights_only=True)["model"]
+    started = final_weights(two_ranks.run("started"))
+    assert all(torch.equal(started[key], weights[key]) for key in weights if "bias" not in key)
+
+    resumed = two_ranks.run("zero3-resumed")  # interrupted after its fourth optimizer step
+    assert "Resuming from" in two_ranks.out("zero3-resumed") and "step-00000004" in two_ranks.out("zero3-resumed")
+    assert_losses(logged(resumed, "loss"), expected, [9, 11, 13, 15], 1e-4)
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed (uv sync)")
+def test_zero2_with_optimizer_offload_trains_as_one_device(two_ranks):
+    out = two_ranks.out("zero2-offload")
+    assert "DeepSpeed ZeRO-2 across 1 rank, optimizer offloaded to CPU memory" in out
+    expected, steps = logged(two_ranks.run("single"), "loss"), [2 * step + 1 for step in range(8)]
+    assert_losses(logged(two_ranks.run("zero2-offload"), "loss"), expected, steps, 1e-4)
+
+
+def test_every_plan_clips_at_every_step_and_measures_the_norm_ddp_measures(two_ranks, four_ranks):
+    """Clipping bites at each optimizer step, and the norm it clips by (the whole model's, taken in float64 in every
+    plan) is DDP's, whether the experts and the rest are split over ranks or not."""
+    for launch, plans in ((two_ranks, ("split", "sharded")), (four_ranks, ("ep2", "ep4", "fsdp-ep2"))):
+        reference = logged(launch.run("ddp"), "grad_norm")
+        assert len(reference) in (10, 20) and all(norm > MAX_NORM for norm in reference.values())
+        for name in plans:
+            assert_losses(logged(launch.run(name), "grad_norm"), reference, sorted(reference), 1e-5, name)
+
+
+def test_four_ranks_with_experts_split_over_2_and_over_4_and_on_fsdp_train_as_ddp(four_ranks):
     """4 ranks: experts split over 2 (two replicas of each half), over 4 (one expert per rank, no replica), and over
     2 on FSDP (each half of the experts sharded once more over its two replicas) follow plain DDP's loss series
-    and end with its weights (to a looser tolerance than the losses: AdamW divides by the root of the second
-    moment, which turns summation-order noise in a near-zero gradient into a step of up to the learning rate)."""
-    budget, extra = 4 * 4 * 64 * 10, ("--train.global_batch_size", "16", "--train.save_interval", "100")
-    runs = {}
-    for name, strategy in (("ddp", ("ddp", "1")), ("ep2", ("ddp", "2")), ("ep4", ("ddp", "4")),
-                           ("fsdp-ep2", ("fsdp", "2"))):  # fmt: skip
-        runs[name] = tmp_path / name
-        args = [*tiny_run_args(prepared, tiny_model_file, runs[name], budget, extra), "--devices", "4"]
-        out = run_train_process([*args, "--strategy", strategy[0], "--strategy.expert_parallel", strategy[1]])
-        assert name == "fsdp-ep2" or "parameters identical on all 4 ranks after training" in out
-    assert "FSDP across 4 ranks, experts split over 2 (expert parallel)" in out
-    expected, reference = logged(runs["ddp"], "loss"), final_weights(runs["ddp"])
+    and end with its weights."""
+    for name in ("ddp", "ep2", "ep4"):
+        assert "parameters identical on all 4 ranks after training" in four_ranks.out(name)
+    assert "FSDP across 4 ranks, experts split over 2 (expert parallel)" in four_ranks.out("fsdp-ep2")
     for name in ("ep2", "ep4", "fsdp-ep2"):
-        got, ours = logged(runs[name], "loss"), final_weights(runs[name])
-        assert sorted(got) == sorted(expected) == list(range(10)), name
-        assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in got), name
-        assert all(torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-5) for key in reference), name
-
-
-def test_expert_parallel_resumes_exactly_after_kill_9(prepared, tiny_model_file, tmp_path, ddp_run):
-    """kill -9 of every rank (as a scheduler kills a job) after the step-10 checkpoint; `--resume auto` continues
-    from it with the uninterrupted run's losses."""
-    ddp, _ = ddp_run
-    out_dir = tmp_path / "killed"
-    args = [*tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, EXTRA), "--devices", "2", *EXPERT_PARALLEL]
-    process = start_run(args, new_session=True)
-    status, _, _ = signal_when(process, "iter 14 step 14", signal.SIGKILL, whole_group=True)
-    assert status == -signal.SIGKILL and not (out_dir / "final").exists()
-
-    run_two_ranks(tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, (*EXTRA, "--resume", "auto")),
-                  EXPERT_PARALLEL)  # fmt: skip
-    expected, got = logged(ddp, "loss"), logged(out_dir, "loss")
-    assert set(range(10, 30)) <= set(got)
-    assert all(got[step] == pytest.approx(expected[step], rel=1e-5) for step in range(10, 30))
+        assert_trains_as(four_ranks.run("ddp"), four_ranks.run(name))

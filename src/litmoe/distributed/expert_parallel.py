@@ -187,15 +187,6 @@ def converting_load(optimizer: torch.optim.Optimizer, convert: Callable) -> Call
     return load_converted
 
 
-def clip_to_norm(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor, error_if_nonfinite: bool) -> None:
-    """Scale `grads` (those this rank holds) so that the whole model's gradient norm `norm` is at most `max_norm`,
-    as `torch.nn.utils.clip_grad_norm_` does for a model held by one process."""
-    if error_if_nonfinite and not torch.isfinite(norm):
-        raise RuntimeError(f"the total norm of the gradients is {norm.item()}")
-    if grads:
-        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
-
-
 def sliced_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, split: dict[int, tuple]) -> dict:
     """A full optimizer state dict (all experts) cut to the experts this rank holds."""
     state = {**state, "state": dict(state["state"])}

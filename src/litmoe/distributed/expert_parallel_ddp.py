@@ -17,14 +17,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils import get_total_norm
 from torch.optim import Optimizer
 
+from litmoe.distributed.clipping import Float64DDPStrategy, squared_norm
 from litmoe.distributed.expert_parallel import (
     ExpertParallelism,
-    clip_to_norm,
     full_optimizer_state,
     full_state_dict,
     optimizers_loading,
@@ -34,7 +32,7 @@ from litmoe.distributed.expert_parallel import (
 )
 
 
-class ExpertParallelDDPStrategy(DDPStrategy):
+class ExpertParallelDDPStrategy(Float64DDPStrategy):
     def __init__(self, parallelism: ExpertParallelism, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.parallelism = parallelism
@@ -59,23 +57,14 @@ class ExpertParallelDDPStrategy(DDPStrategy):
             reduce_expert_gradients(self.expert_parameters, self.parallelism.replicas, self.world_size)
             self.reduced = True
 
-    def clip_gradients_norm(
-        self, module, optimizer: Optimizer, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = True
-    ) -> torch.Tensor:
-        if norm_type != 2.0:
-            raise ValueError(f"expert parallelism clips by the 2-norm, not the {norm_type}-norm")
+    def clip_gradients_norm(self, module, optimizer: Optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.reduce_expert_gradients()
-        self.precision.unscale_gradients(optimizer)
-        parameters = [p for p in self.precision.main_params(optimizer) if p.grad is not None]
-        experts = [p.grad for p in parameters if id(p) in self.split]
-        dense = [p.grad for p in parameters if id(p) not in self.split]
-        squares = get_total_norm(experts).square() if experts else torch.zeros((), device=self.root_device)
-        dist.all_reduce(squares, group=self.parallelism.group.group)
-        if dense:
-            squares = squares + get_total_norm(dense).square()
-        norm = squares.sqrt()
-        clip_to_norm([p.grad for p in parameters], max_norm, norm, error_if_nonfinite)
-        return norm
+        return super().clip_gradients_norm(module, optimizer, *args, **kwargs)
+
+    def squared_norm_of(self, parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+        experts = squared_norm([p.grad for p in parameters if id(p) in self.split], self.root_device)
+        dist.all_reduce(experts, group=self.parallelism.group.group)
+        return experts + squared_norm([p.grad for p in parameters if id(p) not in self.split], self.root_device)
 
     def optimizer_step(self, optimizer, **kwargs: Any) -> Any:
         self.reduce_expert_gradients()

@@ -30,12 +30,11 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.strategies.strategy import Strategy, _BackwardSyncControl
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.nn.utils import get_total_norm
 from torch.optim import Optimizer
 
+from litmoe.distributed.clipping import Float64Clipping, squared_norm
 from litmoe.distributed.expert_parallel import (
     ExpertParallelism,
-    clip_to_norm,
     full_optimizer_state,
     full_state_dict,
     local,
@@ -47,7 +46,7 @@ from litmoe.model.experts import stacked_from_stock_keys
 from litmoe.model.moe import moe_layers
 
 
-class ExpertParallelFSDPStrategy(ModelParallelStrategy):
+class ExpertParallelFSDPStrategy(Float64Clipping, ModelParallelStrategy):
     def __init__(
         self, parallelism: ExpertParallelism, world_size: int, checkpoint_io: CheckpointIO, timeout: timedelta,
         process_group_backend: str | None = None,
@@ -97,18 +96,10 @@ class ExpertParallelFSDPStrategy(ModelParallelStrategy):
         self.split = split_experts(module)  # the sharded parameters replace the module's own
         return module
 
-    def clip_gradients_norm(
-        self, module, optimizer: Optimizer, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = True
-    ) -> torch.Tensor:
-        if norm_type != 2.0:
-            raise ValueError(f"expert parallelism clips by the 2-norm, not the {norm_type}-norm")
-        self.precision.unscale_gradients(optimizer)
-        grads = [local(p.grad) for p in self.precision.main_params(optimizer) if p.grad is not None]
-        squares = get_total_norm(grads).square() if grads else torch.zeros((), device=self.root_device)
+    def squared_norm_of(self, parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+        squares = squared_norm([local(p.grad) for p in parameters], self.root_device)
         dist.all_reduce(squares)
-        norm = squares.sqrt()
-        clip_to_norm(grads, max_norm, norm, error_if_nonfinite)
-        return norm
+        return squares
 
     def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
         return full_state_dict(module)

@@ -2,10 +2,10 @@
 
 LitGPT's `pretrain.setup` constructs one `L.Fabric(strategy=..., ...)`; the training patches swap `pretrain.L`
 for a namespace whose `Fabric` is `fabric_builder(choice, ...)`. Every Fabric built here has the collective
-timeout, and its single-file saves go straight into the scratch directory of litmoe.training.saving (no
-temporary file in $TMPDIR). LitGPT's own strategy argument (FSDP, hybrid-sharded within a node, for more than
-one device) is kept when it is the choice, except with expert parallelism (FSDP2, litmoe.distributed.
-expert_parallel_fsdp).
+timeout, clips by a float64 norm (litmoe.distributed.clipping) except under DeepSpeed, and its single-file saves
+go straight into the scratch directory of litmoe.training.saving (no temporary file in $TMPDIR). LitGPT's own
+strategy argument (FSDP, hybrid-sharded within a node, for more than one device) is kept when it is the choice,
+except with expert parallelism (FSDP2, litmoe.distributed.expert_parallel_fsdp).
 """
 
 import os
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from litmoe.distributed.clipping import Float64DDPStrategy, Float64SingleDeviceStrategy
 from litmoe.distributed.expert_parallel import ExpertParallelism
 from litmoe.distributed.plans import StrategyChoice
 from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
@@ -58,15 +59,13 @@ def fabric_builder(
                 strategy=deepspeed, build_optimizer=optimizer_builder(optimizer, deepspeed_config), **kwargs
             )
         if choice.name == "ddp":
-            from lightning.fabric.strategies import DDPStrategy
-
             options = {"process_group_backend": None if torch.cuda.is_available() else "gloo", "timeout": timeout}
             if expert_parallelism is not None:
                 from litmoe.distributed.expert_parallel_ddp import ExpertParallelDDPStrategy
 
                 strategy = ExpertParallelDDPStrategy(expert_parallelism, checkpoint_io=DirectCheckpointIO(), **options)
             else:
-                strategy = DDPStrategy(checkpoint_io=DirectCheckpointIO(), **options)
+                strategy = Float64DDPStrategy(checkpoint_io=DirectCheckpointIO(), **options)
         elif choice.name == "fsdp" and expert_parallelism is not None:
             from litmoe.distributed.expert_parallel_fsdp import ExpertParallelFSDPStrategy
 
@@ -78,7 +77,8 @@ def fabric_builder(
         elif choice.name == "fsdp":  # LitGPT's own FSDPStrategy, which saves its files directly
             strategy._timeout = timeout
         else:
-            kwargs["plugins"] = [DirectCheckpointIO()]
+            device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+            strategy = Float64SingleDeviceStrategy(device, checkpoint_io=DirectCheckpointIO())
         return L.Fabric(strategy=strategy, **kwargs)
 
     return build

@@ -1,15 +1,14 @@
 """Expert parallelism in the MoE layer, on gloo CPU ranks: each rank holds n_expert / EP experts and the routed
 rows travel by all-to-all. Held against one full layer that sees every rank's batch: outputs, input, router and
-expert gradients (after the replica reduction) must be what data parallelism over the full layer gives."""
+expert gradients (after the replica reduction) must be what data parallelism over the full layer gives.
 
-import os
-import socket
+Run on every rank of tests/test_distributed.py's launches (tests/ranks.py), in their process group: at EP 2 and 4
+on 2 and 4 ranks, also when a shard gets no rows, and with a capacity (padded rows travel too)."""
+
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from litgpt import Config
 
 from litmoe.core.args import MoEArgs
@@ -20,14 +19,8 @@ from litmoe.model.moe import MoELayer
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def layer_config() -> Config:
-    register_configs()  # in each spawned rank too
+    register_configs()  # in each rank too
     return Config.from_name("MoE-tiny", n_embd=64, n_head=4, moe_intermediate_size=32, n_expert=8, n_expert_per_token=2)
 
 
@@ -37,15 +30,20 @@ def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(2, 5, 64, generator=generator), torch.randn(2, 5, 64, generator=generator)
 
 
-def check_layer(rank: int, world: int, cases: list[tuple[int, bool, float | None]], port: int, done: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for ep_size, starve, capacity in cases:
-            check_case(rank, world, ep_size, starve, capacity)
-            (done / f"rank{rank}-ep{ep_size}-{'starved' if starve else 'routed'}-{capacity}").touch()
-    finally:
-        dist.destroy_process_group()
+# (EP size, whether the last shard's experts are never chosen, capacity factor) for each world size
+LAYER_CASES = {
+    2: [(2, False, None), (2, True, None), (2, False, 0.75)],
+    4: [(2, False, None), (4, False, None), (4, True, None), (4, False, 0.5)],
+}
+
+
+def check_cases(cases: list[list], done: str) -> None:
+    """Each case on this rank; a file in `done` for each one that held (one identical initialisation sliced across
+    ranks, outputs and gradients, state-dict keys)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for ep_size, starve, capacity in cases:
+        check_case(rank, world, ep_size, starve, capacity)
+        (Path(done) / f"rank{rank}-ep{ep_size}-{'starved' if starve else 'routed'}-{capacity}").touch()
 
 
 def check_case(rank: int, world: int, ep_size: int, starve: bool, capacity: float | None) -> None:
@@ -91,18 +89,3 @@ def check_case(rank: int, world: int, ep_size: int, starve: bool, capacity: floa
     assert ours.state_dict().keys() == {
         key for key in reference.state_dict() if ".experts." not in f".{key}" or int(key.split(".")[1]) in local
     }
-
-
-@pytest.mark.parametrize(
-    ("world", "cases"),
-    [
-        (2, [(2, False, None), (2, True, None), (2, False, 0.75)]),
-        (4, [(2, False, None), (4, False, None), (4, True, None), (4, False, 0.5)]),
-    ],
-)
-def test_expert_parallel_layer_computes_what_data_parallel_does(world, cases, tmp_path):
-    """Outputs, input and router gradients, expert gradients after the replica reduction, one initialisation
-    sliced across ranks, and state-dict keys, at EP 2 and 4 on 2 and 4 ranks, also when a shard gets no rows, and
-    with a capacity (padded rows travel too)."""
-    mp.spawn(check_layer, args=(world, cases, free_port(), tmp_path), nprocs=world, join=True)
-    assert len(list(tmp_path.iterdir())) == world * len(cases)
