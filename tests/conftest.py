@@ -109,6 +109,18 @@ def run_train_process(args: list[str], **env: str) -> str:
     return result.stdout
 
 
+def litgpt(*args: str) -> None:
+    """The `litgpt` command line, in this process (its entry point, `litgpt.__main__:main`)."""
+    from litgpt.__main__ import main
+
+    argv = sys.argv
+    sys.argv = ["litgpt", *args]
+    try:
+        main()
+    finally:
+        sys.argv = argv
+
+
 def final_weights(out_dir: Path) -> dict:
     """The model weights of a run's final checkpoint (DeepSpeed shards are consolidated first)."""
     return torch.load(resolve_checkpoint_dir(out_dir / "final") / "lit_model.pth", weights_only=False)["model"]

@@ -3,12 +3,10 @@ the same outputs, gradients and state dicts; stock's sizes (an expert size taken
 grouped GEMM cannot take); and stock's reading surface (`mlp.experts[i].fc_1.weight`, iteration, len)."""
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_run_args
+from conftest import REPO, litgpt, tiny_run_args
 from litgpt import Config
 from litgpt.config import configs, name_to_config
 from litgpt.model import LLaMAMoE
@@ -150,11 +148,8 @@ def test_registered_moe_models_train_and_load_in_litgpt_and_ours(model, sizes, p
     assert saved["n_expert_per_token"] == Config.from_name(model).n_expert_per_token
     samples = generate(out_dir / "final", prompt="The cat", max_new_tokens=4, temperature=0.0)
     assert len(samples[0]) == 4
-    litgpt = [sys.executable, "-m", "litgpt", "generate", str(out_dir / "final"), "--prompt", "The cat",
-              "--max_new_tokens", "4", "--precision", "32-true"]  # fmt: skip
-    result = subprocess.run(litgpt, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "\nThe cat" in result.stdout  # after the settings it prints
+    litgpt("generate", str(out_dir / "final"), "--prompt", "The cat", "--max_new_tokens", "4", "--precision", "32-true")
+    assert "\nThe cat" in capsys.readouterr().out  # after the settings it prints
 
 
 def test_a_deepseek_v3_model_routes_as_transformers_does_through_stock_weight_surgery():

@@ -3,22 +3,13 @@ LitGPT's own commands, then sample the merged model with generate.py (docs/fine-
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import litgpt
 
 from litmoe.core.errors import UserError
 from litmoe.inference.generate import generate
-
-
-def litgpt(*args: str) -> None:
-    command = [str(Path(sys.executable).parent / "litgpt"), *args]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def test_convert_lora_finetune_merge_and_generate(trained, tmp_path, capsys):
