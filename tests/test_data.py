@@ -206,3 +206,24 @@ def test_document_markers_are_litgpt_s_without_importing_it(tmp_path, prepared, 
     else:
         monkeypatch.setattr(litmoe.data.tokenizer, "load_tokenizer", lambda path: pytest.fail("read through LitGPT"))
         assert document_markers(tmp_path) == expected
+
+
+def test_the_train_loader_keeps_its_workers_and_reshuffles_every_epoch(prepared):
+    """Through LitGPT's CycleIterator, as its loop reads: three epochs from the same two worker processes (no fork
+    per epoch), each in a new order, each holding every training window exactly once."""
+    from litgpt.utils import CycleIterator
+
+    from litmoe.data.training_data import DataSource, PreparedData
+
+    data = PreparedData([DataSource(prepared)], num_workers=2)
+    data.connect(batch_size=4, max_seq_length=63)
+    loader = data.train_dataloader()
+    batches = CycleIterator(loader)
+    epochs, workers = [], []
+    for _ in range(3):
+        epochs.append([tuple(row.tolist()) for _ in range(len(loader)) for row in next(batches)])
+        workers.append([worker.pid for worker in getattr(loader._iterator, "_workers", [])])
+    assert batches.epoch == 2 and len(set(map(tuple, workers))) == 1 and len(workers[0]) == 2
+    assert all(len(set(rows)) == len(rows) for rows in epochs)  # nothing repeated within an epoch
+    assert set(epochs[0]) == set(epochs[1]) == set(epochs[2])  # nothing lost
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]  # reshuffled

@@ -92,21 +92,22 @@ class Launch:
 
 
 @pytest.fixture(scope="module")
-def inputs(prepared, tiny_model_file) -> tuple[Path, Path]:
-    return prepared, tiny_model_file
+def train_step(prepared, tiny_model_file):
+    """A plan step that trains the tiny model on the session's prepared data into `out_dir`."""
 
+    def step(name: str, out_dir: Path, budget: int, extra: tuple[str, ...], **options) -> dict:
+        args = tiny_run_args(prepared, tiny_model_file, out_dir, budget, extra)
+        return {"name": name, "train": [*args, "--num_workers", "0"], **options}
 
-def plan_run(runs: Path, inputs: tuple[Path, Path], name: str, budget: int, extra: tuple[str, ...], **options):
-    args = tiny_run_args(*inputs, runs / name, budget, extra)
-    return {"name": name, "train": [*args, "--num_workers", "0"], **options}
+    return step
 
 
 @pytest.fixture(scope="module")
-def killed(inputs, tmp_path_factory) -> Path:
+def killed(prepared, tiny_model_file, tmp_path_factory) -> Path:
     """An expert-parallel run launched as users launch it, every rank killed (as a scheduler kills a job) after the
     step-10 checkpoint."""
     out_dir = tmp_path_factory.mktemp("killed") / "run"
-    args = [*tiny_run_args(*inputs, out_dir, BUDGET, EXTRA), "--devices", "2", *EXPERT_PARALLEL]
+    args = [*tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, EXTRA), "--devices", "2", *EXPERT_PARALLEL]
     process = start_run(args, new_session=True)
     status, out, _ = signal_when(process, "iter 28 step 14", signal.SIGKILL, whole_group=True)
     assert status == -signal.SIGKILL and not (out_dir / "final").exists()
@@ -116,56 +117,57 @@ def killed(inputs, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(inputs, killed, tmp_path_factory) -> Launch:
+def two_ranks(train_step, killed, tmp_path_factory) -> Launch:
     folder = tmp_path_factory.mktemp("two-ranks")
     runs = folder / "runs"
 
-    def run(name: str, budget: int, extra: tuple[str, ...], strategy: tuple[str, ...] = (), **options) -> dict:
-        return plan_run(runs, inputs, name, budget, (*extra, "--devices", "2", *strategy), **options)
+    def two(name: str, strategy: tuple[str, ...], *extra: str, out_dir: Path | None = None, **options) -> dict:
+        return train_step(name, out_dir or runs / name, BUDGET, (*EXTRA, *extra, "--devices", "2", *strategy),
+                          **options)  # fmt: skip
 
-    def resumed(name: str, source: Path, strategy: tuple[str, ...]) -> dict:
-        return run(name, BUDGET, (*EXTRA, "--resume", str(source / "step-00000010" / "lit_model.pth")), strategy)
+    def from_step_10(name: str, source: str, strategy: tuple[str, ...]) -> dict:
+        return two(name, strategy, "--resume", str(runs / source / "step-00000010" / "lit_model.pth"))
 
-    single = ("--strategy", "single", "--devices", "1")
+    def alone(name: str, *extra: str, budget: int = ALONE_BUDGET) -> dict:  # rank 0, as a single process
+        return train_step(name, runs / name, budget, (*ALONE, *extra))
+
     steps = [
-        run("ddp", BUDGET, EXTRA, DDP),
-        run("stopped", BUDGET, EXTRA, DDP, signal_rank0_at=" step 3 |"),
-        run("stopped", BUDGET, (*EXTRA, "--resume", "auto"), DDP) | {"name": "stopped-resumed"},
-        run("split", BUDGET, EXTRA, EXPERT_PARALLEL),
-        resumed("unsplit", runs / "split", DDP),
-        resumed("resplit", runs / "ddp", EXPERT_PARALLEL),
-        run("sharded", BUDGET, EXTRA, SHARDED_EXPERT_PARALLEL),
-        resumed("sharded-resumed", runs / "ddp", SHARDED_EXPERT_PARALLEL),
-        {**plan_run(killed.parent, inputs, killed.name, BUDGET, (*EXTRA, "--resume", "auto", "--devices", "2",
-                                                                  *EXPERT_PARALLEL)), "name": "killed-resumed"},
+        two("ddp", DDP),
+        two("stopped", DDP, signal_rank0_at=" step 3 |"),
+        two("stopped-resumed", DDP, "--resume", "auto", out_dir=runs / "stopped"),
+        two("split", EXPERT_PARALLEL),
+        from_step_10("unsplit", "split", DDP),
+        from_step_10("resplit", "ddp", EXPERT_PARALLEL),
+        two("sharded", SHARDED_EXPERT_PARALLEL),
+        from_step_10("sharded-resumed", "ddp", SHARDED_EXPERT_PARALLEL),
+        two("killed-resumed", EXPERT_PARALLEL, "--resume", "auto", out_dir=killed),
         {"name": "layer", "call": "expert_parallel_layer:check_cases", "args": [LAYER_CASES[2], str(folder)]},
-    ]  # fmt: skip
+    ]
     if HAS_DEEPSPEED:
+        single, shards = ("--strategy", "single", "--devices", "1"), runs / "zero3-alone" / "step-00000004"
+        interrupted = runs / "zero3-resumed" / shards.name  # a run stopped after its fourth optimizer step
         steps += [
-            run("zero3", BUDGET, EXTRA, ZERO3),
+            two("zero3", ZERO3),
             {"name": "alone", "alone": True},
-            plan_run(runs, inputs, "single", ALONE_BUDGET, (*ALONE, *single)),
-            plan_run(runs, inputs, "zero3-alone", ALONE_BUDGET, (*ALONE, *ZERO3)),
-            plan_run(runs, inputs, "started", 8 * 64, (*ALONE, *single, "--initial_checkpoint_dir",
-                     str(runs / "zero3-alone" / "step-00000004"), "--optimizer.init_args.lr", "0", "--train.min_lr",
-                     "0")),  # fmt: skip
-            {"name": "copy", "call": "shutil:copytree", "args": [str(runs / "zero3-alone" / "step-00000004"),
-                                                                 str(runs / "zero3-resumed" / "step-00000004")]},
-            plan_run(runs, inputs, "zero3-resumed", ALONE_BUDGET, (*ALONE, *ZERO3, "--resume", "auto")),
-            plan_run(runs, inputs, "zero2-offload", ALONE_BUDGET, (*ALONE, "--strategy", "deepspeed", "--zero-stage",
-                                                                   "2", "--offload-optimizer", "cpu")),
+            alone("single", *single),
+            alone("zero3-alone", *ZERO3),
+            alone("started", *single, "--initial_checkpoint_dir", str(shards), "--optimizer.init_args.lr", "0",
+                  "--train.min_lr", "0", budget=8 * 64),
+            {"name": "copy", "call": "shutil:copytree", "args": [str(shards), str(interrupted)]},
+            alone("zero3-resumed", *ZERO3, "--resume", "auto"),
+            alone("zero2-offload", "--strategy", "deepspeed", "--zero-stage", "2", "--offload-optimizer", "cpu"),
         ]  # fmt: skip
     return Launch(torchrun(2, folder, steps), 2)
 
 
 @pytest.fixture(scope="module")
-def four_ranks(inputs, tmp_path_factory) -> Launch:
+def four_ranks(train_step, tmp_path_factory) -> Launch:
     folder = tmp_path_factory.mktemp("four-ranks")
+    plans = (("ddp", "ddp", "1"), ("ep2", "ddp", "2"), ("ep4", "ddp", "4"), ("fsdp-ep2", "fsdp", "2"))
     steps = [
-        plan_run(folder / "runs", inputs, name, FOUR_BUDGET, (*FOUR, "--devices", "4", "--strategy", plan,
-                                                              "--strategy.expert_parallel", size))
-        for name, plan, size in (("ddp", "ddp", "1"), ("ep2", "ddp", "2"), ("ep4", "ddp", "4"),
-                                 ("fsdp-ep2", "fsdp", "2"))
+        train_step(name, folder / "runs" / name, FOUR_BUDGET, (*FOUR, "--devices", "4", "--strategy", plan,
+                                                                "--strategy.expert_parallel", size))
+        for name, plan, size in plans
     ]  # fmt: skip
     steps.append({"name": "layer", "call": "expert_parallel_layer:check_cases", "args": [LAYER_CASES[4], str(folder)]})
     return Launch(torchrun(4, folder, steps), 4)

@@ -4,6 +4,7 @@ import json
 from functools import partial
 
 import pytest
+import torch
 
 from litmoe.core.args import StrategyArgs
 from litmoe.core.errors import UserError
@@ -249,3 +250,31 @@ def test_each_node_says_once_what_it_waits_for_before_training():
     assert rendezvous_line(2, 16, 30, {**environ, "LOCAL_RANK": "3"}) is None  # one line per node
     assert rendezvous_line(1, 8, 30, environ) is None  # one node: nothing to wait for
     assert "meet; a node" in rendezvous_line(2, 16, 30, {"SLURM_NTASKS": "16"})  # SLURM: Lightning finds the address
+
+
+def test_the_clip_norm_is_the_float64_norm_of_every_gradient():
+    """What single-device and DDP runs clip by (the expert-parallel plans add their ranks' squares to the same sum):
+    the exact norm of a 1.5M-element gradient, where a float32 sum is off in the sixth digit; gradients scaled to
+    max_norm; a non-finite norm and another norm type refused."""
+    from lightning.fabric.plugins import Precision
+
+    from litmoe.distributed.clipping import Float64SingleDeviceStrategy, squared_norm
+
+    torch.manual_seed(0)
+    parameters = [torch.nn.Parameter(torch.zeros(size)) for size in (1_500_000, 7)]
+    for parameter in parameters:
+        parameter.grad = torch.rand_like(parameter) * 1e-3
+    exact = sum(parameter.grad.double().square().sum() for parameter in parameters).sqrt()
+    optimizer = torch.optim.SGD(parameters, lr=0.0)
+    strategy = Float64SingleDeviceStrategy(torch.device("cpu"), precision=Precision())
+    norm = strategy.clip_gradients_norm(None, optimizer, max_norm=0.5)
+    assert norm.dtype == torch.float64 and norm.item() == pytest.approx(exact.item(), rel=1e-12)
+    clipped = sum(parameter.grad.double().square().sum() for parameter in parameters).sqrt()
+    assert clipped.item() == pytest.approx(0.5, rel=1e-5)  # max_norm / (norm + 1e-6), as torch clips
+
+    assert squared_norm([], torch.device("cpu")).item() == 0.0  # a rank that holds no gradient adds nothing
+    with pytest.raises(ValueError, match="clips by the 2-norm of the gradients, not the 1.0-norm"):
+        strategy.clip_gradients_norm(None, optimizer, max_norm=0.5, norm_type=1.0)
+    parameters[1].grad[0] = float("inf")
+    with pytest.raises(RuntimeError, match="the total norm of the gradients is inf"):
+        strategy.clip_gradients_norm(None, optimizer, max_norm=0.5)
