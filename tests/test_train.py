@@ -53,14 +53,15 @@ def test_training_run_learns_and_writes_a_loadable_checkpoint(train_args, tmp_pa
 
 
 def test_resume_auto_continues_like_an_uninterrupted_run(train_args, tmp_path):
-    budget = 256 * 12
+    """With loader workers, which persist across validations (and epochs: tests/test_data.py)."""
+    budget, workers = 256 * 12, ("--num_workers", "2")
     full = tmp_path / "full"
-    main(train_args(full, budget))
+    main(train_args(full, budget, extra=workers))
     # a run that stopped after its first checkpoint: only step-4 exists
     resumed = tmp_path / "resumed"
     (resumed / "step-00000004").mkdir(parents=True)
     shutil.copytree(full / "step-00000004", resumed / "step-00000004", dirs_exist_ok=True)
-    run = main(train_args(resumed, budget, extra=("--resume", "auto")))
+    run = main(train_args(resumed, budget, extra=(*workers, "--resume", "auto")))
 
     expected, got = logged(full, "loss"), logged(resumed, "loss")
     assert sorted(got) == list(range(4, 12))  # continues at iteration 5 (step index 4)
