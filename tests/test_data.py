@@ -210,7 +210,7 @@ def test_document_markers_are_litgpt_s_without_importing_it(tmp_path, prepared, 
 
 def test_the_train_loader_keeps_its_workers_and_reshuffles_every_epoch(prepared):
     """Through LitGPT's CycleIterator, as its loop reads: three epochs from the same two worker processes (no fork
-    per epoch), each in a new order, each holding every training window exactly once."""
+    per epoch), each in a new order, each holding every training window exactly once; closed, the workers end."""
     from litgpt.utils import CycleIterator
 
     from litmoe.data.training_data import DataSource, PreparedData
@@ -227,3 +227,10 @@ def test_the_train_loader_keeps_its_workers_and_reshuffles_every_epoch(prepared)
     assert all(len(set(rows)) == len(rows) for rows in epochs)  # nothing repeated within an epoch
     assert set(epochs[0]) == set(epochs[1]) == set(epochs[2])  # nothing lost
     assert epochs[0] != epochs[1] != epochs[2] != epochs[0]  # reshuffled
+
+    data.close()  # as a run ends: no worker outlives it
+    assert not [pid for pid in workers[0] if os.path.exists(f"/proc/{pid}") and "Z" not in process_state(pid)]
+
+
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -14,7 +14,7 @@ item costs nothing next to a training step.
 The loader's worker processes persist across epochs: LitGPT's CycleIterator starts each epoch with a new
 `iter(loader)`, which otherwise forks the workers anew (300 ms for the first batch of an epoch against 2-4 ms, on
 the CPU). litdata's dataset in each worker counts its own epochs, so every epoch is still reshuffled, in the
-order fresh workers would give.
+order fresh workers would give. `close()` stops them when the run ends.
 """
 
 import math
@@ -123,6 +123,7 @@ class PreparedData(DataModule):
     seed: int = 42
     batch_size: int = field(init=False, repr=False, default=1)
     seq_length: int = field(init=False, repr=False, default=2048)
+    loaders: list = field(init=False, repr=False, default_factory=list)
 
     def connect(self, tokenizer=None, batch_size: int = 1, max_seq_length: int | None = None) -> None:
         self.batch_size = batch_size
@@ -146,10 +147,20 @@ class PreparedData(DataModule):
         if len(datasets) > 1:
             weights = [source.weight for source in self.sources]
             dataset = CombinedStreamingDataset(datasets, seed=self.seed, weights=weights, iterate_over_all=False)
-        return StreamingDataLoader(
+        loader = StreamingDataLoader(
             dataset, batch_size=self.batch_size, pin_memory=True, num_workers=self.num_workers, drop_last=True,
             persistent_workers=self.num_workers > 0,
         )  # fmt: skip
+        self.loaders.append(loader)
+        return loader
+
+    def close(self) -> None:
+        """Stop the loaders' persistent workers, which would otherwise outlive the run in the calling process."""
+        for loader in self.loaders:
+            if loader._iterator is not None:  # PyTorch's DataLoader has no public way to end persistent workers
+                loader._iterator._shutdown_workers()
+                loader._iterator = None
+        self.loaders.clear()
 
 
 @dataclass(frozen=True)

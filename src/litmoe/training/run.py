@@ -3,6 +3,7 @@ run LitGPT's pretrain loop with our patches (litmoe.training.patches). The comma
 """
 
 import dataclasses
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -250,7 +251,7 @@ def run_pretrain(
     from litgpt import pretrain
 
     data = PreparedData(plan.data.sources, num_workers=num_workers, seed=seed)
-    with tf32_matmuls(torch.cuda.is_available()):
+    with tf32_matmuls(torch.cuda.is_available()), closing(data):
         pretrain.setup(
             model_name=plan.config.name, model_config=plan.config, out_dir=out_dir, precision=plan.precision,
             resume=resume, initial_checkpoint_dir=initial, data=data, train=train, eval=eval, log=log,
