@@ -52,7 +52,7 @@ class SignalAtLine(io.TextIOBase):
         self.file.flush()
 
 
-def run_step(step: dict, rank: int) -> int:
+def run_step(step: dict) -> int:
     from litmoe.core.errors import RunStopped
 
     if "call" in step:
@@ -107,7 +107,7 @@ def main(plan_file: str) -> None:
         with open(f"{stem}.out", "w") as log, contextlib.redirect_stdout(SignalAtLine(log, marker)), \
                 contextlib.redirect_stderr(log):  # fmt: skip
             try:
-                status = run_step(step, rank)
+                status = run_step(step)
             except BaseException:
                 traceback.print_exc()
                 status = 1
