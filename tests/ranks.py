@@ -6,7 +6,8 @@ steps in order, in this one interpreter (LitGPT imported once per rank, one proc
 The plan (written by tests/test_distributed.py) is a list of steps, each one of:
   {"name", "train": argv}           run_train.py's main(argv), as a user's run under torchrun; optionally
                                     "signal_rank0_at": a line of rank 0's output at which rank 0 (only) sends
-                                    itself SIGTERM, as a scheduler would
+                                    itself SIGTERM, as a scheduler would; "watch": true counts what would make
+                                    the host wait for the GPU (tests/host_syncs.py) into NAME.rankR.syncs.json
   {"name", "call": "module:function", "args": [...]}
                                     a check that needs the ranks (tests/expert_parallel_layer.py)
   {"name", "alone": true}           from here on rank 0 alone, as a single process: the process group is taken
@@ -52,7 +53,7 @@ class SignalAtLine(io.TextIOBase):
         self.file.flush()
 
 
-def run_step(step: dict) -> int:
+def run_step(step: dict, stem: str) -> int:
     from litmoe.core.errors import RunStopped
 
     if "call" in step:
@@ -62,7 +63,12 @@ def run_step(step: dict) -> int:
     from litmoe.training.cli import main
 
     try:
-        main(step["train"])
+        if step.get("watch"):
+            from host_syncs import watched_training
+
+            Path(f"{stem}.syncs.json").write_text(json.dumps(watched_training(step["train"]).record()))
+        else:
+            main(step["train"])
     except RunStopped as stop:
         if stop.message:
             print(stop.message, file=sys.stderr)
@@ -107,7 +113,7 @@ def main(plan_file: str) -> None:
         with open(f"{stem}.out", "w") as log, contextlib.redirect_stdout(SignalAtLine(log, marker)), \
                 contextlib.redirect_stderr(log):  # fmt: skip
             try:
-                status = run_step(step)
+                status = run_step(step, str(stem))
             except BaseException:
                 traceback.print_exc()
                 status = 1

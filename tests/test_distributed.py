@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import REPO, final_weights, tiny_run_args
 from expert_parallel_layer import LAYER_CASES
+from host_syncs import WATCHED
 from test_long_runs import signal_when, start_run
 from test_train import logged
 
@@ -128,6 +129,10 @@ def two_ranks(train_step, killed, tmp_path_factory) -> Launch:
     def from_step_10(name: str, source: str, strategy: tuple[str, ...]) -> dict:
         return two(name, strategy, "--resume", str(runs / source / "step-00000010" / "lit_model.pth"))
 
+    def watched(name: str, *strategy: str) -> dict:  # 4 steps of 2 micro-batches a rank (tests/host_syncs.py)
+        flags = (*WATCHED, "--train.global_batch_size", "16", "--devices", "2", *strategy)
+        return train_step(name, runs / name, 4 * 2 * 2 * 4 * 64, flags, watch=True)
+
     def alone(name: str, *extra: str, budget: int = ALONE_BUDGET) -> dict:  # rank 0, as a single process
         return train_step(name, runs / name, budget, (*ALONE, *extra))
 
@@ -142,6 +147,8 @@ def two_ranks(train_step, killed, tmp_path_factory) -> Launch:
         from_step_10("sharded-resumed", "ddp", SHARDED_EXPERT_PARALLEL),
         two("killed-resumed", EXPERT_PARALLEL, "--resume", "auto", out_dir=killed),
         {"name": "layer", "call": "expert_parallel_layer:check_cases", "args": [LAYER_CASES[2], str(folder)]},
+        watched("watched-dropless", *EXPERT_PARALLEL),
+        watched("watched-capacity", *EXPERT_PARALLEL, "--moe.capacity_factor", "1.25"),
     ]
     if HAS_DEEPSPEED:
         single, shards = ("--strategy", "single", "--devices", "1"), runs / "zero3-alone" / "step-00000004"
@@ -187,6 +194,25 @@ def assert_trains_as(reference: Path, run: Path) -> None:
     ours, theirs = final_weights(run), final_weights(reference)
     assert ours.keys() == theirs.keys()
     assert all(torch.allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-5) for key in theirs), run.name
+
+
+def test_expert_parallel_steps_wait_for_the_device_only_where_sizes_are_data(two_ranks):
+    """What would make the host wait for a GPU (tests/host_syncs.py), per optimizer step, on each rank. The first
+    micro-batch of a multi-rank run reads one all-gather (the ranks' check that they read different data). With a
+    capacity factor nothing else; dropless, each layer's count exchange at each micro-batch (the split sizes of the
+    all-to-all are data: torchtitan and DeepSpeed pay the same). The stop vote is host-side and read a step late;
+    the log step reads once."""
+    data_check, exchange = "tolist at fit.py", "tolist at dispatch.py"
+    for rank in range(2):
+        capacity, dropless = (json.loads((two_ranks.folder / f"watched-{kind}.rank{rank}.syncs.json").read_text())
+                              for kind in ("capacity", "dropless"))  # fmt: skip
+        for syncs in capacity, dropless:
+            assert syncs["steps"] == 4 and syncs["waits"] == [0, 0, 0, 0, 1] and syncs["copies"] == [1] * 5
+        where = [[read.split(":")[0] for read in step] for step in capacity["syncs"]]
+        assert where == [[data_check], [], [], [], []]
+        where = [sorted(read.split(":")[0] for read in step) for step in dropless["syncs"]]
+        per_step = [exchange] * 2 * 2  # 2 MoE layers, 2 micro-batches
+        assert where == [sorted([data_check, *per_step]), per_step, per_step, per_step, []]
 
 
 def test_two_ranks_train_on_different_data_stay_in_sync_and_stop_together(two_ranks):

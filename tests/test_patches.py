@@ -305,17 +305,6 @@ def test_a_dependency_that_does_not_import_is_one_line(tmp_path):
         run_cli(bug)
 
 
-def test_the_running_loss_syncs_with_the_host_only_when_asked():
-    """Stock's NaN check costs two host syncs per micro-batch; off by default, LitGPT's own with the switch."""
-    for check, strategy in ((False, "disable"), (True, "warn")):
-        with patched_pretrain(settings(running_loss_nan_check=check)):
-            running = pretrain.RunningMean(window=2, sync_on_compute=False)
-        assert running.base_metric.nan_strategy == strategy
-        running.update(torch.tensor(float("nan")))
-        running.update(torch.tensor(1.0))
-        assert running.compute().isnan().item() is not check  # with the check the NaN is dropped
-
-
 def test_cuda_graph_training_keeps_gradients_out_of_the_graphs_output_memory(monkeypatch):
     """Under reduce-overhead a replay reuses its output memory; gradients are therefore allocated up front and
     zeroed in place (the same tensors step after step), and each micro-batch marks a new CUDA-graph step."""

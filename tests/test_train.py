@@ -215,22 +215,28 @@ def test_a_run_ends_with_a_report_a_person_can_look_at(trained):
     assert len(loss.get_lines()[0].get_xdata()) == 30  # every optimizer step of the run was logged
 
 
-def test_the_speed_sweep_runs_its_variants_and_prints_one_table(monkeypatch, capsys):
-    """benchmarks/speed_sweep.py --dry-run, as the GPU session will run it (here only the variant that needs no
-    compiler, to stay fast, and in this process): the table, with a row of numbers per variant."""
-    import runpy
+def test_the_speed_sweep_runs_each_variant_in_its_own_process_on_a_synthetic_corpus():
+    """benchmarks/speed_sweep.py --dry-run, as the GPU session will run it (one variant and the profile here, not
+    compiled, to stay fast): the 50k-vocabulary corpus written, the variant's row of numbers, the table, and the
+    profile with its count of host syncs, each in a process of its own."""
+    import subprocess
     import sys
 
     from conftest import REPO
 
-    monkeypatch.setattr(sys, "argv", ["speed_sweep.py", "--dry-run", "--only", "no compile"])
-    runpy.run_path(str(REPO / "benchmarks" / "speed_sweep.py"), run_name="__main__")
-    out = capsys.readouterr().out
+    command = [sys.executable, "benchmarks/speed_sweep.py", "--dry-run", "--only", "no loader workers", "--profile",
+               "--", "--no-compile"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "Synthetic corpus: 200,000 tokens, vocabulary 50,257" in out
     table = out[out.index("Speed sweep on CPU (dry run: not speeds)") :].splitlines()
-    assert table[1].startswith("| variant | steady tokens/s | MFU | peak memory (GB) |")
+    assert table[0].endswith("each variant in its own process")
+    assert table[1].startswith("| variant | steady tokens/s | TFLOP/s | MFU | peak memory (GB) |")
     row = table[3].split(" | ")
-    assert row[0] == "| no compile" and float(row[1].replace(",", "")) > 0 and row[2] == "n/a (no GPU)"
-    assert float(row[4]) > 0 and len(table) == 4
+    assert row[0] == "| no loader workers" and float(row[1].replace(",", "")) > 0 and row[3] == "n/a (no GPU)"
+    assert 10 < float(row[5]) < 12  # a first step's loss on a 50,257-token vocabulary: about ln(50,257) = 10.8
+    assert "Profile of the recipe, 1 optimizer steps after 1" in out and "host-device synchronisations" in out
 
 
 def test_a_capacity_factor_trains_and_logs_the_dropped_share(train_args, tmp_path, capsys):

@@ -119,8 +119,9 @@ class HealthArgs:
     """What a run does when its numbers go wrong (the `health:` section); see litmoe.training.health."""
 
     nonfinite: Literal["stop", "skip", "off"] = "stop"
-    """A non-finite loss or gradient norm: stop (keep the last good checkpoint and say what to try), skip that
-    optimizer step (stop after max_skips in a row), or off (no check, no host sync per step)."""
+    """A non-finite loss or gradient norm: stop (keep the last good checkpoint and say what to try; read one step
+    late, no host sync), skip that optimizer step (stop after max_skips in a row; one host sync per step), or off
+    (no check)."""
     max_skips: int = 3
     """With nonfinite skip: stop after this many skipped steps in a row."""
     spike_window: int = 50

@@ -58,8 +58,10 @@ class AuxLossGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        scale = ctx.scale if ctx.loss_scale is None else ctx.scale * ctx.loss_scale()
-        aux_grad = torch.as_tensor(scale, device=grad_output.device, dtype=torch.float32).reshape(ctx.aux_shape)
+        # filled on the device from a Python number: no host-to-device copy to wait for
+        aux_grad = grad_output.new_full(ctx.aux_shape, ctx.scale, dtype=torch.float32)
+        if ctx.loss_scale is not None:
+            aux_grad = aux_grad * ctx.loss_scale()
         return grad_output, aux_grad, None, None
 
 
@@ -248,11 +250,13 @@ def update_expert_bias(model: nn.Module, rate: float, all_reduce=None) -> None:
 
 
 @torch.no_grad()
-def read_routing_stats(model: nn.Module) -> list[dict[str, Any]]:
-    """Per-layer routing statistics averaged since the last read (one host transfer for all layers), then reset."""
+def routing_rows(model: nn.Module) -> torch.Tensor | None:
+    """Per-layer routing statistics averaged since the last read, on the device (one row per layer: forwards,
+    entropy, aux loss, z-loss, dropped share, selection-bias norm, then each expert's load share), then reset.
+    None without MoE layers."""
     layers = moe_layers(model)
     if not layers:
-        return []
+        return None
     rows = []
     for layer in layers:
         load = layer.tokens_per_expert.float() / layer.tokens_per_expert.sum().clamp_min(1)
@@ -263,8 +267,13 @@ def read_routing_stats(model: nn.Module) -> list[dict[str, Any]]:
         rows.append(torch.cat([layer.forwards.float().reshape(1), averages, bias_norm.reshape(1), load]))
         for name in STATS:
             getattr(layer, name).zero_()
+    return torch.stack(rows)
+
+
+def routing_stats(rows: list[list[float]]) -> list[dict[str, Any]]:
+    """`routing_rows`, read on the host, as one mapping per layer that routed since the last read."""
     stats = []
-    for forwards, entropy, aux, z_loss, dropped, bias_norm, *load in torch.stack(rows).tolist():
+    for forwards, entropy, aux, z_loss, dropped, bias_norm, *load in rows:
         if forwards == 0:
             continue
         mean_load = sum(load) / len(load)
@@ -280,3 +289,9 @@ def read_routing_stats(model: nn.Module) -> list[dict[str, Any]]:
             }
         )
     return stats
+
+
+def read_routing_stats(model: nn.Module) -> list[dict[str, Any]]:
+    """Per-layer routing statistics averaged since the last read (one host transfer for all layers), then reset."""
+    rows = routing_rows(model)
+    return [] if rows is None else routing_stats(rows.tolist())

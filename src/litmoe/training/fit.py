@@ -5,8 +5,9 @@
              disk space checked, the health monitor (litmoe.training.health)
   each step  the train loader stops at a step boundary on a signal (litmoe.training.preemption) and times the
              steady rate without validation and saves (SteadyClock); an optimizer step hook updates the experts'
-             selection bias; every step's gradient norm goes through the health monitor; the logger reads the
-             routing statistics at log steps; data-parallel ranks check that they read different batches
+             selection bias; every step's gradient norm goes through the health monitor; nothing is read from
+             the device (litmoe.training.readback): a log step reads the loss, the gradient norm and the routing
+             statistics in one copy; data-parallel ranks check that they read different batches
   a stop     a signal saves a checkpoint at the step boundary (exit 75); divergence keeps the last good one (exit 3)
   the end    data-parallel replicas compared, the initial validation loss logged, the summary printed and the
              report drawn (litmoe.training.report)
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,11 @@ from litmoe.distributed.plans import StrategyChoice
 from litmoe.distributed.zero import LoopDeepSpeedStrategy, client_optimizer
 from litmoe.model.attention import compute_dtype
 from litmoe.model.flops import TrainingFlops, device_peak_flops
-from litmoe.model.moe import moe_layers, read_routing_stats, update_expert_bias
+from litmoe.model.moe import moe_layers, routing_rows, update_expert_bias
 from litmoe.training.health import Diverged, EventLog, TrainingHealth
 from litmoe.training.monitoring import WARMUP_STEPS, Console, Rate, RunLogger, RunSummary, SteadyClock
 from litmoe.training.preemption import Preempted, StopAtStepBoundary
+from litmoe.training.readback import LogReads, RunningLoss
 from litmoe.training.report import write_report
 from litmoe.training.saving import AtomicSave, checkpoint_bytes, warn_if_little_space
 from litmoe.training.settings import PatchSettings
@@ -207,6 +209,28 @@ def fp16_loss_scale_of(fabric) -> Callable[[], Any] | None:
     return None
 
 
+def checked_first(health: TrainingHealth, fn: Callable) -> Callable:
+    """`fn` (a save or an evaluation), after the health check of the last optimizer step: no checkpoint is written
+    after a non-finite step."""
+
+    @wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        health.settle()
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+def log_reads(state: dict, health: TrainingHealth) -> LogReads:
+    """What a log step reads from the device in one copy: the gradient norm and the routing statistics here, the
+    running loss once LitGPT's loop makes it (`RunningLoss`)."""
+    reads = LogReads(state)
+    reads.add("grad_norm", lambda: health.last_norm)
+    if moe_layers(state["model"]):
+        reads.add("routing", partial(routing_rows, state["model"]))
+    return reads
+
+
 def recorded_validate(stock_validate: Callable, losses: list[float], *args: Any, **kwargs: Any) -> torch.Tensor:
     loss = stock_validate(*args, **kwargs)
     if kwargs.get("verbose", True):  # verbose=False is LitGPT's 2-batch sanity check, not an evaluation
@@ -258,7 +282,6 @@ def start_run(settings: PatchSettings, saver: AtomicSave, fabric, state: dict) -
         warn_if_little_space(settings.out_dir, saver.needed_bytes, console.print)
     events = EventLog(settings.out_dir / "logs" / "events.jsonl" if fabric.is_global_zero else None, console.print)
     health = TrainingHealth(settings.health, events, state)
-    console.health = health
     if progress and fabric.is_global_zero:  # the loop trains whole iterations of the budget, per rank
         iterations = settings.token_budget // fabric.world_size // settings.tokens_per_micro_batch
         progress.start(state["iter_num"] * tokens_per_iter, iterations * tokens_per_iter)
@@ -271,28 +294,34 @@ def run_stock_fit(stock_fit: Callable, run: FitRun, settings: PatchSettings, kwa
 
     fabric, state = run.fabric, run.state
     accumulation = kwargs["train"].gradient_accumulation_iters(kwargs["devices"], kwargs.get("num_nodes", 1))
+    reads = log_reads(state, run.health)
     with ExitStack() as stack:
         loader = StopAtStepBoundary(kwargs["train_dataloader"], fabric, state, accumulation, settings.stop)
         clock = SteadyClock(loader, state, WARMUP_STEPS * accumulation, fabric.device)
         validate = partial(recorded_validate, pretrain.validate, run.val_losses)
-        stack.enter_context(swapped(pretrain, "validate", clock.leaving_out(validate)))
-        stack.enter_context(swapped(pretrain, "save_checkpoint", clock.leaving_out(pretrain.save_checkpoint)))
+        for name, fn in (("validate", validate), ("save_checkpoint", pretrain.save_checkpoint)):
+            stack.enter_context(swapped(pretrain, name, clock.leaving_out(checked_first(run.health, fn))))
+        if not settings.optimization.running_loss_nan_check:  # torchmetrics' checks read the device twice a batch
+            stack.enter_context(swapped(pretrain, "RunningMean", partial(RunningLoss, reads)))
         stack.enter_context(balanced_routing(fabric, state, settings.moe, accumulation))
         stack.enter_context(watched_gradients(fabric, run.health))
+        run.console.reads = reads
         if isinstance(fabric.logger, RunLogger):
             logger = fabric.logger
-            logger.health, logger.echo, logger.world_size = run.health, run.console.print, fabric.world_size
-            if moe_layers(state["model"]):
-                logger.routing = partial(read_routing_stats, state["model"])
+            logger.reads, logger.health, logger.echo = reads, run.health, run.console.print
+            logger.world_size = fabric.world_size
         train_loader = DistinctDataCheck(clock, fabric, run.console.print) if fabric.world_size > 1 else clock
         if settings.optimization.compile and settings.optimization.compile_mode in CUDA_GRAPH_MODES:
             stack.enter_context(gradients_outside_graph_outputs(state))
             train_loader = CudaGraphSteps(train_loader)
         kwargs["train_dataloader"] = train_loader
         try:
-            stock_fit(**kwargs)
-        except Preempted as stop:
-            stop_with_checkpoint(fabric, state, kwargs, stop.signal_name, run.first_step)
+            try:
+                stock_fit(**kwargs)
+            except Preempted as stop:
+                run.health.settle()  # a checkpoint at the stop only after a finite step
+                stop_with_checkpoint(fabric, state, kwargs, stop.signal_name, run.first_step)
+            run.health.settle()
         except Diverged as err:
             stop_diverged(fabric, err, settings.out_dir, run.events, err.step or state["step_count"])
         except torch.OutOfMemoryError:

@@ -6,12 +6,14 @@ log step (TensorBoard and CSV as `grad_norm`, and on the console line) under eve
   DeepSpeed           the engine clips inside its step; `get_global_grad_norm()` is read right after it
 
 A non-finite loss gives non-finite gradients, so checking the norm covers both. `health.nonfinite`:
-  stop  (default) stop at that step, before the optimizer applies it. Nothing more is saved, so the newest
-        checkpoint is the last good one; the message names it and what to try.
+  stop  (default) stop, naming that step. The norm goes to the host without a wait (litmoe.training.readback)
+        and is looked at one step later, or before a checkpoint or an evaluation, whichever comes first: a
+        checkpoint is never written after a non-finite step, so the newest is the last good one; the message
+        names it and what to try.
   skip  drop that step's gradients (the schedule moves on) and stop after `max_skips` such steps in a row.
-        Not under DeepSpeed, whose engine has stepped before the norm is known.
+        Deciding before the optimizer steps reads the norm at every step (a host sync, as GradScaler's overflow
+        check is). Not under DeepSpeed, whose engine has stepped before the norm is known.
   off   no check; the norm is still logged.
-A check reads one number per optimizer step (a host sync, as GradScaler's overflow check is).
 
 A logged loss more than `spike_sigmas` standard deviations above the mean of the last `spike_window` logged
 losses is a loss spike. Spikes, skipped steps and stops are events: a console line, a scalar in TensorBoard and
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 
 from litmoe.core.args import HealthArgs
+from litmoe.training.readback import PendingCopy
 
 MIN_SPIKE_WINDOW = 10
 RELATIVE_STD_FLOOR = 0.05  # a flat loss curve still needs a 6 x 5% = 30% jump to count as a spike
@@ -70,6 +73,7 @@ class TrainingHealth:
         self.events = events
         self.state = state  # LitGPT's loop state: step_count is the number of optimizer steps taken
         self.last_norm: torch.Tensor | None = None
+        self.pending: tuple[PendingCopy, int] | None = None  # policy stop: the last norm, on its way to the host
         self.skipped = 0
         self.skipped_in_a_row = 0
         self.recent_losses: deque[float] = deque(maxlen=args.spike_window)
@@ -86,12 +90,28 @@ class TrainingHealth:
         if norm is None:
             return
         self.last_norm = torch.as_tensor(norm).detach()
-        if self.args.nonfinite == "off" or bool(torch.isfinite(self.last_norm)):
-            self.skipped_in_a_row = 0
-            return
         step = self.state["step_count"] + (1 if optimizer is not None else 0)
         if self.args.nonfinite == "stop":
-            raise Diverged(f"non-finite gradient norm ({float(self.last_norm)}) at step {step}", step)
+            self.settle()  # the previous step's norm has arrived by now
+            self.pending = PendingCopy(self.last_norm), step
+        elif self.args.nonfinite == "skip":
+            self.skip_if_nonfinite(float(self.last_norm), step, optimizer)
+
+    def settle(self) -> None:
+        """Under policy stop: check the norm sent last, if not checked yet (before a checkpoint, an evaluation and
+        the end of training this waits for it; at the next step it has arrived)."""
+        if self.pending is None:
+            return
+        copy, step = self.pending
+        self.pending = None
+        norm = float(copy.value())
+        if not math.isfinite(norm):
+            raise Diverged(f"non-finite gradient norm ({norm}) at step {step}", step)
+
+    def skip_if_nonfinite(self, norm: float, step: int, optimizer) -> None:
+        if math.isfinite(norm):
+            self.skipped_in_a_row = 0
+            return
         self.skipped += 1
         self.skipped_in_a_row += 1
         if self.skipped_in_a_row > self.args.max_skips:
@@ -99,13 +119,14 @@ class TrainingHealth:
                 f"{self.skipped_in_a_row} optimizer steps in a row had non-finite gradients (last: {step})", step
             )
         optimizer.zero_grad(set_to_none=True)  # the optimizer then steps no parameter
-        self.events.record("skipped_step", step, grad_norm=float(self.last_norm), in_a_row=self.skipped_in_a_row)
+        self.events.record("skipped_step", step, grad_norm=norm, in_a_row=self.skipped_in_a_row)
 
-    def log_metrics(self, loss: float) -> dict[str, float]:
-        """What goes into the training log at a log step: the norm, skipped steps, and a spike when there is one."""
+    def log_metrics(self, loss: float, norm: float | None) -> dict[str, float]:
+        """What goes into the training log at a log step (`norm`: the last gradient norm, read with the loss): the
+        norm, skipped steps, and a spike when there is one."""
         metrics: dict[str, float] = {"health/skipped_steps": float(self.skipped)}
-        if self.last_norm is not None:
-            metrics["grad_norm"] = float(self.last_norm)
+        if norm is not None:
+            metrics["grad_norm"] = norm
         if not math.isfinite(loss):
             return metrics
         if len(self.recent_losses) >= MIN_SPIKE_WINDOW:

@@ -16,6 +16,8 @@ import torch
 from lightning.fabric.loggers import CSVLogger, Logger, TensorBoardLogger
 from tqdm import tqdm
 
+from litmoe.model.moe import routing_stats
+
 # The lines of LitGPT's closing "Performance" block (its Tok/sec divides by a timestamp); ours replaces it.
 STOCK_SUMMARY_PREFIXES = ("| ", "-" * 40)
 # LitGPT names the scratch directory it saves into; litmoe.training.saving says where the checkpoint landed.
@@ -26,16 +28,17 @@ STOCK_TRAINING_LINE = "Epoch "  # LitGPT's line at each log step; the gradient n
 class RunLogger(Logger):
     """Fans metrics out to LitGPT's chosen logger and a CSV file, and feeds the progress bar.
 
-    With a `routing` source (set once the model exists), every training log also carries the MoE routing
-    statistics: scalars, a layers x experts load heatmap (TensorBoard), and a one-line console summary.
+    Once training runs, `reads` (litmoe.training.readback.LogReads) holds what each training log adds, read from
+    the device with the loss in one copy: the gradient norm and, with MoE layers, the routing statistics (scalars,
+    a layers x experts load heatmap in TensorBoard, and a one-line console summary).
     """
 
     def __init__(self, loggers: list[Logger], progress: "Progress | None" = None) -> None:
         self.loggers = loggers
         self.progress = progress
         self.last: dict[str, float] = {}
-        self.routing: Callable[[], list[dict[str, Any]]] | None = None
-        self.health = None  # litmoe.training.health.TrainingHealth, once training runs: gradient norm, spikes
+        self.reads = None  # litmoe.training.readback.LogReads, once training runs
+        self.health = None  # litmoe.training.health.TrainingHealth, once training runs: skipped steps, spikes
         self.world_size = 1
         self.echo: Callable[[str], None] = print
 
@@ -52,10 +55,14 @@ class RunLogger(Logger):
         return getattr(self.loggers[0], "log_dir", None)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        training = "loss" in metrics  # LitGPT's training log, as opposed to validation
-        routing = self.routing() if self.routing is not None and training else []
+        training = "loss" in metrics and self.reads is not None  # LitGPT's training log, not validation
+        rows = self.reads.get("routing") if training else None
+        routing = routing_stats(rows.tolist()) if rows is not None else []
         routing_scalars = routing_metrics(routing) if routing else {}
-        health = self.health.log_metrics(float(metrics["loss"])) if self.health is not None and training else {}
+        health = {}
+        if training and self.health is not None:
+            norm = self.reads.get("grad_norm")
+            health = self.health.log_metrics(float(metrics["loss"]), float(norm) if norm is not None else None)
         metrics = {**metrics, **routing_scalars, **health, **tokens_per_second(metrics, self.world_size)}
         self.last.update({key: float(value) for key, value in metrics.items()})
         for logger in self.loggers:
@@ -112,9 +119,9 @@ def load_heatmap(routing: list[dict[str, Any]]) -> np.ndarray:
     mid-grey balanced, white twice its share or more. Labelled, with the shade scale below; RGB, (H, W, 3)."""
     from PIL import Image, ImageDraw
 
-    load = torch.tensor([layer["load"] for layer in routing])
+    load = np.array([layer["load"] for layer in routing])
     layers, experts = load.shape
-    relative = (load * experts / 2).clamp(0, 1)
+    relative = np.clip(load * experts / 2, 0, 1)
     cell = max(8, min(28, 896 // experts))
     left, top = HEATMAP_MARGIN
     width, height = left + experts * cell + 12, top + layers * cell + HEATMAP_SCALE_HEIGHT
@@ -216,15 +223,15 @@ class SteadyClock:
     """The train loader, unchanged, timing the rate a long run settles at: from the end of the warm-up steps
     to the end of training, less the time spent validating and saving checkpoints.
 
-    A short benchmark's overall rate is mostly compilation (benchmarks/README.md has an H100 example). The
-    clock synchronizes the GPU when it starts and around what it leaves out (rare events), so queued kernels
-    count where they belong.
+    A short benchmark's overall rate is mostly compilation (benchmarks/README.md has an H100 example). On a GPU
+    the clock's marks are CUDA events in the stream, so queued kernels count where they belong and starting it
+    waits for nothing; it waits for the GPU only around what it leaves out (rare events) and at the end.
     """
 
     def __init__(self, loader, state: dict, warmup_iters: int, device: torch.device) -> None:
         self.loader, self.state, self.device = loader, state, device
         self.start_iter = state["iter_num"] + warmup_iters
-        self.started: float | None = None
+        self.started: float | torch.cuda.Event | None = None
         self.started_iter = 0
         self.left_out = 0.0
 
@@ -234,13 +241,23 @@ class SteadyClock:
     def __iter__(self) -> Iterator:
         for batch in self.loader:
             if self.started is None and self.state["iter_num"] >= self.start_iter:
-                self.started, self.started_iter = self.now(), self.state["iter_num"]
+                self.started, self.started_iter = self.mark(), self.state["iter_num"]
             yield batch
 
-    def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+    def mark(self) -> float | torch.cuda.Event:
+        """Now: on a GPU an event in its stream (recording it waits for nothing), else the host's clock."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @staticmethod
+    def seconds(begin: float | torch.cuda.Event, end: float | torch.cuda.Event) -> float:
+        if isinstance(end, float):
+            return end - begin
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000
 
     def leaving_out(self, fn: Callable) -> Callable:
         """`fn`, with the time it takes not counted as training."""
@@ -249,11 +266,11 @@ class SteadyClock:
         def timed(*args: Any, **kwargs: Any) -> Any:
             if self.started is None:
                 return fn(*args, **kwargs)
-            begin = self.now()
+            begin = self.mark()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.left_out += self.now() - begin
+                self.left_out += self.seconds(begin, self.mark())
 
         return timed
 
@@ -261,7 +278,7 @@ class SteadyClock:
         """Micro-batches trained since the warm-up and the seconds they took; None if training ended first."""
         if self.started is None or self.state["iter_num"] <= self.started_iter:
             return None
-        return self.state["iter_num"] - self.started_iter, self.now() - self.started - self.left_out
+        return self.state["iter_num"] - self.started_iter, self.seconds(self.started, self.mark()) - self.left_out
 
 
 @dataclass
@@ -336,7 +353,7 @@ class Console:
     def __init__(self, fabric, progress: Progress | None) -> None:
         self.fabric = fabric
         self.progress = progress
-        self.health = None  # litmoe.training.health.TrainingHealth: its last gradient norm joins LitGPT's training line
+        self.reads = None  # litmoe.training.readback.LogReads: the gradient norm joins LitGPT's training line
         self.training_done = False
 
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -345,8 +362,9 @@ class Console:
         line = " ".join(str(arg) for arg in args)
         if (self.training_done and line.startswith(STOCK_SUMMARY_PREFIXES)) or line.startswith(STOCK_SAVE_LINE):
             return
-        if line.startswith(STOCK_TRAINING_LINE) and self.health is not None and self.health.last_norm is not None:
-            line += f" | grad norm {float(self.health.last_norm):.3f}"
+        norm = self.reads.get("grad_norm") if line.startswith(STOCK_TRAINING_LINE) and self.reads else None
+        if norm is not None:
+            line += f" | grad norm {float(norm):.3f}"
         if self.progress is not None:
             self.progress.write(line)
         else:

@@ -16,8 +16,6 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
                                     right before `fabric.setup(model)`)
   pretrain.chunked_cross_entropy -> with --optimization.fused_loss: `litmoe.model.fused_loss`, the head and the
                                     loss in one chunked kernel (training and validation alike)
-  pretrain.RunningMean           -> without its per-micro-batch NaN check, unless running_loss_nan_check (two host
-                                    syncs per micro-batch; litmoe.training.health watches the logged loss instead)
   pretrain.instantiate_torch_optimizer -> the stock one, except that init_args the user set win over its
                                     defaults (it forces fused=True on CUDA, so --optimizer.fused false was lost)
   pretrain.measure_flops         -> `TrainingFlops`: active-expert FLOPs (the meta-device trace fails on MoE)
@@ -29,7 +27,11 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
   pretrain.pprint                   settings where LitGPT prints its raw arguments (class-default batch sizes)
   pretrain.choose_logger         -> LitGPT's logger plus CSV and the live progress bar
   pretrain.fit                   -> the stock loop with our hooks around it and its steps (litmoe.training.fit):
-                                    balancing, health, preemption, routing statistics, a correct summary
+                                    balancing, health, preemption, routing statistics, a correct summary; for
+                                    its duration pretrain.validate and save_checkpoint are timed apart and
+                                    come after the health check, and pretrain.RunningMean is
+                                    `litmoe.training.readback.RunningLoss` (no host sync; unless
+                                    running_loss_nan_check: torchmetrics' NaN check reads the device twice a batch)
 The stop signals (SIGTERM, SIGINT, SIGUSR1) are handled for the whole of `setup` (litmoe.training.preemption).
 """
 
@@ -75,8 +77,6 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
             stack.enter_context(swapped(pretrain, "chunked_cross_entropy", fused_loss))
         prepare = partial(prepare_model, compile_fn=torch.compile, options=settings.optimization, fused_loss=fused_loss)
         stack.enter_context(swapped(torch, "compile", prepare))
-        if not settings.optimization.running_loss_nan_check:
-            stack.enter_context(swapped(pretrain, "RunningMean", partial(pretrain.RunningMean, nan_strategy="disable")))
         build_optimizer = partial(user_optimizer, pretrain.instantiate_torch_optimizer)
         stack.enter_context(swapped(pretrain, "instantiate_torch_optimizer", build_optimizer))
         optimizer = settings.run_config.get("optimizer", "AdamW")

@@ -4,9 +4,10 @@ Clusters warn before they take a node away: SLURM sends SIGTERM (and, with `--si
 180 s before the time limit), Kubernetes SIGTERM, a user at the terminal SIGINT (Ctrl-C). The handler only
 records the signal. The train loader looks at the record before it hands out the first micro-batch of an
 optimizer step: by then the step in flight has finished, with LitGPT's logging, validation and its own
-checkpoint, so a checkpoint written there resumes exactly. With several ranks the record is all-reduced at each
-step boundary (one small collective per optimizer step, none per micro-batch), so every rank stops at the same
-step even when the signal reached only some of them.
+checkpoint, so a checkpoint written there resumes exactly. With several ranks the ranks vote at each step
+boundary, so every rank stops at the same step even when the signal reached only some of them: a one-number
+all-reduce over a host-side (gloo) group, started at one boundary and read at the next, when it has long
+finished. The GPU is never asked and no step waits; a stop then comes one optimizer step after the signal.
 
 A second signal ends the process at once, without a checkpoint (the atomic save keeps the previous ones whole).
 Exit status after a stop with a checkpoint: 75 on rank 0 (EX_TEMPFAIL: run again with --resume auto), 0 on the
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from litmoe.training.readback import host_buffer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -64,9 +67,10 @@ class StopAtStepBoundary:
     `Preempted` when a stop signal arrived on any rank."""
 
     def __init__(self, loader, fabric, state: dict, accumulation: int, stop: StopSignal) -> None:
-        self.loader, self.fabric, self.state = loader, fabric, state
+        self.loader, self.state = loader, state
         self.accumulation = accumulation
         self.stop = stop
+        self.vote = StopVote() if fabric.world_size > 1 else None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -84,7 +88,28 @@ class StopAtStepBoundary:
 
     def stop_agreed(self) -> bool:
         requested = self.stop.received is not None
-        if self.fabric.world_size == 1:
-            return requested
-        flag = torch.tensor(float(requested), device=self.fabric.device)
-        return bool(self.fabric.all_reduce(flag, reduce_op="max").item())
+        return requested if self.vote is None else self.vote.agreed(requested)
+
+
+class StopVote:
+    """Whether any rank asked to stop, agreed by all ranks over a gloo group of their own (host memory only):
+    each step boundary reads the vote started at the previous one and starts the next."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.group = dist.new_group(backend="gloo")  # every rank builds it at the same point of the run
+        self.ballot = host_buffer((1,), torch.float32)
+        self.counting = None
+
+    def agreed(self, requested: bool) -> bool:
+        import torch.distributed as dist
+
+        if self.counting is not None:
+            self.counting.wait()
+            self.counting = None
+            if self.ballot.item() > 0:
+                return True
+        self.ballot.fill_(float(requested))
+        self.counting = dist.all_reduce(self.ballot, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return False
