@@ -2,6 +2,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from functools import partial
 
 import litgpt.pretrain as pretrain
@@ -17,6 +18,7 @@ from litmoe.core.errors import UserError
 from litmoe.distributed.plans import StrategyChoice
 from litmoe.model.attention import check_attention, compute_dtype, flash_blockers
 from litmoe.model.flops import TrainingFlops
+from litmoe.model.loss import compiled_loss
 from litmoe.model.moe import MoELayer
 from litmoe.training.cli import deep_merge, expand_short_flags, take_flag
 from litmoe.training.patches import patched_pretrain, prepare_model
@@ -182,6 +184,65 @@ def test_compile_on_really_compiles():
         expected, actual = model(x), compiled(x)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def ops_outside_compiled_code(step: Callable[[], None]) -> int:
+    """The ops `step` dispatches one by one, from Python or from autograd, not from inside a compiled graph: the
+    profiler's top-level aten ops that no compiled region (forward or backward) encloses."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    count = 0
+    for event in profiler.events():
+        enclosing, parent = [], event.cpu_parent
+        while parent is not None:
+            enclosing.append(parent.name)
+            parent = parent.cpu_parent
+        if event.name.startswith("aten::") and not any(name.startswith("aten::") for name in enclosing):
+            count += not any("Compiled" in name for name in enclosing)
+    return count
+
+
+def trained_micro_batch(compiled: bool, precision: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """A micro-batch of 256 x 16 tokens through the tiny GPT and LitGPT's loss call as a run builds them (compiled
+    by AOTAutograd's eager backend, which receives the graphs inductor would, fast): (loss, gradients, ops outside
+    compiled code), measured on the second micro-batch (the first compiles)."""
+    compile_fn = partial(torch.compile, backend="aot_eager")
+    torch.manual_seed(1)
+    x, targets = torch.randint(0, 64, (256, 16)), torch.randint(0, 64, (256, 16))
+    torch._dynamo.reset()
+    with patched_pretrain(settings(compile=compiled)):  # litmoe's MoE layer
+        model = tiny_gpt()
+    loss_fn = compiled_loss(compile_fn, pretrain.chunked_cross_entropy) if compiled else pretrain.chunked_cross_entropy
+    if compiled:
+        model = prepare_model(model, compile_fn=compile_fn, options=OptimizationArgs(compile=True))
+    losses = []
+
+    def micro_batch() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", precision, enabled=precision != torch.float32):
+            losses.append(loss_fn(model(x), targets))
+        losses[-1].backward()
+
+    micro_batch()
+    count = ops_outside_compiled_code(micro_batch)
+    return losses[-1].detach(), [p.grad for p in model.parameters()], count
+
+
+def test_the_loss_is_compiled_with_the_model_and_gives_litgpts_loss_and_gradients():
+    """LitGPT's chunked loss (here 32 chunks of 128 rows) dispatches hundreds of ops one by one per micro-batch;
+    compiled with the model, as --compile does, a micro-batch's forward, loss and backward leave a handful outside
+    compiled code. The loss and every gradient are LitGPT's: to fp32 rounding in fp32, to bf16's precision under
+    bf16 autocast."""
+    for precision, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        (loss, grads, compiled_count), (expected_loss, expected_grads, eager_count) = (
+            trained_micro_batch(compiled, precision) for compiled in (True, False)
+        )
+        assert eager_count > 400 and compiled_count <= 30
+        torch.testing.assert_close(loss, expected_loss, rtol=tolerance, atol=tolerance)
+        for grad, expected in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected, rtol=tolerance, atol=tolerance)
 
 
 def test_gradient_checkpointing_same_numbers_same_keys():

@@ -14,7 +14,8 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
   torch.compile                  -> `prepare_model`: the fused loss's head, activation checkpointing, then compile
                                     the model or each block, only as configured (LitGPT compiles unconditionally
                                     right before `fabric.setup(model)`)
-  pretrain.chunked_cross_entropy -> with --optimization.fused_loss: `litmoe.model.fused_loss`, the head and the
+  pretrain.chunked_cross_entropy -> compiled (`litmoe.model.loss`: one graph, not 128 chunks of eager ops) when the
+                                    model is; with --optimization.fused_loss: `litmoe.model.fused_loss`, the head and the
                                     loss in one chunked kernel (training and validation alike)
   pretrain.instantiate_torch_optimizer -> the stock one, except that init_args the user set win over its
                                     defaults (it forces fused=True on CUDA, so --optimizer.fused false was lost)
@@ -55,6 +56,7 @@ from litmoe.distributed.zero import zero3_reset_parameters
 from litmoe.model.builder import layer_for, moe_layer
 from litmoe.model.flops import TrainingFlops
 from litmoe.model.fused_loss import FusedLinearCrossEntropy
+from litmoe.model.loss import compiled_loss
 from litmoe.training.fit import timed_fit
 from litmoe.training.monitoring import make_run_logger
 from litmoe.training.saving import AtomicSave
@@ -72,9 +74,13 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
         split = settings.strategy.expert_parallel
         parallelism = ExpertParallelism(split) if split > 1 else None
         stack.enter_context(moe_layer(layer_for(settings.moe, lambda: parallelism and parallelism.group)))
-        fused_loss = FusedLinearCrossEntropy() if settings.optimization.fused_loss else None
+        options = settings.optimization
+        fused_loss = FusedLinearCrossEntropy() if options.fused_loss else None
         if fused_loss is not None:
             stack.enter_context(swapped(pretrain, "chunked_cross_entropy", fused_loss))
+        elif options.compile:
+            loss = compiled_loss(torch.compile, pretrain.chunked_cross_entropy, **compile_options(options))
+            stack.enter_context(swapped(pretrain, "chunked_cross_entropy", loss))
         prepare = partial(prepare_model, compile_fn=torch.compile, options=settings.optimization, fused_loss=fused_loss)
         stack.enter_context(swapped(torch, "compile", prepare))
         build_optimizer = partial(user_optimizer, pretrain.instantiate_torch_optimizer)
@@ -121,12 +127,16 @@ def prepare_model(
         checkpoint_blocks(model)
     if not options.compile:
         return model
-    how = {"mode": options.compile_mode, "dynamic": options.compile_dynamic, "fullgraph": options.compile_fullgraph}
+    how = compile_options(options)
     if options.compile_scope == "blocks":
         for block in model.transformer.h:
             block.compile(**how)  # in place: parameter names and state-dict keys stay as they were
         return model
     return compile_fn(model, **how)
+
+
+def compile_options(options: OptimizationArgs) -> dict[str, Any]:
+    return {"mode": options.compile_mode, "dynamic": options.compile_dynamic, "fullgraph": options.compile_fullgraph}
 
 
 def progress_record(settings: PatchSettings, fabric, state: dict) -> dict[str, Any]:
