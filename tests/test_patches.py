@@ -245,6 +245,41 @@ def test_the_loss_is_compiled_with_the_model_and_gives_litgpts_loss_and_gradient
             torch.testing.assert_close(grad, expected, rtol=tolerance, atol=tolerance)
 
 
+SYNC_TARGETS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "equal", "_unique2", "unique_consecutive",
+                "unique_dim", "bincount"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "moe", [MoEArgs(), MoEArgs(capacity_factor=1.25, bias_update_rate=1e-3)], ids=["dropless", "capacity-and-bias"]
+)
+def test_the_compiled_graphs_hold_no_op_that_waits_for_the_device(moe):
+    """What CUDA graphs (--compile-mode reduce-overhead) capture and replay: the model's forward and backward and
+    the loss's, each one whole graph (fullgraph), with no op that would make the host wait for the device (a
+    capture would fail on it), balancing losses, selection bias and capacity included."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(graph: torch.fx.GraphModule, example_inputs):
+        graphs.append(graph)
+        return make_boxed_func(graph.forward)
+
+    compile_fn = partial(torch.compile, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    options = OptimizationArgs(compile=True, compile_fullgraph=True)
+    torch._dynamo.reset()
+    run = settings(compile=True, compile_fullgraph=True)
+    run.moe = moe
+    with patched_pretrain(run):
+        model = prepare_model(tiny_gpt(), compile_fn=compile_fn, options=options)
+    loss = compiled_loss(compile_fn, pretrain.chunked_cross_entropy, fullgraph=True)
+    loss(model(torch.randint(0, 64, (4, 16))), torch.randint(0, 64, (4, 16))).backward()
+    assert len(graphs) == 4  # forward and backward, of the model and of the loss
+    called = {str(node.target).split(".")[1] for graph in graphs for node in graph.graph.nodes
+              if node.op == "call_function" and str(node.target).startswith("aten.")}  # fmt: skip
+    assert {"_grouped_mm", "mm"} <= called and not called & SYNC_TARGETS
+
+
 def test_gradient_checkpointing_same_numbers_same_keys():
     x = torch.randint(0, 64, (2, 16))
     reference, checkpointed = tiny_gpt(), tiny_gpt()
