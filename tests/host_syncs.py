@@ -54,6 +54,51 @@ def watched_training(argv: list[str]) -> "HostSyncs":
     return syncs
 
 
+def cuda_syncs(argv: list[str]) -> dict[int, list[str]]:
+    """run_train.py's main(argv) on a CUDA GPU with LitGPT's training loop under CUDA's sync debug mode (its
+    evaluations left out): where each synchronizing call came from, per optimizer step (0 before the first)."""
+    import warnings
+
+    import litgpt.pretrain as pretrain
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from litmoe.core.patching import swapped
+    from litmoe.training.cli import main
+
+    syncs: dict[int, list[str]] = defaultdict(list)
+    step, stock_fit, stock_validate, show = [0], pretrain.fit, pretrain.validate, warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return show(message, category, filename, lineno, file, line)
+        stack = traceback.extract_stack()[:-1]
+        ours = [f for f in stack if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")][-3:][::-1]
+        syncs[step[0]].append(" <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in ours))
+
+    def watched_fit(*args: Any, **kwargs: Any) -> None:
+        hook = register_optimizer_step_post_hook(lambda *_: step.__setitem__(0, step[0] + 1))
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            stock_fit(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            hook.remove()
+
+    def unwatched_validate(*args: Any, **kwargs: Any) -> Any:
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return stock_validate(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    with warnings.catch_warnings(), swapped(pretrain, "fit", watched_fit), \
+            swapped(pretrain, "validate", unwatched_validate):  # fmt: skip
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        main(argv)
+    return syncs
+
+
 class HostSyncs:
     """`watching()` counts what runs inside it; `paused(fn)` leaves a function out (evaluation)."""
 

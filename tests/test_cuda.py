@@ -131,8 +131,12 @@ def test_liger_fused_loss_is_as_close_to_fp32_as_litgpts_bf16_loss():
 
 @pytest.mark.parametrize(
     "levers",
-    [(), ("--optimization.fused_loss", "true", "--optimization.compile_scope", "blocks")],
-    ids=["recipe", "fused-loss-blocks"],
+    [
+        (),
+        ("--optimization.fused_loss", "true", "--optimization.compile_scope", "blocks"),
+        ("--compile-mode", "reduce-overhead", "--train.global_batch_size", "8"),  # CUDA graphs, 2 micro-batches
+    ],
+    ids=["recipe", "fused-loss-blocks", "cuda-graphs-accumulating"],
 )
 def test_compiled_bf16_training_run_learns_and_reports_mfu(train_args, tmp_path, levers):
     from litmoe.training.cli import main
@@ -144,3 +148,14 @@ def test_compiled_bf16_training_run_learns_and_reports_mfu(train_args, tmp_path,
     assert run.summary.peak_flops, "no MFU: Lightning does not know this GPU's peak FLOP/s"
     assert 0 < run.summary.flops / run.summary.seconds < run.summary.peak_flops
     assert (out_dir / "final" / "lit_model.pth").is_file()
+
+
+def test_a_compiled_cuda_step_waits_for_nothing_and_a_log_step_once(train_args, tmp_path):
+    """CUDA's own sync debug mode over four optimizer steps of two micro-batches, compiled, the log at the fourth:
+    no synchronizing call in a step, one at the log step (its one copy of loss, norm and routing statistics)."""
+    from host_syncs import WATCHED, cuda_syncs
+
+    flags = (*WATCHED, "--train.global_batch_size", "8", "--compile")
+    syncs = cuda_syncs(train_args(tmp_path / "run", 4 * 2 * 4 * 64, flags))
+    assert [syncs[step] for step in range(4)] == [[]] * 4
+    assert len(syncs[4]) <= 1, syncs[4]
