@@ -110,6 +110,40 @@ def test_bf16_on_cpu_is_close_to_fp32():
     assert relative_error(expected, actual.float()) < 3e-2
 
 
+def outputs_and_gradients(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, autocast: bool) -> dict:
+    """The layer's output and every gradient (under stock's parameter names), in fp32."""
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        output = layer(x)
+    output.float().backward(grad)
+    grads = {name: p.grad.float() for name, p in layer.named_parameters()}
+    if isinstance(layer, MoELayer):
+        _to_stock_keys(layer.experts, grads, "experts.", {})
+    return {"output": output.detach().float(), "input": x.grad, **grads}
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+def test_bf16_autocast_is_as_close_to_fp32_as_stocks(capacity_factor):
+    """Under bf16 autocast the rows travel and the experts compute in bf16, and the k outputs of a token are
+    weighted and summed in fp32: the output and every gradient stay as close to the fp32 layer as stock's
+    bf16 autocast is to stock's fp32 (at capacity 1.0 some rows are dropped, alike at both precisions)."""
+    stock, ours = pair(CONFIGS["softmax top-2"])
+    ours.balance = MoEArgs(aux_loss_coef=0.0, z_loss_coef=0.0, capacity_factor=capacity_factor)
+    x, grad = torch.randn(4, 32, 64), torch.randn(4, 32, 64)
+
+    def bf16_errors(layer: torch.nn.Module) -> dict[str, float]:
+        exact, bf16 = (outputs_and_gradients(layer, x, grad, autocast) for autocast in (False, True))
+        return {name: relative_error(exact[name], value) for name, value in bf16.items()}
+
+    errors, stock_errors = bf16_errors(ours), bf16_errors(stock)
+    assert 1e-4 < errors["output"] < 2e-2, errors
+    if capacity_factor is None:
+        assert all(errors[name] < 1.5 * stock_errors[name] + 1e-3 for name in errors), (errors, stock_errors)
+    else:
+        assert max(errors.values()) < 2e-2, errors
+
+
 def gate_gradient(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     layer.zero_grad(set_to_none=True)
     y = layer(x)

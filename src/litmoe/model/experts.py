@@ -32,6 +32,14 @@ def expert_size(config) -> int:
     return config.moe_intermediate_size or config.intermediate_size
 
 
+def expert_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in for input `x`: autocast's where it is on (bf16 under bf16-mixed), else x's."""
+    device = x.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def grouped_gemm_blocker(n_embd: int, hidden: int, dtype: torch.dtype, device_type: str) -> str | None:
     """Why these experts cannot run as grouped GEMMs (they then loop over experts), or None when they can."""
     if device_type == "cuda" and dtype != torch.bfloat16:
@@ -99,9 +107,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, xs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """SwiGLU of each expert on its contiguous slice of the expert-sorted tokens `xs`."""
-        device = xs.device.type
-        autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else xs.dtype
+        device, dtype = xs.device.type, expert_dtype(xs)
         xs, w_in, w_out = xs.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype)
         b_in, b_out = (None, None) if self.b_in is None else (self.b_in.to(dtype), self.b_out.to(dtype))
         if grouped_gemm_blocker(xs.shape[-1], self.hidden, dtype, device) is not None:

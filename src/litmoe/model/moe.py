@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from litmoe.core.args import MoEArgs
 from litmoe.model.dispatch import ExpertGroup, send_back, send_to_experts
-from litmoe.model.experts import GroupedExperts, expert_size
+from litmoe.model.experts import GroupedExperts, expert_dtype, expert_size
 
 # Running sums since the last read; counts are integers so that bf16 models keep them exact.
 STATS = {
@@ -63,6 +63,21 @@ class AuxLossGradient(torch.autograd.Function):
         if ctx.loss_scale is not None:
             aux_grad = aux_grad * ctx.loss_scale()
         return grad_output, aux_grad, None, None
+
+
+class PermutedRows(torch.autograd.Function):
+    """`rows[permutation]`, whose gradient is a gather as well (`grad[inverse]`), where indexing's own backward
+    would be an accumulating scatter."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, permutation: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return rows[permutation]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
 class MoELayer(nn.Module):
@@ -147,12 +162,16 @@ class MoELayer(nn.Module):
         # scatter_add, not bincount: bincount's output shape depends on the data and breaks the compiled graph
         slots = indices.view(-1)
         tokens_per_expert = slots.new_zeros(self.config.n_expert).scatter_add_(0, slots, torch.ones_like(slots))
+        rows = tokens.to(expert_dtype(tokens))[token_of_slot]  # cast once, then gather k copies (bf16 under autocast)
         if self.balance.capacity_factor is None:
-            expert_out, dropped = self.run_experts(tokens[token_of_slot], tokens_per_expert), None
+            expert_out, dropped = self.run_experts(rows, tokens_per_expert), None
         else:
-            expert_out, dropped = self.run_to_capacity(tokens[token_of_slot], slots[order], tokens_per_expert)
-        expert_out = expert_out * weights.view(-1)[order].unsqueeze(-1).to(expert_out.dtype)
-        y = torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out.to(tokens.dtype)).view(B, T, C)
+            expert_out, dropped = self.run_to_capacity(rows, slots[order], tokens_per_expert)
+        # Back to (token, choice) order by the inverse permutation, then each token's k outputs weighted and summed
+        # in fp32: gathers and a reduction, no accumulating scatter (atomics) in forward or backward.
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        by_token = PermutedRows.apply(expert_out, inverse, order).view(B * T, k, C)
+        y = (by_token.float() * weights.float().unsqueeze(-1)).sum(1).to(tokens.dtype).view(B, T, C)
         if self.config.n_shared_expert:
             y = y + self.shared_experts(x)
         if self.training or self.record_routing:

@@ -14,9 +14,9 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
   torch.compile                  -> `prepare_model`: the fused loss's head, activation checkpointing, then compile
                                     the model or each block, only as configured (LitGPT compiles unconditionally
                                     right before `fabric.setup(model)`)
-  pretrain.chunked_cross_entropy -> compiled (`litmoe.model.loss`: one graph, not 128 chunks of eager ops) when the
-                                    model is; with --optimization.fused_loss: `litmoe.model.fused_loss`, the head and the
-                                    loss in one chunked kernel (training and validation alike)
+  pretrain.chunked_cross_entropy -> compiled (`litmoe.model.loss`: one graph, not 128 chunks of eager ops) when
+                                    the model is; with --optimization.fused_loss: `litmoe.model.fused_loss`, the
+                                    head and the loss in one chunked kernel (training and validation alike)
   pretrain.instantiate_torch_optimizer -> the stock one, except that init_args the user set win over its
                                     defaults (it forces fused=True on CUDA, so --optimizer.fused false was lost)
   pretrain.measure_flops         -> `TrainingFlops`: active-expert FLOPs (the meta-device trace fails on MoE)
