@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_suite.sh environment tests layer attention     # one call
 #   bash benchmarks/gpu_suite.sh throughput                  # another
 #   bash benchmarks/gpu_suite.sh zero                        # and another
-#   bash benchmarks/gpu_suite.sh sweep                       # the speed levers of issue #21, one table
+#   bash benchmarks/gpu_suite.sh sweep                       # the speed levers, each variant in its own process
 #   bash benchmarks/gpu_suite.sh expert_parallel             # on a machine with 2+ GPUs: DDP, ZeRO-3, EP 2 (DDP, FSDP)
 #
 # Run from the repository root. Each step's output is also written to $OUT/STEP.txt (./gpu-results without

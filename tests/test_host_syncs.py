@@ -19,8 +19,13 @@ def watched_run(train_args, out_dir, extra: tuple[str, ...] = ()):
 
 @pytest.mark.parametrize(
     "variant",
-    [(), ("--precision", "bf16-mixed"), ("--moe.capacity_factor", "1.25", "--moe.bias_update_rate", "0.001")],
-    ids=["fp32", "bf16-autocast", "capacity-and-bias"],
+    [
+        (),
+        ("--precision", "bf16-mixed"),
+        ("--moe.capacity_factor", "1.25", "--moe.bias_update_rate", "0.001"),
+        ("--optimization.fused_loss", "true", "--precision", "bf16-mixed"),
+    ],
+    ids=["fp32", "bf16-autocast", "capacity-and-bias", "fused-loss"],
 )
 def test_no_step_waits_for_the_device_and_a_log_step_reads_once(train_args, tmp_path, variant):
     out_dir = tmp_path / "out"

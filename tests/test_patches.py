@@ -128,22 +128,19 @@ def test_compile_blocks_compiles_each_block_in_place():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_fused_loss_gives_the_stock_loss_and_gradients_with_the_same_keys():
-    """With the fused loss the model returns hidden states and the loss applies the head; a reference kernel
-    (the head's product and cross-entropy, unfused) stands in for Liger's here, which needs CUDA."""
+def test_fused_loss_gives_the_stock_loss_and_gradients_with_the_same_keys(monkeypatch):
+    """With the fused loss the model returns hidden states and the loss applies the head, chunk by chunk (here 8
+    rows a chunk: 4 chunks); loss and every gradient are LitGPT's, ignored targets and tied embeddings included."""
     from litgpt.utils import chunked_cross_entropy
 
+    import litmoe.model.fused_loss
     from litmoe.model.fused_loss import FusedLinearCrossEntropy
 
-    def reference_kernel():
-        return lambda weight, hidden, targets, bias: torch.nn.functional.cross_entropy(
-            torch.nn.functional.linear(hidden, weight, bias), targets
-        )
-
+    monkeypatch.setattr(litmoe.model.fused_loss, "CHUNK_ROWS", 8)
     stock, fused = tiny_gpt(), tiny_gpt()
     fused.transformer.wte.weight = fused.lm_head.weight  # tied, as --train.tie_embeddings true makes them
     stock.transformer.wte.weight = stock.lm_head.weight
-    loss = FusedLinearCrossEntropy(kernel=reference_kernel)
+    loss = FusedLinearCrossEntropy()
     prepare_model(fused, compile_fn=torch.compile, options=OptimizationArgs(compile=False), fused_loss=loss)
     assert fused.state_dict().keys() == stock.state_dict().keys()
     assert fused.transformer.wte.weight is fused.lm_head.weight
@@ -155,6 +152,53 @@ def test_fused_loss_gives_the_stock_loss_and_gradients_with_the_same_keys():
     actual.backward()
     for (name, p), q in zip(stock.named_parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_the_fused_loss_in_bf16_is_as_close_to_fp32_as_litgpts_and_reads_nothing_from_the_device(monkeypatch):
+    """Under bf16 autocast the fused head runs in bf16 (as the unfused head would) with fp32 softmax statistics:
+    loss and gradients (hidden states, weight, bias) stay as close to fp32 as LitGPT's bf16 loss does; and its
+    forward and backward read nothing on the host (tests/host_syncs.py)."""
+    from host_syncs import HostSyncs
+    from litgpt.utils import chunked_cross_entropy
+    from test_moe import relative_error
+
+    import litmoe.model.fused_loss
+    from litmoe.model.fused_loss import FusedLinearCrossEntropy
+
+    monkeypatch.setattr(litmoe.model.fused_loss, "CHUNK_ROWS", 256)  # 5 chunks, the last one short
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.lm_head = head = torch.nn.Linear(64, 1000)
+    fused = FusedLinearCrossEntropy()
+    fused.attach(model)
+    hidden, targets = torch.randn(4, 300, 64), torch.randint(0, 1000, (4, 300))
+    targets[1, :50] = -100
+
+    def loss_and_gradients(loss_of, autocast: bool) -> dict[str, torch.Tensor]:
+        head.zero_grad(set_to_none=True)
+        x = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss = loss_of(x)
+        loss.backward()
+        return {"loss": loss.detach().float(), "hidden": x.grad, "weight": head.weight.grad, "bias": head.bias.grad}
+
+    def stock(x: torch.Tensor) -> torch.Tensor:
+        return chunked_cross_entropy(torch.nn.functional.linear(x, head.weight, head.bias), targets)
+
+    def ours(x: torch.Tensor) -> torch.Tensor:
+        return fused(x, targets)
+
+    exact = loss_and_gradients(stock, autocast=False)
+    for name, value in loss_and_gradients(ours, autocast=False).items():
+        torch.testing.assert_close(value, exact[name], rtol=1e-5, atol=1e-6, msg=name)
+    stock_bf16, ours_bf16 = (loss_and_gradients(loss_of, autocast=True) for loss_of in (stock, ours))
+    for name, value in ours_bf16.items():
+        error, stock_error = relative_error(exact[name], value), relative_error(exact[name], stock_bf16[name])
+        assert 0 < error < 1.5 * stock_error + 1e-3, (name, error, stock_error)
+    syncs = HostSyncs()
+    with syncs.watching():
+        loss_and_gradients(ours, autocast=True)
+    assert syncs.record()["syncs"] == [[]]
 
 
 def test_the_users_optimizer_settings_win_over_litgpts_defaults():

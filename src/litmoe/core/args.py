@@ -27,8 +27,8 @@ class OptimizationArgs:
     """model: one compiled graph for the whole GPT; blocks: each transformer block compiled on its own, as torchtitan
     does (the blocks share one graph, compiled once; embedding, final norm and loss run eagerly)."""
     fused_loss: bool = False
-    """Compute the output head and cross-entropy together in chunks, never materialising the logits (Liger Kernel's
-    fused linear cross-entropy; CUDA only, not with FSDP or ZeRO-3)."""
+    """Compute the output head and cross-entropy together, 2048 tokens at a time, never materialising all the logits
+    (litmoe.model.fused_loss; less memory with large vocabularies; not with FSDP or ZeRO-3)."""
     running_loss_nan_check: bool = False
     """LitGPT's running loss checks every micro-batch's loss for NaN and drops it: two host-device syncs per
     micro-batch (the GPU idles while the host catches up) and a NaN hidden from the log. Off: the loss is averaged

@@ -33,6 +33,14 @@ def compute_dtype(precision: str) -> torch.dtype:
     return PRECISION_DTYPES[precision.split("-")[0]]
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` compute in: autocast's where it is on (bf16 under bf16-mixed), else x's own."""
+    device = x.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def flash_blockers(device: torch.device, dtype: torch.dtype, head_size: int) -> list[str]:
     """Reasons the CUDA FlashAttention kernel cannot run here; empty when it can."""
     reasons = []

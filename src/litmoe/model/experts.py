@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from litmoe.model.attention import compute_dtype
+from litmoe.model.attention import autocast_dtype, compute_dtype
 
 STOCK_EXPERT_LINEARS = ("fc_1", "fc_2", "proj")
 ALIGNMENT_BYTES = 16  # torch._grouped_mm's requirement on every stride
@@ -30,14 +30,6 @@ def expert_size(config) -> int:
     """Each routed expert's hidden size: `moe_intermediate_size`, else `intermediate_size`, as stock LitGPT's
     `LLaMAMLP` falls back (Mixtral's configs set only the latter)."""
     return config.moe_intermediate_size or config.intermediate_size
-
-
-def expert_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the experts compute in for input `x`: autocast's where it is on (bf16 under bf16-mixed), else x's."""
-    device = x.device.type
-    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
 
 
 def grouped_gemm_blocker(n_embd: int, hidden: int, dtype: torch.dtype, device_type: str) -> str | None:
@@ -107,7 +99,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, xs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """SwiGLU of each expert on its contiguous slice of the expert-sorted tokens `xs`."""
-        device, dtype = xs.device.type, expert_dtype(xs)
+        device, dtype = xs.device.type, autocast_dtype(xs)
         xs, w_in, w_out = xs.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype)
         b_in, b_out = (None, None) if self.b_in is None else (self.b_in.to(dtype), self.b_out.to(dtype))
         if grouped_gemm_blocker(xs.shape[-1], self.hidden, dtype, device) is not None:

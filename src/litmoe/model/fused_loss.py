@@ -1,41 +1,70 @@
-"""The output head and the cross-entropy in one chunked kernel, so that the logits are never materialised.
+"""The output head and the cross-entropy together, a chunk of tokens at a time, so that the logits never exist whole.
 
-At MoE-200M's micro-batch of 8 x 2048 tokens and a 50k vocabulary the logits are 1.6 GB in bf16, and LitGPT's
-loss reads them again in fp32: memory-bound work on about a fifth of the model's FLOPs. With
-`--optimization.fused_loss true` the GPT's head hands the final hidden states through unchanged
-(`HiddenStatesHead`, the same parameter objects, so state-dict keys and optimizer state are unchanged), and the
-loss LitGPT's loop computes from "the logits" is Liger Kernel's fused linear cross-entropy of those hidden states
-with the head's weight: per chunk of tokens, the logits, their softmax and both gradients, then the next chunk.
+At MoE-200M's micro-batch of 8 x 2048 tokens and a 50k vocabulary the logits are 1.6 GB in bf16 and their fp32
+softmax 3.3 GB. With `--optimization.fused_loss true` the GPT's head hands the final hidden states through
+unchanged (`HiddenStatesHead`: the same parameter objects, so state-dict keys and optimizer state are unchanged),
+and the loss LitGPT's loop computes from "the logits" is `FusedLinearCrossEntropy` of those hidden states with the
+head's weight. Its forward goes through `CHUNK_ROWS` tokens at a time: their logits in the compute dtype (bf16
+under autocast, as the head would have run), the log-sum-exp in fp32, and already the gradients of the hidden
+states and of the head (softmax minus one-hot), which backward only scales by the incoming gradient. Peak memory
+is one chunk's logits instead of all of them. Nothing is read by the host: the count of scored targets stays a
+device tensor. (Liger Kernel's version, used before, read two numbers per micro-batch and ran the head in TF32.)
 """
-
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
-LossKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+from litmoe.model.attention import autocast_dtype
+
+CHUNK_ROWS = 2048  # at a 50k vocabulary: 0.4 GB of fp32 logits per chunk
 
 
-def fused_loss_blocker(config, device: torch.device, sharded: bool) -> str | None:
+def fused_loss_blocker(config, sharded: bool) -> str | None:
     """Why the fused loss cannot run here, or None when it can."""
-    if device.type != "cuda":
-        return "it needs a CUDA GPU (Liger Kernel's kernels are Triton)"
     if sharded:
         return "FSDP and ZeRO-3 shard the head's weight, and the loss reads it outside the model's forward"
     if config.final_logit_softcapping is not None:
         return f"this model caps its logits (final_logit_softcapping {config.final_logit_softcapping})"
-    try:
-        import liger_kernel.transformers  # noqa: F401
-    except ImportError:
-        return "Liger Kernel is not installed (uv sync --extra liger)"
     return None
 
 
-def liger_kernel() -> LossKernel:
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+class LinearCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of `hidden @ weight.T + bias` against `targets` (those equal to `ignore_index` left
+    out), computed and differentiated chunk by chunk in forward (see the module docstring)."""
 
-    loss = LigerFusedLinearCrossEntropyLoss()
-    return lambda weight, hidden, targets, bias: loss(weight, hidden, targets, bias=bias)
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
+        scored = targets != ignore_index
+        count = scored.sum().clamp_min(1).float()
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if b is not None else None
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            h, target, keep = hidden[rows].to(dtype), targets[rows].clamp_min(0).unsqueeze(1), scored[rows]
+            logits = (h @ w.t() if b is None else torch.addmm(b, h, w.t())).float()
+            log_sum_exp = logits.logsumexp(dim=-1)
+            loss += ((log_sum_exp - logits.gather(1, target).squeeze(1)) * keep).sum()
+            # d(loss)/d(logits): softmax minus one-hot, for the scored rows, over the count
+            grad = (logits - log_sum_exp.unsqueeze(1)).exp_().scatter_add_(1, target, -torch.ones_like(logits[:, :1]))
+            grad = (grad * (keep.unsqueeze(1) / count)).to(dtype)
+            grad_hidden[rows] = grad @ w
+            grad_weight += (grad.t() @ h).float()
+            if grad_bias is not None:
+                grad_bias += grad.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.hidden_dtype = hidden.dtype
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grad_hidden = (grad_hidden * grad_output).to(ctx.hidden_dtype)
+        grad_bias = grad_bias * grad_output if grad_bias is not None else None
+        return grad_hidden, grad_weight * grad_output, grad_bias, None, None, None
 
 
 class HiddenStatesHead(nn.Linear):
@@ -49,22 +78,20 @@ class FusedLinearCrossEntropy:
     """Stands in for LitGPT's `chunked_cross_entropy(logits, targets)` once `attach` has made the model's head a
     `HiddenStatesHead`: its first argument is then the hidden states, and the head's weight is applied here."""
 
-    def __init__(self, kernel: Callable[[], LossKernel] = liger_kernel) -> None:
-        self.make_kernel = kernel
+    def __init__(self) -> None:
         self.head: HiddenStatesHead | None = None
-        self.kernel: LossKernel | None = None
 
     def attach(self, model: nn.Module) -> None:
         head = model.lm_head
         passthrough = HiddenStatesHead(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
         passthrough.weight, passthrough.bias = head.weight, head.bias  # the same tensors, tied embeddings included
         model.lm_head = passthrough
-        self.head, self.kernel = passthrough, self.make_kernel()
+        self.head = passthrough
 
     def __call__(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 0, ignore_index: int = -100):
-        if self.head is None or self.kernel is None:
+        if self.head is None:
             raise RuntimeError("the fused loss ran before a model was attached to it")
-        if ignore_index != -100:
-            raise ValueError(f"the fused loss ignores the targets -100, not {ignore_index}")
-        flat = hidden.reshape(-1, hidden.size(-1))
-        return self.kernel(self.head.weight, flat, targets.reshape(-1), self.head.bias)
+        flat, head = hidden.reshape(-1, hidden.size(-1)), self.head
+        return LinearCrossEntropy.apply(
+            flat, head.weight, head.bias, targets.reshape(-1), ignore_index, autocast_dtype(flat)
+        )

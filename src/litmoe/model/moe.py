@@ -30,8 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from litmoe.core.args import MoEArgs
+from litmoe.model.attention import autocast_dtype
 from litmoe.model.dispatch import ExpertGroup, send_back, send_to_experts
-from litmoe.model.experts import GroupedExperts, expert_dtype, expert_size
+from litmoe.model.experts import GroupedExperts, expert_size
 
 # Running sums since the last read; counts are integers so that bf16 models keep them exact.
 STATS = {
@@ -162,7 +163,7 @@ class MoELayer(nn.Module):
         # scatter_add, not bincount: bincount's output shape depends on the data and breaks the compiled graph
         slots = indices.view(-1)
         tokens_per_expert = slots.new_zeros(self.config.n_expert).scatter_add_(0, slots, torch.ones_like(slots))
-        rows = tokens.to(expert_dtype(tokens))[token_of_slot]  # cast once, then gather k copies (bf16 under autocast)
+        rows = tokens.to(autocast_dtype(tokens))[token_of_slot]  # cast once, then gather k copies (bf16 under autocast)
         if self.balance.capacity_factor is None:
             expert_out, dropped = self.run_experts(rows, tokens_per_expert), None
         else:

@@ -223,9 +223,8 @@ def plan_run(
 def check_fused_loss(optimization: OptimizationArgs, config: Any, choice: StrategyChoice) -> None:
     if not optimization.fused_loss:
         return
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sharded = choice.name == "fsdp" or (choice.name == "deepspeed" and choice.zero_stage == 3)
-    reason = fused_loss_blocker(config, device, sharded)
+    reason = fused_loss_blocker(config, sharded)
     if reason:
         raise UserError(f"--optimization.fused_loss true: {reason}; leave it false (the default)")
 
