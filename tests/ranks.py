@@ -54,7 +54,7 @@ class SignalAtLine(io.TextIOBase):
 
 
 def run_step(step: dict, stem: str) -> int:
-    from litmoe.core.errors import RunStopped
+    from litmoe.core.errors import RunStopped, UserError
 
     if "call" in step:
         module, function = step["call"].split(":")
@@ -73,6 +73,9 @@ def run_step(step: dict, stem: str) -> int:
         if stop.message:
             print(stop.message, file=sys.stderr)
         return stop.exit_code
+    except UserError as err:  # as the command line says it: one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

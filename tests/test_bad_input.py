@@ -134,7 +134,7 @@ CASES = [
                             "--model.n_expert", "6"], "--strategy.expert_parallel 4: must divide the model's 6"),
     ("run_train.py", MULTI + ["--devices", "2", "--strategy", "ddp", "--strategy.expert_parallel", "2",
                             "--moe.layer", "stock"], "(--moe.layer stock) holds every expert; use --moe.layer litmoe"),
-    ("run_train.py", RUN + ["--optimization.fused_loss", "true", "--zero-stage", "3"],
+    ("run_train.py", MULTI + ["--optimization.fused_loss", "true", "--strategy", "fsdp", "--devices", "2"],
      "--optimization.fused_loss true: FSDP and ZeRO-3 shard the head's weight, and the loss reads it outside the"
      " model's forward; leave it false"),
     ("run_train.py", RUN + ["--optimization.compile_scope", "layers"],

@@ -232,5 +232,34 @@ def test_the_train_loader_keeps_its_workers_and_reshuffles_every_epoch(prepared)
     assert not [pid for pid in workers[0] if os.path.exists(f"/proc/{pid}") and "Z" not in process_state(pid)]
 
 
+def test_the_data_continues_from_its_global_position_on_any_number_of_ranks_and_workers(prepared):
+    """The windows each rank reads, as the run goes on 1 rank, then 2 (with 2 loader workers each), then 4 with
+    another micro-batch size: together, exactly the windows one uninterrupted rank reads from the same positions,
+    in the same steps; nothing repeated or skipped within an epoch, the next epoch reshuffled."""
+    from litgpt.utils import CycleIterator
+    from torch.utils.data import DataLoader
+
+    from litmoe.data.global_order import GlobalBatches
+
+    def read(rank: int, world: int, batch: int, start: int, batches: int, workers: int = 0) -> list[tuple]:
+        dataset = GlobalBatches([prepared / "train"], [1.0], 42, 65, batch, rank, world, start)
+        loader = CycleIterator(DataLoader(dataset, batch_size=None, num_workers=workers))  # as LitGPT's loop reads
+        return [tuple(row.tolist()) for _ in range(batches) for row in next(loader)]
+
+    one_rank = read(0, 1, 4, 0, 400)  # 1,600 windows: more than two epochs of the 713
+    epoch = GlobalBatches([prepared / "train"], [1.0], 42, 65, 4, 0, 1, 0).order.windows[0]  # windows in the split
+    assert len(set(one_rank[:epoch])) == epoch and set(one_rank[:epoch]) == set(one_rank[epoch : 2 * epoch])
+    assert one_rank[:epoch] != one_rank[epoch : 2 * epoch]
+    steps = []  # each optimizer step's windows (global batch 16), as the ranks read them
+    for world, batch, start, count in ((1, 4, 0, 10), (2, 4, 160, 10), (4, 2, 320, 20)):
+        per_rank = [read(rank, world, batch, start, count * 16 // (world * batch), workers=2 if world == 2 else 0)
+                    for rank in range(world)]  # fmt: skip
+        for step in range(count):
+            taken = [per_rank[rank][step * 16 // world : (step + 1) * 16 // world] for rank in range(world)]
+            steps.append(sorted(window for share in taken for window in share))
+    expected = [sorted(one_rank[step * 16 : (step + 1) * 16]) for step in range(40)]
+    assert steps == expected
+
+
 def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -32,6 +32,7 @@ from test_train import logged
 from litmoe.core.errors import EXIT_PREEMPTED
 from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
 from litmoe.inference.generate import generate
+from litmoe.training.cli import main
 from litmoe.training.saving import read_progress
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -118,13 +119,17 @@ def killed(prepared, tiny_model_file, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(train_step, killed, tmp_path_factory) -> Launch:
+def two_ranks(train_step, killed, prepared, tiny_model_file, tmp_path_factory) -> Launch:
     folder = tmp_path_factory.mktemp("two-ranks")
     runs = folder / "runs"
 
     def two(name: str, strategy: tuple[str, ...], *extra: str, out_dir: Path | None = None, **options) -> dict:
         return train_step(name, out_dir or runs / name, BUDGET, (*EXTRA, *extra, "--devices", "2", *strategy),
                           **options)  # fmt: skip
+
+    # the run on one device, whose step-10 checkpoint the launch continues on 2 ranks ("grown")
+    main([*tiny_run_args(prepared, tiny_model_file, runs / "one-device", BUDGET, EXTRA), "--devices", "1",
+          "--strategy", "single", "--num_workers", "0"])  # fmt: skip
 
     def from_step_10(name: str, source: str, strategy: tuple[str, ...]) -> dict:
         return two(name, strategy, "--resume", str(runs / source / "step-00000010" / "lit_model.pth"))
@@ -147,16 +152,21 @@ def two_ranks(train_step, killed, tmp_path_factory) -> Launch:
         from_step_10("sharded-resumed", "ddp", SHARDED_EXPERT_PARALLEL),
         two("killed-resumed", EXPERT_PARALLEL, "--resume", "auto", out_dir=killed),
         {"name": "layer", "call": "expert_parallel_layer:check_cases", "args": [LAYER_CASES[2], str(folder)]},
+        two("grown", DDP, "--resume", str(runs / "one-device" / "step-00000010" / "lit_model.pth")),
         watched("watched-dropless", *EXPERT_PARALLEL),
         watched("watched-capacity", *EXPERT_PARALLEL, "--moe.capacity_factor", "1.25"),
     ]
     if HAS_DEEPSPEED:
         single, shards = ("--strategy", "single", "--devices", "1"), runs / "zero3-alone" / "step-00000004"
+        ddp_step_10 = runs / "ddp" / "step-00000010" / "lit_model.pth"
+        zero3_final = runs / "zero3" / "final" / "lit_model.pth"  # shards of 2 ranks
         interrupted = runs / "zero3-resumed" / shards.name  # a run stopped after its fourth optimizer step
         steps += [
             two("zero3", ZERO3),
             {"name": "alone", "alone": True},
             alone("single", *single),
+            train_step("shrunk", runs / "shrunk", BUDGET, (*EXTRA, *single, "--resume", str(ddp_step_10))),
+            train_step("zero3-shrunk", runs / "zero3-shrunk", BUDGET, (*EXTRA, *ZERO3, "--resume", str(zero3_final))),
             alone("zero3-alone", *ZERO3),
             alone("started", *single, "--initial_checkpoint_dir", str(shards), "--optimizer.init_args.lr", "0",
                   "--train.min_lr", "0", budget=8 * 64),
@@ -168,13 +178,20 @@ def two_ranks(train_step, killed, tmp_path_factory) -> Launch:
 
 
 @pytest.fixture(scope="module")
-def four_ranks(train_step, tmp_path_factory) -> Launch:
+def four_ranks(train_step, two_ranks, tmp_path_factory) -> Launch:
     folder = tmp_path_factory.mktemp("four-ranks")
     plans = (("ddp", "ddp", "1"), ("ep2", "ddp", "2"), ("ep4", "ddp", "4"), ("fsdp-ep2", "fsdp", "2"))
     steps = [
         train_step(name, folder / "runs" / name, FOUR_BUDGET, (*FOUR, "--devices", "4", "--strategy", plan,
                                                                 "--strategy.expert_parallel", size))
         for name, plan, size in plans
+    ]  # fmt: skip
+    split_step_10 = two_ranks.run("split") / "step-00000010" / "lit_model.pth"  # experts split over 2 of 2 ranks
+    steps += [
+        train_step(f"widened-{name}", folder / "runs" / f"widened-{name}", BUDGET,
+                   (*EXTRA, "--devices", "4", "--strategy", "ddp", "--strategy.expert_parallel", size, "--resume",
+                    str(split_step_10)))
+        for name, size in (("ep4", "4"), ("ddp", "1"))
     ]  # fmt: skip
     steps.append({"name": "layer", "call": "expert_parallel_layer:check_cases", "args": [LAYER_CASES[4], str(folder)]})
     return Launch(torchrun(4, folder, steps), 4)
@@ -233,6 +250,37 @@ def test_two_ranks_train_on_different_data_stay_in_sync_and_stop_together(two_ra
 
     assert f"Resuming from {stopped / f'step-{step:08d}' / 'lit_model.pth'}" in two_ranks.out("stopped-resumed")
     assert_losses(logged(stopped, "loss"), logged(full, "loss"), STEPS, 1e-5)
+
+
+def assert_weights_as(reference: Path, run: Path) -> None:
+    ours, theirs = final_weights(run), final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-5) for key in theirs), run.name
+
+
+def test_a_run_continues_on_more_ranks_and_on_fewer_as_the_uninterrupted_run(two_ranks, four_ranks):
+    """The global batch stays 16 sequences and the data continues from its global position, so a run resumed on
+    another number of ranks takes the uninterrupted 2-rank run's optimizer steps (as a whole run on one device
+    does): 1 -> 2 ranks (its losses from the 11th step are that run's), 2 -> 1, and experts split over 2 of 2 ranks
+    -> over 4 of 4, and -> plain DDP on 4. Each ends with the uninterrupted run's weights."""
+    ddp = two_ranks.run("ddp")
+    assert (
+        "Resuming on 2 ranks (written by 1): allowed; the data continues from global position 160 (10,240 tokens"
+        " trained), 16 sequences per optimizer step (gradient accumulation 4 -> 2), 10 optimizer steps left; model"
+    ) in two_ranks.out("grown")
+    grown = {step: loss for step, loss in logged(two_ranks.run("grown"), "loss").items() if step >= STEPS[10]}
+    assert_losses(grown, logged(ddp, "loss"), STEPS[10:], 1e-5)
+    for name in ("one-device", "grown"):
+        assert_weights_as(ddp, two_ranks.run(name))
+    if HAS_DEEPSPEED:  # rank 0 alone runs only after the DeepSpeed runs
+        assert "Resuming on 1 ranks (written by 2): allowed;" in two_ranks.out("shrunk")
+        assert read_progress(two_ranks.run("shrunk") / "final")["tokens"] == BUDGET
+        assert_weights_as(ddp, two_ranks.run("shrunk"))
+        assert two_ranks.status("zero3-shrunk") == 2
+        assert "DeepSpeed shards of 2 ranks, this run has 1: not allowed yet" in two_ranks.out("zero3-shrunk")
+    for name in ("widened-ep4", "widened-ddp"):
+        assert "Resuming on 4 ranks (written by 2): allowed;" in four_ranks.out(name)
+        assert_weights_as(ddp, four_ranks.run(name))
 
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed (uv sync)")

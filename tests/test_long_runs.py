@@ -394,7 +394,6 @@ def test_resume_checks_what_changed_against_the_checkpoint(train_args, tmp_path,
         ("--model", str(other_model)): "the model differs from the checkpoint's (n_expert_per_token 2 -> 1): not",
         ("--train.max_seq_length", "32"): "train.max_seq_length 64 -> 32: not allowed",
         ("--seed", "7"): "seed 42 -> 7: not allowed, the checkpoint's data position depends on it",
-        ("--num_workers", "2"): "num_workers 0 -> 2: not allowed",
         ("--moe.layer", "stock"): "--moe.layer litmoe -> stock: not allowed, the optimizer state holds the",
     }
     for change, message in refused.items():
@@ -402,15 +401,23 @@ def test_resume_checks_what_changed_against_the_checkpoint(train_args, tmp_path,
             main(train_args(out_dir, budget, extra=("--resume", "auto", *change)))
 
     progress = read_progress(out_dir / "step-00000004")
-    (out_dir / "step-00000004" / "hyperparameters.yaml").write_text(
-        (out_dir / "step-00000004" / "hyperparameters.yaml").read_text().replace("world_size: 1", "world_size: 2")
+    elsewhere = tmp_path / "elsewhere"  # as if written by 2 ranks (tests/test_distributed.py resumes real ones)
+    shutil.copytree(out_dir, elsewhere)
+    hyperparameters = elsewhere / "step-00000004" / "hyperparameters.yaml"
+    saved = hyperparameters.read_text().replace("world_size: 1", "world_size: 2")
+    hyperparameters.write_text(saved.replace("global_batch_size: 4", "global_batch_size: 8"))
+    capsys.readouterr()
+    main(
+        train_args(
+            elsewhere, budget, extra=("--resume", "auto", "--num_workers", "2", "--train.global_batch_size", "8")
+        )
     )
-    conversion = "resume with --devices x --num_nodes = 2, or go on from its weights on 1 ranks as a new run with"
-    with pytest.raises(UserError, match=f"written by 2 ranks, this run has 1: not allowed, .*; {conversion}"):
-        main(train_args(out_dir, budget, extra=("--resume", "auto")))
-    (out_dir / "step-00000004" / "hyperparameters.yaml").write_text(
-        (out_dir / "step-00000004" / "hyperparameters.yaml").read_text().replace("world_size: 2", "world_size: 1")
-    )
+    assert (
+        "Resuming on 1 ranks (written by 2): allowed; the data continues from global position 16 (1,024 tokens"
+        " trained), 8 sequences per optimizer step (gradient accumulation 1 -> 2), 2 optimizer steps left; model"
+        " and optimizer state loaded whole"
+    ) in capsys.readouterr().out
+    assert read_progress(elsewhere / "final")["tokens"] == budget
 
     capsys.readouterr()
     run = main(train_args(out_dir, budget, extra=("--resume", "auto", "--train.micro_batch_size", "2")))
@@ -443,7 +450,7 @@ def test_the_default_cpu_run_is_finished_where_litgpt_stops_it(tmp_path):
     train = yaml.safe_load((REPO / "train_config.yaml").read_text())["profiles"]["cpu"]["train"]
     budget, per_iter = train["max_tokens"], train["micro_batch_size"] * train["max_seq_length"]
     assert budget % per_iter  # the case that matters: a budget that does not divide evenly
-    shape = RunShape({}, 1, train["micro_batch_size"], train["global_batch_size"], train["max_seq_length"], "", 0, 0)
+    shape = RunShape({}, 1, train["micro_batch_size"], train["global_batch_size"], train["max_seq_length"], "", 0)
     final = tmp_path / "out" / "final"
     final.mkdir(parents=True)
     (final / "lit_model.pth").touch()

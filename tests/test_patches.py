@@ -88,7 +88,27 @@ def test_pretrain_still_calls_what_we_patch():
     fit, validate = inspect.getsource(pretrain.fit), inspect.getsource(pretrain.validate)
     assert "logits = model(input_ids)\n            loss = chunked_cross_entropy(logits, targets)" in fit
     assert "logits = model(input_ids)\n        loss = chunked_cross_entropy(logits, targets)" in validate
+    # the schedule read per optimizer step, and the running loss kept on the device, inside fit
+    assert 'lr = get_lr(optimizer.defaults["lr"], state["iter_num"], warmup_iters, max_iters, train.min_lr)' in fit
+    assert "running_loss = RunningMean(window=" in fit and "running_loss.compute().item()" in fit
     assert "optimizer = instantiate_torch_optimizer(optimizer, model.parameters(), **extra_kwargs)" in source
+
+
+def test_a_step_gets_the_same_learning_rate_however_many_micro_batches_it_accumulates():
+    """12 optimizer steps, warm-up 3 steps, on 1, 2 and 4 micro-batches per step (LitGPT counts both in
+    micro-batches): the rate each step applies (read at its last micro-batch, where it steps) is the same, and is
+    the one a run without accumulation gives; stock LitGPT's differs between the three."""
+    from functools import partial
+
+    from litmoe.training.fit import step_learning_rate
+
+    def applied(get_lr, accumulation: int) -> list[float]:
+        return [get_lr(0.01, step * accumulation - 1, 3 * accumulation, 12 * accumulation, 0.001)
+                for step in range(1, 13)]  # fmt: skip
+
+    ours = [applied(partial(step_learning_rate, pretrain.get_lr, a), a) for a in (1, 2, 4)]
+    stock = [applied(pretrain.get_lr, a) for a in (1, 2, 4)]
+    assert ours[0] == ours[1] == ours[2] == stock[0] and stock[1] != stock[0] != stock[2]
 
 
 def test_compile_off_returns_the_model_uncompiled():
@@ -448,7 +468,7 @@ def test_a_dependency_that_does_not_import_is_one_line(tmp_path):
 def test_cuda_graph_training_keeps_gradients_out_of_the_graphs_output_memory(monkeypatch):
     """Under reduce-overhead a replay reuses its output memory; gradients are therefore allocated up front and
     zeroed in place (the same tensors step after step), and each micro-batch marks a new CUDA-graph step."""
-    from litmoe.training.fit import CudaGraphSteps, gradients_outside_graph_outputs
+    from litmoe.training.cuda_graphs import CudaGraphSteps, gradients_outside_graph_outputs
 
     model = tiny_gpt()
     optimizer = torch.optim.AdamW(model.parameters())

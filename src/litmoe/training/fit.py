@@ -36,6 +36,7 @@ from litmoe.distributed.zero import LoopDeepSpeedStrategy, client_optimizer
 from litmoe.model.attention import compute_dtype
 from litmoe.model.flops import TrainingFlops, device_peak_flops
 from litmoe.model.moe import moe_layers, routing_rows, update_expert_bias
+from litmoe.training.cuda_graphs import CudaGraphSteps, gradients_outside_graph_outputs
 from litmoe.training.health import Diverged, EventLog, TrainingHealth
 from litmoe.training.monitoring import WARMUP_STEPS, Console, Rate, RunLogger, RunSummary, SteadyClock
 from litmoe.training.preemption import Preempted, StopAtStepBoundary
@@ -65,37 +66,6 @@ class DistinctDataCheck:
                 self.report(f"Data parallel: {len(fingerprints)} ranks read {'different' if distinct else 'THE SAME'}"
                             f" first batches{'' if distinct else ' (check the data sharding)'}")  # fmt: skip
             yield batch
-
-
-class CudaGraphSteps:
-    """The train loader, marking each micro-batch as a new step of the compiled graphs' CUDA-graph replays
-    (compile modes reduce-overhead and max-autotune), as torch.compile asks for training loops."""
-
-    def __init__(self, loader) -> None:
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            torch.compiler.cudagraph_mark_step_begin()
-            yield batch
-
-
-@contextmanager
-def gradients_outside_graph_outputs(state: dict) -> Iterator[None]:
-    """A CUDA-graph replay writes its outputs into the same memory every time. The first backward of a step would
-    hand its gradient outputs to `.grad` as they are, and the next micro-batch's replay would overwrite them before
-    they are accumulated into. So every gradient is allocated before the first step and zeroed in place, never
-    freed (`zero_grad(set_to_none=False)`, whatever the caller asks): each backward then adds into it."""
-    optimizer = state["optimizer"]
-    for parameter in state["model"].parameters():
-        if parameter.requires_grad and parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-    zero_grad = optimizer.zero_grad
-    with swapped(optimizer, "zero_grad", lambda *args, **kwargs: zero_grad(set_to_none=False)):
-        yield
 
 
 def replicated(choice: StrategyChoice) -> bool:
@@ -209,6 +179,17 @@ def fp16_loss_scale_of(fabric) -> Callable[[], Any] | None:
     return None
 
 
+def step_learning_rate(
+    stock_get_lr: Callable, accumulation: int, learning_rate: float, it: int, warmup_iters: int, max_iters: int,
+    min_lr: float,
+) -> float:  # fmt: skip
+    """LitGPT's schedule, read at the first micro-batch of each optimizer step. LitGPT reads it at every
+    micro-batch, so the rate a step applied depended on how many micro-batches it accumulates, that is on the
+    number of ranks for one global batch; read this way, a step gets the same rate on any number of ranks (and
+    the one a run without accumulation gives), so a run resumed on other hardware takes the same steps."""
+    return stock_get_lr(learning_rate, it - it % accumulation, warmup_iters, max_iters, min_lr)
+
+
 def checked_first(health: TrainingHealth, fn: Callable) -> Callable:
     """`fn` (a save or an evaluation), after the health check of the last optimizer step: no checkpoint is written
     after a non-finite step."""
@@ -301,6 +282,7 @@ def run_stock_fit(stock_fit: Callable, run: FitRun, settings: PatchSettings, kwa
         validate = partial(recorded_validate, pretrain.validate, run.val_losses)
         for name, fn in (("validate", validate), ("save_checkpoint", pretrain.save_checkpoint)):
             stack.enter_context(swapped(pretrain, name, clock.leaving_out(checked_first(run.health, fn))))
+        stack.enter_context(swapped(pretrain, "get_lr", partial(step_learning_rate, pretrain.get_lr, accumulation)))
         if not settings.optimization.running_loss_nan_check:  # torchmetrics' checks read the device twice a batch
             stack.enter_context(swapped(pretrain, "RunningMean", partial(RunningLoss, reads)))
         stack.enter_context(balanced_routing(fabric, state, settings.moe, accumulation))

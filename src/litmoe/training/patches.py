@@ -30,7 +30,8 @@ restored afterwards (tests/test_patches.py fails if a LitGPT upgrade moves any o
   pretrain.fit                   -> the stock loop with our hooks around it and its steps (litmoe.training.fit):
                                     balancing, health, preemption, routing statistics, a correct summary; for
                                     its duration pretrain.validate and save_checkpoint are timed apart and
-                                    come after the health check, and pretrain.RunningMean is
+                                    come after the health check, pretrain.get_lr is read per optimizer
+                                    step (the same rate on any number of ranks), and pretrain.RunningMean is
                                     `litmoe.training.readback.RunningLoss` (no host sync; unless
                                     running_loss_nan_check: torchmetrics' NaN check reads the device twice a batch)
 The stop signals (SIGTERM, SIGINT, SIGUSR1) are handled for the whole of `setup` (litmoe.training.preemption).

@@ -5,12 +5,13 @@ optimizer steps, micro-batches, tokens, ranks, micro-batch size and sequence len
 run may change:
   allowed      the token budget (raising it continues a finished run), the global batch size (gradient
                accumulation follows), the micro-batch size (the iteration count is converted, so the token
-               budget stays exact), optimizer and schedule settings, logging
+               budget stays exact), the number of ranks and of loader workers (the data continues from its
+               global position, litmoe.data.global_order; the model and optimizer state load whole), optimizer
+               and schedule settings, logging
   not allowed  the model (its weights belong to the checkpoint's model) and its MoE layer (the optimizer state
-               holds that layer's parameters), the sequence length, the data
-               directory, the seed, the number of data workers (litdata saves one position per worker), the
-               number of ranks (the data position and DeepSpeed's shards are per rank: the refusal names the
-               conversion, a new run from the checkpoint's weights with --initial_checkpoint_dir)
+               holds that layer's parameters), the sequence length, the data directory, the seed (the data order
+               follows both), and the number of ranks of DeepSpeed's shards (one file per rank; the refusal names
+               the way on: a new run from the checkpoint's weights with --initial_checkpoint_dir)
 Each change is one line saying so, before anything is built.
 """
 
@@ -103,7 +104,6 @@ class RunShape:
     seq_len: int
     data_dir: str
     seed: int
-    num_workers: int
     moe_layer: str = "litmoe"
 
 
@@ -125,7 +125,7 @@ def saved_shape(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, Any], d
     return model, settings, read_progress(checkpoint_dir)
 
 
-def check_continuation(weights: Path, run: RunShape) -> int | None:
+def check_continuation(weights: Path, run: RunShape, budget: int) -> int | None:
     """Compare the checkpoint with this run; raises for a change that is not allowed, prints the allowed ones.
     Returns the tokens the checkpoint had trained (None when it did not record them)."""
     checkpoint_dir = Path(weights).parent
@@ -151,21 +151,12 @@ def check_continuation(weights: Path, run: RunShape) -> int | None:
     if settings.get("data_dir") is not None:
         refuse_changed(where, "data_dir", sources_key(settings["data_dir"]), run.data_dir)
     refuse_changed(where, "seed", settings.get("seed"), run.seed)
-    workers = settings.get("num_workers")
-    if workers is not None and max(1, int(workers)) != max(1, run.num_workers):
-        refuse_changed(where, "num_workers", workers, run.num_workers)
     if progress is None:
         return None
     refuse_changed(where, "train.max_seq_length", progress["seq_len"], run.seq_len)
-    if progress["world_size"] != run.world_size:
-        raise UserError(
-            f"{where}: written by {progress['world_size']} ranks, this run has {run.world_size}: not allowed, the"
-            " data position (and DeepSpeed's shards) are per rank; resume with --devices x --num_nodes ="
-            f" {progress['world_size']}, or go on from its weights on {run.world_size} ranks as a new run with"
-            f" --initial_checkpoint_dir {checkpoint_dir} --out_dir NEW_DIR (a fresh optimizer, schedule and data"
-            " order)"
-        )
     tokens = int(progress["tokens"])
+    if progress["world_size"] != run.world_size:
+        check_new_world_size(weights, progress, run, tokens, settings, budget)
     per_iteration = run.micro_batch_size * run.seq_len * run.world_size
     if progress["micro_batch_size"] != run.micro_batch_size:
         if tokens % per_iteration:
@@ -184,6 +175,31 @@ def check_continuation(weights: Path, run: RunShape) -> int | None:
             " accumulation follows"
         )
     return tokens
+
+
+def check_new_world_size(
+    weights: Path, progress: dict, run: RunShape, tokens: int, settings: dict, budget: int
+) -> None:
+    """A resume on another number of ranks: refused for DeepSpeed's per-rank shards, else one line saying what
+    continues how."""
+    checkpoint_dir, old = Path(weights).parent, progress["world_size"]
+    if is_zero_checkpoint(Path(weights)):
+        raise UserError(
+            f"--resume {checkpoint_dir}: DeepSpeed shards of {old} ranks, this run has {run.world_size}: not allowed"
+            f" yet, the shards are per rank; resume with --devices x --num_nodes = {old}, or go on from its weights"
+            f" on {run.world_size} ranks as a new run with --initial_checkpoint_dir {checkpoint_dir} --out_dir"
+            " NEW_DIR (a fresh optimizer, schedule and data order)"
+        )
+    previous_global = (settings.get("train") or {}).get("global_batch_size") or run.global_batch_size
+    accumulation = f"{previous_global // (old * progress['micro_batch_size'])} -> "
+    accumulation += f"{run.global_batch_size // (run.world_size * run.micro_batch_size)}"
+    steps_left = max(0, budget - tokens) // (run.global_batch_size * run.seq_len)
+    print(
+        f"Resuming on {run.world_size} ranks (written by {old}): allowed; the data continues from global position"
+        f" {tokens // run.seq_len:,} ({tokens:,} tokens trained), {run.global_batch_size} sequences per optimizer"
+        f" step (gradient accumulation {accumulation}), {steps_left:,} optimizer steps left; model and optimizer"
+        " state loaded whole"
+    )
 
 
 def refuse_changed(where: str, key: str, saved: Any, now: Any) -> None:

@@ -131,7 +131,7 @@ def setup(
     out_dir = check_output_dir(out_dir, "--out_dir", inputs)
     shape = RunShape(
         model_fields(plan.config), plan.hardware.world_size, train.micro_batch_size, train.global_batch_size,
-        plan.seq_len, sources_key(data_dir), seed, num_workers, moe.layer,
+        plan.seq_len, sources_key(data_dir), seed, moe.layer,
     )  # fmt: skip
     with run_lock(out_dir):
         point = resume_point(resume, out_dir, plan.choice, shape, int(train.max_tokens))
@@ -169,8 +169,9 @@ def setup(
         if line := rendezvous_line(num_nodes, plan.hardware.world_size, strategy.timeout_minutes):
             print(line)
         with patched_pretrain(settings), attention_kernel_scope(optimization.flash_attention_force):
-            run_pretrain(plan, out_dir, resume, initial, train, eval, log, devices, num_nodes, num_workers,
-                         logger_name, seed)  # fmt: skip
+            data = PreparedData(plan.data.sources, num_workers, seed, start=(resume_tokens or 0) // plan.seq_len)
+            run_pretrain(plan, data, out_dir, resume, initial, train, eval, log, devices, num_nodes, logger_name,
+                         seed)  # fmt: skip
     return settings
 
 
@@ -243,13 +244,13 @@ def prepare_device(plan: RunPlan, optimization: OptimizationArgs) -> None:
 
 
 def run_pretrain(
-    plan: RunPlan, out_dir: Path, resume: bool | Path, initial: Path | None, train: TrainArgs, eval: EvalArgs,
-    log: LogArgs, devices: int | str, num_nodes: int, num_workers: int, logger_name: str, seed: int,
+    plan: RunPlan, data: PreparedData, out_dir: Path, resume: bool | Path, initial: Path | None, train: TrainArgs,
+    eval: EvalArgs, log: LogArgs, devices: int | str, num_nodes: int, logger_name: str, seed: int,
 ) -> None:  # fmt: skip
-    """LitGPT's own pretrain entry point, as `litgpt pretrain` calls it, on our data and settings."""
+    """LitGPT's own pretrain entry point, as `litgpt pretrain` calls it, on our data (from the resumed position)
+    and settings."""
     from litgpt import pretrain
 
-    data = PreparedData(plan.data.sources, num_workers=num_workers, seed=seed)
     with tf32_matmuls(torch.cuda.is_available()), closing(data):
         pretrain.setup(
             model_name=plan.config.name, model_config=plan.config, out_dir=out_dir, precision=plan.precision,
@@ -304,7 +305,7 @@ def resume_point(
     resume = resolve_resume(resume, out_dir, deepspeed=choice.name == "deepspeed")
     if not resume:
         return resume, None
-    tokens = check_continuation(resume, shape)
+    tokens = check_continuation(resume, shape, budget)
     if (done := finished_run(resume, budget, shape)) is not None:
         print(done)
         return None
