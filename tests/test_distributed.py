@@ -29,11 +29,11 @@ from host_syncs import WATCHED
 from test_long_runs import signal_when, start_run
 from test_train import logged
 
+from litmoe.core.checkpoint_io import read_progress
 from litmoe.core.errors import EXIT_PREEMPTED
 from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
 from litmoe.inference.generate import generate
 from litmoe.training.cli import main
-from litmoe.training.saving import read_progress
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 MAX_NORM = 0.25  # below every step's gradient norm in these runs: clipping bites at each step (checked)

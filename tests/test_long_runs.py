@@ -19,11 +19,11 @@ from conftest import REPO
 from test_train import logged
 
 import litmoe.training.saving
-from litmoe.core.checkpoint_io import latest_sound_checkpoint, load_state
+from litmoe.core.checkpoint_io import latest_sound_checkpoint, load_state, read_progress
 from litmoe.core.errors import EXIT_DIVERGED, EXIT_OUT_OF_MEMORY, EXIT_PREEMPTED, RunStopped, UserError
 from litmoe.core.run_lock import LOCK_FILE, run_lock
 from litmoe.training.cli import main
-from litmoe.training.saving import AtomicSave, publish, read_progress, recover_interrupted_saves
+from litmoe.training.saving import AtomicSave, publish, recover_interrupted_saves
 
 # ------------------------------------------------------------------------------------------ preemption
 
@@ -424,6 +424,34 @@ def test_resume_checks_what_changed_against_the_checkpoint(train_args, tmp_path,
     assert "train.micro_batch_size 4 -> 2: allowed; iteration 4 continues as 8" in capsys.readouterr().out
     assert run.summary.tokens == budget - progress["tokens"]  # the budget stays exact
     assert read_progress(out_dir / "final")["tokens"] == budget
+
+
+def test_resume_takes_the_highest_step_whatever_the_file_times_and_never_writes_over_a_later_one(
+    train_args, tmp_path, capsys
+):
+    """A run copied with a plain `cp -r` (file times in the order of the copy) resumes from its highest step; an
+    explicit older checkpoint is refused while a later one is in --out_dir, and nothing there changes."""
+    out_dir = tmp_path / "out"
+    main(train_args(out_dir, 256 * 8, extra=("--train.save_interval", "2", "--eval.interval", "100")))
+    shutil.rmtree(out_dir / "final")
+    shutil.rmtree(out_dir / "step-00000008")
+    later = time.time() + 60
+    for path in (out_dir / "step-00000002").rglob("*"):  # the oldest checkpoint, copied last
+        os.utime(path, (later, later))
+    os.utime(out_dir / "step-00000002", (later, later))
+    before = {path: path.stat().st_mtime_ns for path in out_dir.rglob("*")}
+    with pytest.raises(UserError) as refused:
+        main(train_args(out_dir, 256 * 8, extra=("--resume", str(out_dir / "step-00000004"))))
+    assert str(refused.value) == (
+        f"--resume {out_dir / 'step-00000004'}: {out_dir} already holds step-00000006/, a later step than"
+        " step-00000004/, which training on would write over; continue it (--resume auto), or choose another"
+        " --out_dir"
+    )
+    assert {path: path.stat().st_mtime_ns for path in out_dir.rglob("*")} == before
+    capsys.readouterr()
+    main(train_args(out_dir, 256 * 8, extra=("--resume", "auto", "--train.save_interval", "2")))
+    assert f"Resuming from {out_dir / 'step-00000006' / 'lit_model.pth'}" in capsys.readouterr().out
+    assert read_progress(out_dir / "final")["tokens"] == 256 * 8
 
 
 def test_a_finished_run_is_left_alone_until_its_budget_is_raised(train_args, tmp_path, capsys):

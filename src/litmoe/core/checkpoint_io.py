@@ -7,12 +7,15 @@ it into one file). Every load here is weights_only: a crafted file cannot run co
 
 import importlib
 import pickle
+import sys
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
 from litmoe.core.errors import UserError
 from litmoe.core.patching import swapped
@@ -37,11 +40,33 @@ def is_complete(weights: Path) -> bool:
     return weights.is_file() or is_zero_checkpoint(weights)
 
 
+def read_progress(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """What a checkpoint had trained when it was written (None for checkpoints without the record)."""
+    path = Path(checkpoint_dir) / "hyperparameters.yaml"
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return settings.get("progress") if isinstance(settings, dict) else None
+
+
+def checkpoint_step(weights: Path) -> int:
+    """The optimizer step a checkpoint (its lit_model.pth) was written at: as its run recorded it, else as its name
+    says (step-00000010); a final/ without a record counts as the last."""
+    progress = read_progress(weights.parent)
+    if isinstance(progress, dict) and isinstance(progress.get("step_count"), int):
+        return progress["step_count"]
+    number = weights.parent.name.removeprefix("step-")
+    return int(number) if weights.parent.name.startswith("step-") and number.isdigit() else sys.maxsize
+
+
 def checkpoints_newest_first(out_dir: Path) -> list[Path]:
-    """The complete training checkpoints (step-*/ or final/) in out_dir, newest first: their lit_model.pth."""
+    """The complete training checkpoints (step-*/ or final/) in out_dir, newest first: their lit_model.pth. Newest
+    is the highest step the run recorded (final/ before a step-*/ of the same step), never the newest file time,
+    which a plain `cp -r` of a run sets to the order of the copy."""
     candidates = [*out_dir.glob("step-*/lit_model.pth"), *out_dir.glob("final/lit_model.pth")]
     candidates = [path for path in candidates if is_complete(path)]
-    return sorted(candidates, key=lambda path: path.stat().st_mtime_ns, reverse=True)
+    return sorted(candidates, key=lambda path: (checkpoint_step(path), path.parent.name == "final"), reverse=True)
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

@@ -23,15 +23,16 @@ import yaml
 
 from litmoe.core.checkpoint_io import (
     checkpoint_problem,
+    checkpoint_step,
     is_complete,
     is_zero_checkpoint,
     latest_checkpoint,
     latest_sound_checkpoint,
     load_state,
+    read_progress,
 )
 from litmoe.core.errors import UserError
 from litmoe.data.training_data import sources_key
-from litmoe.training.saving import read_progress
 
 IGNORED_MODEL_FIELDS = {"name", "hf_config"}
 TRAINING_STATE = {"model", "optimizer", "iter_num"}  # what LitGPT's pretrain loop saves and resumes
@@ -66,6 +67,13 @@ def resolve_resume(resume: bool | str | Path, out_dir: Path, deepspeed: bool = F
         if (problem := checkpoint_problem(path)) is not None:
             raise UserError(f"--resume {path}: {problem}")
         check_resumable(path, deepspeed)
+        newest = latest_checkpoint(out_dir)
+        if newest is not None and checkpoint_step(newest) > checkpoint_step(path):
+            raise UserError(
+                f"--resume {resume}: {out_dir} already holds {newest.parent.name}/, a later step than"
+                f" {path.parent.name}/, which training on would write over; continue it (--resume auto), or choose"
+                " another --out_dir"
+            )
         return path
     if (existing := latest_checkpoint(out_dir)) is not None:
         raise UserError(

@@ -103,16 +103,6 @@ def record_progress(hyperparameters: Path, progress: dict[str, Any]) -> None:
     hyperparameters.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
 
 
-def read_progress(checkpoint_dir: Path) -> dict[str, Any] | None:
-    """What a checkpoint had trained when it was written (None for checkpoints without the record)."""
-    path = Path(checkpoint_dir) / "hyperparameters.yaml"
-    try:
-        settings = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
-        return None
-    return settings.get("progress") if isinstance(settings, dict) else None
-
-
 def fsync_tree(root: Path) -> None:
     """Flush every file and directory under `root` to disk (each rank flushes what it can see, its own too)."""
     for directory, _, names in os.walk(root):
