@@ -417,7 +417,9 @@ def test_resume_rules(tmp_path):
         (out / name).mkdir(parents=True)
         torch.save({"model": {}, "optimizer": {}, "iter_num": 4}, out / name / "lit_model.pth")
     assert resolve_resume("auto", out) == out / "step-00000008" / "lit_model.pth"
-    assert resolve_resume(out / "step-00000004", out) == out / "step-00000004" / "lit_model.pth"
+    with pytest.raises(UserError, match=r"already holds step-00000008/, a later step than step-00000004/, which"):
+        resolve_resume(out / "step-00000004", out)  # training on would write over step 8
+    assert resolve_resume(out / "step-00000004", tmp_path / "new") == out / "step-00000004" / "lit_model.pth"
     with pytest.raises(UserError, match=r"already holds checkpoints \(step-00000008/\); pass --resume auto"):
         resolve_resume(False, out)
 
