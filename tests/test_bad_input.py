@@ -134,6 +134,8 @@ CASES = [
                             "--model.n_expert", "6"], "--strategy.expert_parallel 4: must divide the model's 6"),
     ("run_train.py", MULTI + ["--devices", "2", "--strategy", "ddp", "--strategy.expert_parallel", "2",
                             "--moe.layer", "stock"], "(--moe.layer stock) holds every expert; use --moe.layer litmoe"),
+    ("run_train.py", RUN + ["--train.max_token", "2e6"],  # an abbreviation is no flag (it was expanded silently)
+     "error: Unrecognized arguments: --train.max_token 2e6; see --help for the flags"),
     ("run_train.py", MULTI + ["--optimization.fused_loss", "true", "--strategy", "fsdp", "--devices", "2"],
      "--optimization.fused_loss true: FSDP and ZeRO-3 shard the head's weight, and the loss reads it outside the"
      " model's forward; leave it false"),

@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ def test_scores_validation_data_and_compares_checkpoints(trained, prepared, tmp_
     table = capsys.readouterr().out
     assert str(early) in table and str(final) in table and "bits/byte" in table
     assert json.loads(out.read_text()) == results
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # as any new file, not the owner's alone
     first, last = results
     assert first["tokens"] == last["tokens"] > 1000
     assert last["loss"] < first["loss"]  # more training, lower held-out loss

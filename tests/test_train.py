@@ -212,7 +212,16 @@ def test_a_run_ends_with_a_report_a_person_can_look_at(trained):
     assert [label.get_text() for label in load.get_yticklabels()] == rows
     loss = next(axes for axes in figure.axes if axes.get_title() == "Loss")
     assert [line.get_label() for line in loss.get_lines()] == ["training loss", "validation loss"]
-    assert len(loss.get_lines()[0].get_xdata()) == 30  # every optimizer step of the run was logged
+    training, validation = (list(line.get_xdata()) for line in loss.get_lines())
+    assert training == list(range(1, 31))  # every optimizer step of the run, by its number (not the iteration)
+    assert validation == [0, 30]  # the initial validation (logged last) first: the curve does not run back to 0
+
+
+def test_a_run_shorter_than_its_log_interval_still_has_a_report(train_args, tmp_path):
+    out_dir = tmp_path / "out"
+    run = main(train_args(out_dir, 256 * 2, extra=("--train.log_interval", "10", "--eval.final_validation", "false")))
+    report = out_dir / "logs" / "report.png"
+    assert run.summary is not None and report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_speed_sweep_runs_each_variant_in_its_own_process_on_a_synthetic_corpus():

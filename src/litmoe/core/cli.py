@@ -104,7 +104,7 @@ def function_parser(function: Callable[..., Any], **kwargs: Any):
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs of dataclass arguments
-    parser = ArgumentParser(exit_on_error=False, **kwargs)
+    parser = ArgumentParser(exit_on_error=False, allow_abbrev=False, **kwargs)  # --train.max_token is no flag
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these settings.")
     parser.add_function_arguments(function, as_positional=False)
     return parser

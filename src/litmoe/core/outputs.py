@@ -75,16 +75,24 @@ def check_output_file(
 
 
 def write_file(path: Path, text: str) -> None:
-    """`text` into `path` through a sibling temporary file renamed over it: all or nothing."""
+    """`text` into `path` through a sibling temporary file renamed over it: all or nothing. The file gets the
+    permissions `open()` would give a new one (mkstemp's are the owner's alone)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+        os.chmod(scratch, 0o666 & ~current_umask())
         os.replace(scratch, path)
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    umask = os.umask(0o022)  # reading it means setting it; set back at once
+    os.umask(umask)
+    return umask
 
 
 def figure_written_by(path: Path, software: str) -> bool:

@@ -291,7 +291,7 @@ def run_stock_fit(stock_fit: Callable, run: FitRun, settings: PatchSettings, kwa
         if isinstance(fabric.logger, RunLogger):
             logger = fabric.logger
             logger.reads, logger.health, logger.echo = reads, run.health, run.console.print
-            logger.world_size = fabric.world_size
+            logger.world_size, logger.optimizer_step = fabric.world_size, lambda: state["step_count"]
         train_loader = DistinctDataCheck(clock, fabric, run.console.print) if fabric.world_size > 1 else clock
         if settings.optimization.compile and settings.optimization.compile_mode in CUDA_GRAPH_MODES:
             stack.enter_context(gradients_outside_graph_outputs(state))
@@ -326,7 +326,12 @@ def finish_run(
     val_losses = run.val_losses
     initial_val_loss = val_losses[0] if kwargs["eval"].initial_validation and val_losses else None
     if initial_val_loss is not None:  # LitGPT only prints it; logged now at its step (the bar is closed)
-        fabric.log_dict({"val_loss": initial_val_loss, "val_ppl": math.exp(initial_val_loss)}, step=run.first_iter)
+        metrics = {
+            "val_loss": initial_val_loss,
+            "val_ppl": math.exp(initial_val_loss),
+            "optimizer_step": run.first_step,
+        }
+        fabric.log_dict(metrics, step=run.first_iter)
     settings.summary = summarize(
         fabric, settings, flops, state["iter_num"] - run.first_iter, seconds, steady, initial_val_loss, val_losses,
         kwargs["eval"].max_iters,
@@ -335,8 +340,8 @@ def finish_run(
         run.console.print(line)
     if fabric.is_global_zero and isinstance(fabric.logger, RunLogger):
         fabric.logger.save()  # the CSV rows so far, for the report
-        if (report := write_report(settings.out_dir)) is not None:
-            run.console.print(f"  report         : {report} (loss, throughput, gradient norm, expert load)")
+        report = write_report(settings.out_dir)
+        run.console.print(f"  report         : {report} (loss, throughput, gradient norm, expert load)")
     run.console.training_done = True
 
 

@@ -39,6 +39,7 @@ class RunLogger(Logger):
         self.last: dict[str, float] = {}
         self.reads = None  # litmoe.training.readback.LogReads, once training runs
         self.health = None  # litmoe.training.health.TrainingHealth, once training runs: skipped steps, spikes
+        self.optimizer_step: Callable[[], int] | None = None  # once training runs: each row's optimizer step
         self.world_size = 1
         self.echo: Callable[[str], None] = print
 
@@ -63,6 +64,8 @@ class RunLogger(Logger):
         if training and self.health is not None:
             norm = self.reads.get("grad_norm")
             health = self.health.log_metrics(float(metrics["loss"]), float(norm) if norm is not None else None)
+        if self.optimizer_step is not None and "optimizer_step" not in metrics:  # the CSV's `step` is the iteration
+            metrics = {**metrics, "optimizer_step": float(self.optimizer_step())}
         metrics = {**metrics, **routing_scalars, **health, **tokens_per_second(metrics, self.world_size)}
         self.last.update({key: float(value) for key, value in metrics.items()})
         for logger in self.loggers:

@@ -31,9 +31,21 @@ def read_log(out_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
+def optimizer_step(row: dict[str, float]) -> float | None:
+    """The optimizer step a row was logged at. The CSV's `step` column is the iteration LitGPT passes the logger
+    (micro-batches per rank, which overwrites LitGPT's own `step` key); RunLogger adds `optimizer_step`. Logs from
+    before it have only the iteration."""
+    return row.get("optimizer_step", row.get("step"))
+
+
 def series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of the rows that have `key`, by optimizer step (LitGPT's `step` column)."""
-    points = [(row["step"], row[key]) for row in rows if key in row and "step" in row and math.isfinite(row[key])]
+    """(optimizer steps, values) of the rows that have `key`, in step order (the initial validation is logged
+    last, at the step the run started from)."""
+    points = sorted(
+        (optimizer_step(row), row[key])
+        for row in rows
+        if key in row and optimizer_step(row) is not None and math.isfinite(row[key])
+    )
     return [step for step, _ in points], [value for _, value in points]
 
 
@@ -49,7 +61,8 @@ def load_over_time(rows: list[dict[str, float]]) -> tuple[np.ndarray, list[float
             share = row.get(f"moe/layer{layer}/load/expert{expert}")
             if share is not None:
                 grid[index, column] = share * experts_per_layer[layer]
-    return grid, [row.get("step", math.nan) for row in logged], [f"L{layer} E{expert}" for layer, expert in columns]
+    steps = [math.nan if optimizer_step(row) is None else optimizer_step(row) for row in logged]
+    return grid, steps, [f"L{layer} E{expert}" for layer, expert in columns]
 
 
 def report_figure(rows: list[dict[str, float]]):
@@ -72,6 +85,8 @@ def report_figure(rows: list[dict[str, float]]):
     load.set(
         title="Expert load (1 = a fair share of the routed tokens)", xlabel="optimizer step", ylabel="layer, expert"
     )
+    if not any("loss" in row for row in rows):
+        figure.suptitle("No training log yet: the run was shorter than --train.log_interval optimizer steps")
     if grid.size:
         first, last = min(steps), max(steps)
         first, last = (first - 0.5, last + 0.5) if first == last else (first, last)  # a run of one log step
@@ -82,12 +97,9 @@ def report_figure(rows: list[dict[str, float]]):
     return figure
 
 
-def write_report(out_dir: Path) -> Path | None:
-    """`out_dir/logs/report.png` from the run's CSV log; None when nothing was logged."""
-    rows = read_log(out_dir)
-    if not any("loss" in row for row in rows):
-        return None
-    figure = report_figure(rows)
+def write_report(out_dir: Path) -> Path:
+    """`out_dir/logs/report.png` from the run's CSV log (every run gets one, a short one with what it logged)."""
+    figure = report_figure(read_log(out_dir))
     path = out_dir / "logs" / "report.png"
     number = 1
     while path.exists() and not figure_written_by(path, REPORT_SOFTWARE):  # the user's own file stays
