@@ -467,28 +467,35 @@ def test_a_finished_run_is_left_alone_until_its_budget_is_raised(train_args, tmp
     assert run.summary.tokens == 256 * 2 and read_progress(out_dir / "final")["tokens"] == 256 * 6
 
 
-def test_the_default_cpu_run_is_finished_where_litgpt_stops_it(tmp_path):
-    """The CPU profile's budget is not a multiple of the tokens per micro-batch: LitGPT's loop stops below it
-    (`max_tokens // world_size // (micro_batch_size x seq_len)` micro-batches), and that run is finished."""
+def test_the_default_cpu_run_trains_whole_optimizer_steps_and_is_then_finished(tmp_path, capsys):
+    """The CPU profile's budget is not whole optimizer steps: the run trains the whole steps in it (LitGPT's loop
+    would also compute the micro-batches of a last partial step, count them as trained and throw them away), says
+    so, and is then finished."""
     import yaml
+    from litgpt.args import TrainArgs
 
     from litmoe.training.resume import RunShape, finished_run
     from litmoe.training.saving import record_progress
+    from litmoe.training.settings import whole_steps
 
     train = yaml.safe_load((REPO / "train_config.yaml").read_text())["profiles"]["cpu"]["train"]
-    budget, per_iter = train["max_tokens"], train["micro_batch_size"] * train["max_seq_length"]
-    assert budget % per_iter  # the case that matters: a budget that does not divide evenly
+    args = TrainArgs(**{key: train[key] for key in ("max_tokens", "global_batch_size", "micro_batch_size")})
+    step_tokens = train["global_batch_size"] * train["max_seq_length"]
+    assert train["max_tokens"] % step_tokens  # the case that matters: a budget that is not whole steps
+    budget = whole_steps(args, train["max_seq_length"])
+    assert budget == train["max_tokens"] // step_tokens * step_tokens == 696_320
+    assert capsys.readouterr().out == (
+        "Budget: 696,320 tokens, the 170 whole optimizer steps of --train.max_tokens 700,000 (a last partial step"
+        " would be computed and thrown away)\n"
+    )
     shape = RunShape({}, 1, train["micro_batch_size"], train["global_batch_size"], train["max_seq_length"], "", 0)
     final = tmp_path / "out" / "final"
     final.mkdir(parents=True)
     (final / "lit_model.pth").touch()
-    stopped_at = budget // 1 // per_iter * per_iter  # where LitGPT's fit ends (698,368 of 700,000 tokens)
-    record_progress(final / "hyperparameters.yaml", {"tokens": stopped_at - per_iter})
-    assert finished_run(final / "lit_model.pth", budget, shape) is None  # one micro-batch left to train
-    record_progress(final / "hyperparameters.yaml", {"tokens": stopped_at})
-    assert f"already trained its budget ({stopped_at:,} tokens, final/)" in finished_run(
-        final / "lit_model.pth", budget, shape
-    )
+    record_progress(final / "hyperparameters.yaml", {"tokens": budget - step_tokens})
+    assert finished_run(final / "lit_model.pth", budget, shape) is None  # one optimizer step left to train
+    record_progress(final / "hyperparameters.yaml", {"tokens": budget})
+    assert "already trained its budget (696,320 tokens, final/)" in finished_run(final / "lit_model.pth", budget, shape)
 
 
 def test_a_run_whose_budget_does_not_divide_into_micro_batches_stays_finished(train_args, tmp_path, capsys):

@@ -54,6 +54,7 @@ from litmoe.training.settings import (
     resolve_optimizer,
     run_overview,
     sequence_length,
+    whole_steps,
 )
 
 DEFAULT_DATA_DIR = Path("data/default")
@@ -125,6 +126,7 @@ def setup(
         initial_checkpoint_dir, upcycle, devices, num_nodes, num_workers, moe,
     )  # fmt: skip
     check_moe(moe)
+    train.max_tokens = whole_steps(train, plan.seq_len)
     check_expert_parallel(plan.config, moe.layer, plan.choice.expert_parallel)
     inputs = [("--data_dir", source.path) for source in plan.data.sources]
     inputs += [("--initial_checkpoint_dir", initial_checkpoint_dir), ("--upcycle-from", upcycle.dense_checkpoint)]

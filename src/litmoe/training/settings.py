@@ -197,6 +197,19 @@ def check_budget(train: TrainArgs, seq_len: int) -> None:
         )
 
 
+def whole_steps(train: TrainArgs, seq_len: int) -> int:
+    """The budget a run trains: the whole optimizer steps in --train.max_tokens. LitGPT's loop runs micro-batches up
+    to the budget, and a last partial step's micro-batches were computed, counted as trained, and thrown away."""
+    step_tokens = train.global_batch_size * seq_len
+    budget = int(train.max_tokens) // step_tokens * step_tokens
+    if budget != int(train.max_tokens):
+        print(
+            f"Budget: {budget:,} tokens, the {budget // step_tokens:,} whole optimizer steps of --train.max_tokens"
+            f" {int(train.max_tokens):,} (a last partial step would be computed and thrown away)"
+        )
+    return budget
+
+
 # ----------------------------------------------------------------------------------------- hardware
 
 
