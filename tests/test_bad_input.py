@@ -131,7 +131,9 @@ CASES = [
     ("run_train.py", MULTI + ["--devices", "2", "--strategy", "ddp", "--strategy.expert_parallel", "3"],
      "--strategy.expert_parallel 3: must divide the number of ranks (2)"),
     ("run_train.py", MULTI + ["--devices", "4", "--strategy", "ddp", "--strategy.expert_parallel", "4",
-                            "--model.n_expert", "6"], "--strategy.expert_parallel 4: must divide the model's 6"),
+                            "--model.n_expert", "6"],
+     "--strategy.expert_parallel 4: must divide the model's 6 experts; use one of 2, 3, 6 (and a divisor of the"
+     " number of ranks), or 1: every rank holds every expert"),
     ("run_train.py", MULTI + ["--devices", "2", "--strategy", "ddp", "--strategy.expert_parallel", "2",
                             "--moe.layer", "stock"], "(--moe.layer stock) holds every expert; use --moe.layer litmoe"),
     ("run_train.py", RUN + ["--train.max_token", "2e6"],  # an abbreviation is no flag (it was expanded silently)

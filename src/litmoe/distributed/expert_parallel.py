@@ -76,7 +76,11 @@ def check_expert_parallel(config, layer: str, size: int) -> None:
     if layer != "litmoe":
         raise UserError(f"{flag}: LitGPT's MoE layer (--moe.layer {layer}) holds every expert; use --moe.layer litmoe")
     if config.n_expert % size:
-        raise UserError(f"{flag}: must divide the model's {config.n_expert} experts")
+        sizes = ", ".join(str(n) for n in range(2, config.n_expert + 1) if config.n_expert % n == 0)
+        raise UserError(
+            f"{flag}: must divide the model's {config.n_expert} experts; use one of {sizes} (and a divisor of the"
+            " number of ranks), or 1: every rank holds every expert"
+        )
 
 
 def auto_expert_split(config, layer: str, devices_per_node: int) -> int:
