@@ -136,6 +136,8 @@ CASES = [
      " number of ranks), or 1: every rank holds every expert"),
     ("run_train.py", MULTI + ["--devices", "2", "--strategy", "ddp", "--strategy.expert_parallel", "2",
                             "--moe.layer", "stock"], "(--moe.layer stock) holds every expert; use --moe.layer litmoe"),
+    ("run_train.py", RUN + ["--estimate", "--model.n_expert", "1e8"],  # it ran for minutes
+     "100,000,000 experts per layer is more than 4,096, which no MoE has"),
     ("run_train.py", RUN + ["--train.max_token", "2e6"],  # an abbreviation is no flag (it was expanded silently)
      "error: Unrecognized arguments: --train.max_token 2e6; see --help for the flags"),
     ("run_train.py", MULTI + ["--optimization.fused_loss", "true", "--strategy", "fsdp", "--devices", "2"],

@@ -129,3 +129,27 @@ def test_integer_fields_take_scientific_notation_from_the_command_line():
 
     config = load_model_config(model_setting("MoE-tiny", [("--model.rope_base", "5e5"), ("--model.n_layer", "2")]))
     assert config.rope_base == 500000 and isinstance(config.rope_base, int) and config.n_layer == 2
+
+
+def test_an_unknown_rope_adjustment_is_named_and_litgpt_reads_the_known_ones(tmp_path):
+    """`rope_adjustments: {factor: 8, bogus: 1}` built a model that ignored `bogus`; it is one line now. The keys
+    we accept are the ones LitGPT's model reads (a LitGPT upgrade that reads others fails here)."""
+    import inspect
+
+    import litgpt.model
+
+    from litmoe.model.configs import ROPE_ADJUSTMENTS
+
+    path = tmp_path / "rope.yaml"
+    adjustments = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 64}
+    path.write_text(yaml.safe_dump({**yaml.safe_load(TINY_MODEL), "rope_adjustments": adjustments}))
+    assert load_model_config(str(path)).rope_adjustments == adjustments
+    path.write_text(yaml.safe_dump({**yaml.safe_load(TINY_MODEL), "rope_adjustments": {**adjustments, "bogus": 1}}))
+    with pytest.raises(UserError, match=r"rope_adjustments has unknown key 'bogus'; LitGPT reads factor, low_freq_fac"):
+        load_model_config(str(path))
+    source = inspect.getsource(litgpt.model)
+    read = set(re.findall(r"rope_adjustments(?:\[|\.get\()\"(\w+)\"", source))
+    lists = r"(?:(?:adjusted_params_required|yarn_required_params) =|for param in) \[([^\]]*)\]"
+    for names in re.findall(lists, source):
+        read |= set(re.findall(r"\"(\w+)\"", names))
+    assert read == set(ROPE_ADJUSTMENTS)

@@ -62,6 +62,22 @@ def test_yaml_merge_keys_work_and_the_mapping_s_own_keys_win():
         read_yaml("train:\n  <<: {a: 1}\n  max_tokens: 1\n  max_tokens: 2\n")
 
 
+def test_a_setting_given_twice_in_one_config_file_is_refused(tmp_path):
+    """As a dotted key and under its section: one line names it (the nested one was kept silently)."""
+    from litmoe.core.errors import UserError
+
+    config = tmp_path / "mine.yaml"
+    config.write_text("train.max_tokens: 2048\noptimizer:\n  init_args:\n    lr: 0.1\ntrain:\n  max_tokens: 4096\n")
+    with pytest.raises(UserError) as refused:
+        main(["--config", str(config), "--estimate"])
+    assert str(refused.value) == (
+        f"{config}: train.max_tokens is set twice, as `train.max_tokens:` and under `train:`; keep one"
+    )
+    config.write_text("optimizer.init_args.lr: 0.2\noptimizer:\n  init_args:\n    lr: 0.1\n")
+    with pytest.raises(UserError, match="optimizer.init_args.lr is set twice, as `optimizer.init_args.lr:` and under"):
+        main(["--config", str(config), "--estimate"])
+
+
 def test_documented_flags_reach_the_optimizer_and_the_loop(train_args, tmp_path):
     """README: `--optimizer.init_args.lr 1e-3`, `--train.max_tokens 2e6`; the loop's learning rate peaks at the
     optimizer's lr after warmup, and the budget is the number of tokens trained."""

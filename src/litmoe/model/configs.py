@@ -233,6 +233,15 @@ def checkpoint_model_config(checkpoint_dir: Path, flag: str = "--checkpoint"):
     return Config(**fields)
 
 
+# The keys of `rope_adjustments` LitGPT's model reads (litgpt.model.GPT.rope_cache and its attention's mscale);
+# tests/test_patches.py fails if a LitGPT upgrade reads others.
+ROPE_ADJUSTMENTS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len", "beta_fast", "beta_slow",
+                    "mscale", "mscale_all_dim")  # fmt: skip
+
+
+MAX_EXPERTS = 4096  # per layer: 16x the most any published MoE routes over
+
+
 def check_model_fields(fields: dict[str, Any], where: str) -> None:
     """Every key a Config field of the right type, and a shape the model can be built with."""
     from litgpt import Config
@@ -243,6 +252,13 @@ def check_model_fields(fields: dict[str, Any], where: str) -> None:
             raise UserError(f"{where}: unknown key {key!r}; keys must be fields of litgpt.Config")
         if not conforms(value, types[key]):
             raise UserError(f"{where}: {key} is {value!r}, expected {describe_type(types[key])}")
+    unknown = sorted(set(fields.get("rope_adjustments") or {}) - set(ROPE_ADJUSTMENTS))
+    if unknown:
+        raise UserError(
+            f"{where}: rope_adjustments has unknown key {unknown[0]!r}; LitGPT reads factor, low_freq_factor,"
+            " high_freq_factor, original_max_seq_len (Llama 3) or factor, beta_fast, beta_slow, original_max_seq_len,"
+            " mscale, mscale_all_dim (YaRN)"
+        )
     config = {field.name: field.default for field in dataclasses.fields(Config)} | fields
     for key in POSITIVE_FIELDS + POSITIVE_IF_SET:
         if config.get(key) is not None and config[key] < 1:
@@ -283,6 +299,11 @@ def check_experts(config: dict[str, Any], where: str) -> None:
         raise UserError(
             f"{where}: n_expert_per_token {top_k} with n_expert {n_expert}; an MoE layer routes each token to"
             " between 1 and n_expert experts"
+        )
+    if n_expert > MAX_EXPERTS:
+        raise UserError(
+            f"{where}: {n_expert:,} experts per layer is more than {MAX_EXPERTS:,}, which no MoE has (DeepSeek-V3 has"
+            " 256, Kimi K2 384) and whose per-expert bookkeeping would run for minutes; choose fewer"
         )
     groups = config["n_expert_groups"]
     if groups is not None and (n_expert % groups or not 1 <= (config["n_topk_groups"] or 0) <= groups):

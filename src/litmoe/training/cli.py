@@ -115,7 +115,20 @@ def load_train_config(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: expected a mapping of settings at the top level")
     if isinstance(config.get("strategy"), str):  # `strategy: deepspeed` for `strategy: {name: deepspeed}`
         config["strategy"] = {"name": config["strategy"]}
+    for key in config:
+        if "." in str(key) and given_nested(config, str(key).split(".")):
+            section = str(key).split(".")[0]
+            raise UserError(f"{path}: {key} is set twice, as `{key}:` and under `{section}:`; keep one")
     return config
+
+
+def given_nested(config: dict[str, Any], parts: list[str]) -> bool:
+    """Whether the mapping holds the dotted key `parts` as nested sections (`train: {max_tokens: ...}`)."""
+    for part in parts:
+        if not isinstance(config, dict) or part not in config:
+            return False
+        config = config[part]
+    return True
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
