@@ -507,6 +507,13 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(script, argv, message,
         ("WORLD_SIZE", "abc", "environment variable WORLD_SIZE='abc': not a whole number; unset it"),
         ("LOCAL_RANK", "-1", "environment variable LOCAL_RANK='-1': not a whole number"),
         ("WORLD_SIZE", "4", "environment variable WORLD_SIZE=4, but this run has 1 rank(s) (--devices x --num_nodes)"),
+        ("RANK", "3", "environment variable RANK=3, but the ranks are 0 to 0: unset it (left from a launcher?)"),
+        (
+            "LOCAL_RANK",
+            "1",
+            "environment variable LOCAL_RANK=1, but this run has 1 rank: a rank other than 0 skips the"
+            " lock on --out_dir (another run could write into it)",
+        ),  # fmt: skip
     ],
 )
 def test_launcher_variables_left_in_the_environment_are_one_line(variable, value, message, world, tmp_path,

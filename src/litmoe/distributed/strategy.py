@@ -210,6 +210,7 @@ def candidate_plans(
 
 
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "GLOBAL_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "NNODES")
+RANK_NAMES = ("RANK", "GLOBAL_RANK", "LOCAL_RANK", "NODE_RANK")
 
 
 CLUSTER_VARIABLES = ("MASTER_ADDR", "SLURM_NTASKS", "GROUP_RANK", "LSB_JOBID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -253,6 +254,20 @@ def check_launcher_variables(world_size: int, environ: dict[str, str] = os.envir
             f"environment variable WORLD_SIZE={environ['WORLD_SIZE'].strip()}, but this run has {world_size} rank(s)"
             " (--devices x --num_nodes): the data would be split for another number of ranks; unset WORLD_SIZE (left"
             " from a launcher?), or give --devices and --num_nodes that match it"
+        )
+    values = {name: int(environ[name]) for name in LAUNCHER_VARIABLES if name in environ}
+    sizes = {"RANK": world_size, "GLOBAL_RANK": world_size, "LOCAL_RANK": values.get("LOCAL_WORLD_SIZE")}
+    for rank, size in sizes.items():
+        if rank in values and size is not None and values[rank] >= size:
+            raise UserError(
+                f"environment variable {rank}={values[rank]}, but the ranks are 0 to {size - 1}: unset it (left from"
+                " a launcher?), or fix the launch"
+            )
+    if world_size == 1 and (stale := next((name for name in RANK_NAMES if values.get(name, 0) != 0), None)):
+        raise UserError(
+            f"environment variable {stale}={values[stale]}, but this run has 1 rank: a rank other than 0 skips the"
+            " lock on --out_dir (another run could write into it) and writes no checkpoint; unset it (left from a"
+            " launcher?)"
         )
 
 
