@@ -74,7 +74,8 @@ class Cursor:
         self.order = order
         self.block = -1
         self.before = np.zeros(len(order.windows), dtype=np.int64)  # windows each source gave before this block
-        self.sources = self.ordinals = np.zeros(0, dtype=np.int64)
+        self.sources = np.zeros(0, dtype=np.int64)
+        self.ordinals = np.zeros(0, dtype=np.int64)
         self.ordinals_block = -1  # the block `ordinals` (each position's count within its source) belongs to
 
     def item(self, position: int) -> tuple[int, int]:
@@ -86,7 +87,7 @@ class Cursor:
                 self.before += np.bincount(self.sources, minlength=len(self.before))
             self.block += 1
             self.sources = self.order.block_sources(self.block)
-        if len(self.ordinals) != BLOCK or self.ordinals_block != block:
+        if self.ordinals_block != block:
             self.ordinals, self.ordinals_block = np.empty(BLOCK, dtype=np.int64), block
             for source in range(len(self.before)):
                 chosen = self.sources == source

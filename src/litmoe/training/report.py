@@ -41,11 +41,8 @@ def optimizer_step(row: dict[str, float]) -> float | None:
 def series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
     """(optimizer steps, values) of the rows that have `key`, in step order (the initial validation is logged
     last, at the step the run started from)."""
-    points = sorted(
-        (optimizer_step(row), row[key])
-        for row in rows
-        if key in row and optimizer_step(row) is not None and math.isfinite(row[key])
-    )
+    steps = [(optimizer_step(row), row) for row in rows if key in row and math.isfinite(row[key])]
+    points = sorted((step, row[key]) for step, row in steps if step is not None)
     return [step for step, _ in points], [value for _, value in points]
 
 
@@ -61,7 +58,7 @@ def load_over_time(rows: list[dict[str, float]]) -> tuple[np.ndarray, list[float
             share = row.get(f"moe/layer{layer}/load/expert{expert}")
             if share is not None:
                 grid[index, column] = share * experts_per_layer[layer]
-    steps = [math.nan if optimizer_step(row) is None else optimizer_step(row) for row in logged]
+    steps = [step if (step := optimizer_step(row)) is not None else math.nan for row in logged]
     return grid, steps, [f"L{layer} E{expert}" for layer, expert in columns]
 
 
