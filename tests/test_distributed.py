@@ -159,14 +159,14 @@ def two_ranks(train_step, killed, prepared, tiny_model_file, tmp_path_factory) -
     if HAS_DEEPSPEED:
         single, shards = ("--strategy", "single", "--devices", "1"), runs / "zero3-alone" / "step-00000004"
         ddp_step_10 = runs / "ddp" / "step-00000010" / "lit_model.pth"
-        zero3_final = runs / "zero3" / "final" / "lit_model.pth"  # shards of 2 ranks
+        zero3_step_10 = runs / "zero3" / "step-00000010" / "lit_model.pth"  # shards of 2 ranks
         interrupted = runs / "zero3-resumed" / shards.name  # a run stopped after its fourth optimizer step
         steps += [
             two("zero3", ZERO3),
             {"name": "alone", "alone": True},
             alone("single", *single),
             train_step("shrunk", runs / "shrunk", BUDGET, (*EXTRA, *single, "--resume", str(ddp_step_10))),
-            train_step("zero3-shrunk", runs / "zero3-shrunk", BUDGET, (*EXTRA, *ZERO3, "--resume", str(zero3_final))),
+            train_step("zero3-shrunk", runs / "zero3-shrunk", BUDGET, (*EXTRA, *ZERO3, "--resume", str(zero3_step_10))),
             alone("zero3-alone", *ZERO3),
             alone("started", *single, "--initial_checkpoint_dir", str(shards), "--optimizer.init_args.lr", "0",
                   "--train.min_lr", "0", budget=8 * 64),
@@ -273,14 +273,34 @@ def test_a_run_continues_on_more_ranks_and_on_fewer_as_the_uninterrupted_run(two
     for name in ("one-device", "grown"):
         assert_weights_as(ddp, two_ranks.run(name))
     if HAS_DEEPSPEED:  # rank 0 alone runs only after the DeepSpeed runs
-        assert "Resuming on 1 ranks (written by 2): allowed;" in two_ranks.out("shrunk")
+        assert "Resuming on 1 rank (written by 2): allowed;" in two_ranks.out("shrunk")
         assert read_progress(two_ranks.run("shrunk") / "final")["tokens"] == BUDGET
         assert_weights_as(ddp, two_ranks.run("shrunk"))
-        assert two_ranks.status("zero3-shrunk") == 2
-        assert "DeepSpeed shards of 2 ranks, this run has 1: not allowed yet" in two_ranks.out("zero3-shrunk")
     for name in ("widened-ep4", "widened-ddp"):
         assert "Resuming on 4 ranks (written by 2): allowed;" in four_ranks.out(name)
         assert_weights_as(ddp, four_ranks.run(name))
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed (uv sync)")
+def test_zero3_shards_of_two_ranks_continue_on_one_through_deepspeeds_universal_checkpoint(two_ranks):
+    """The step-10 shards of the 2-rank ZeRO-3 run, resumed on rank 0 alone: DeepSpeed's own conversion writes the
+    universal checkpoint beside the shards (which stay as they were), and the run ends with the uninterrupted 2-rank
+    run's weights: every Adam moment came back (10 more Adam steps from lost moments land far from them)."""
+    out, step_10 = two_ranks.out("zero3-shrunk"), two_ranks.run("zero3") / "step-00000010"
+    assert (
+        "Resuming on 1 rank (written by 2): allowed; the data continues from global position 160 (10,240 tokens"
+        " trained), 16 sequences per optimizer step (gradient accumulation 2 -> 4), 10 optimizer steps left; model"
+        f" and optimizer state through DeepSpeed's universal checkpoint ({step_10 / 'universal'})"
+    ) in out
+    shards = sorted(path.name for path in (step_10 / "lit_model.pth" / "checkpoint").iterdir())
+    assert shards == [
+        f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1) for kind in ("model", "optim")
+    ]
+    assert (step_10 / "universal" / "latest_universal").read_text() == "checkpoint"
+    assert read_progress(two_ranks.run("zero3-shrunk") / "final")["tokens"] == BUDGET
+    ours, theirs = final_weights(two_ranks.run("zero3-shrunk")), final_weights(two_ranks.run("zero3"))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6) for key in theirs)
 
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed (uv sync)")

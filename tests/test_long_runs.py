@@ -401,6 +401,14 @@ def test_resume_checks_what_changed_against_the_checkpoint(train_args, tmp_path,
             main(train_args(out_dir, budget, extra=("--resume", "auto", *change)))
 
     progress = read_progress(out_dir / "step-00000004")
+    files = sorted((path, path.stat().st_mtime_ns) for path in out_dir.rglob("*"))
+    capsys.readouterr()
+    two_ranks = ("--devices", "2", "--strategy", "ddp", "--train.global_batch_size", "8")
+    main(train_args(out_dir, budget, extra=("--resume", "auto", "--estimate", *two_ranks)))
+    out = capsys.readouterr().out
+    assert "Resuming on 2 ranks (written by 1): allowed; the data continues from global position 16" in out
+    assert f"Resume: {out_dir / 'step-00000004' / 'lit_model.pth'} on 2 ranks, 1,024 tokens trained, 2 optimizer" in out
+    assert sorted((path, path.stat().st_mtime_ns) for path in out_dir.rglob("*")) == files  # --estimate writes nothing
     elsewhere = tmp_path / "elsewhere"  # as if written by 2 ranks (tests/test_distributed.py resumes real ones)
     shutil.copytree(out_dir, elsewhere)
     hyperparameters = elsewhere / "step-00000004" / "hyperparameters.yaml"
@@ -413,7 +421,7 @@ def test_resume_checks_what_changed_against_the_checkpoint(train_args, tmp_path,
         )
     )
     assert (
-        "Resuming on 1 ranks (written by 2): allowed; the data continues from global position 16 (1,024 tokens"
+        "Resuming on 1 rank (written by 2): allowed; the data continues from global position 16 (1,024 tokens"
         " trained), 8 sequences per optimizer step (gradient accumulation 1 -> 2), 2 optimizer steps left; model"
         " and optimizer state loaded whole"
     ) in capsys.readouterr().out

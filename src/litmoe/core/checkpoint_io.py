@@ -22,12 +22,14 @@ from litmoe.core.patching import swapped
 
 CHECKPOINT_FILES = ("lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json")
 CONSOLIDATED = "consolidated"
+UNIVERSAL = "universal"  # DeepSpeed's universal checkpoint of a step's shards
 EXPERT_BIAS_KEY = "mlp.expert_bias"  # litmoe's selection bias for a softmax router (litmoe.model.moe)
 # The only classes DeepSpeed pickles into its shards besides tensors and plain values.
 DEEPSPEED_GLOBALS = (
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",  # ZeRO-1/2's map of each rank's slice (two integers)
 )
 
 

@@ -17,7 +17,8 @@ and DeepSpeed disagree (checked against litgpt 0.5.13, lightning 2.6 and deepspe
   weights initialised after construction  ZeRO-3 partitions at construction         `zero3_reset_parameters`
 
 A DeepSpeed checkpoint is a directory (`step-*/lit_model.pth/` holding `checkpoint/*_states.pt` and
-`latest`); litmoe.distributed.zero_checkpoints turns one into a single `lit_model.pth` with stock LitGPT keys.
+`latest`); litmoe.distributed.zero_checkpoints turns one into a single `lit_model.pth` with stock LitGPT keys, and
+into DeepSpeed's universal checkpoint, which a resume on another number of ranks loads (`resuming`).
 """
 
 import time
@@ -32,10 +33,11 @@ import torch
 import torch.nn as nn
 from lightning.fabric.strategies import DeepSpeedStrategy
 
-from litmoe.core.checkpoint_io import weights_only_deepspeed_loads
+from litmoe.core.checkpoint_io import UNIVERSAL, read_progress, weights_only_deepspeed_loads
 from litmoe.core.errors import UserError
 from litmoe.core.patching import user_optimizer
 from litmoe.core.user_files import read_json_file
+from litmoe.distributed.zero_checkpoints import universal
 
 
 def loop_settings(micro_batch_size: int, max_norm: float | None) -> dict[str, Any]:
@@ -103,6 +105,20 @@ def user_deepspeed_config(path: Path, micro_batch_size: int, max_norm: float | N
     return {**config, **run, "zero_allow_untested_optimizer": True}
 
 
+def resuming(config: dict[str, Any], resume: bool | Path, world_size: int) -> dict[str, Any]:
+    """`config` for a run resuming `resume`: where its shards were written by another number of ranks, the engine
+    loads DeepSpeed's universal checkpoint of them instead (`checkpoint.load_universal`; converted at load)."""
+    progress = read_progress(Path(resume).parent) if resume else None
+    if progress is None or progress["world_size"] == world_size:
+        return config
+    if offload_device(config, "offload_optimizer") == "nvme":
+        raise UserError(
+            f"--resume {resume}: written by {progress['world_size']} ranks; DeepSpeed restores NVMe-offloaded"
+            f" optimizer state per rank only, so resume on {progress['world_size']} ranks, or offload to cpu"
+        )
+    return {**config, "checkpoint": {**config.get("checkpoint", {}), "load_universal": True}}
+
+
 def offload_device(config: dict[str, Any], key: str) -> str:
     """Where a DeepSpeed config offloads `key` (offload_optimizer, offload_param): none, cpu or nvme."""
     return config.get("zero_optimization", {}).get(key, {}).get("device", "none")
@@ -129,9 +145,25 @@ class LoopDeepSpeedStrategy(DeepSpeedStrategy):
         else:
             super().setup_environment()
 
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.config.get("checkpoint", {}).get("load_universal"):
+            path = self.universal_checkpoint(Path(path))
         with weights_only_deepspeed_loads():  # DeepSpeed itself would unpickle anything
-            return super().load_checkpoint(*args, **kwargs)
+            return super().load_checkpoint(path, *args, **kwargs)
+
+    def universal_checkpoint(self, shards: Path) -> Path:
+        """DeepSpeed's universal checkpoint of `shards`, converted by rank 0 while the others wait; a failed
+        conversion is raised on every rank, so that none is left waiting."""
+        failure = None
+        if self.global_rank == 0:
+            try:
+                universal(shards)
+            except Exception as err:  # noqa: BLE001 - raised below, on every rank
+                failure = f"{type(err).__name__}: {err}"
+        failure = self.broadcast(failure, src=0)
+        if failure is not None:
+            raise UserError(f"{shards}: converting to DeepSpeed's universal checkpoint failed ({failure})")
+        return shards.parent / UNIVERSAL
 
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         """The engine's step, not the ZeRO optimizer's: with caller-owned accumulation, the engine reduces the

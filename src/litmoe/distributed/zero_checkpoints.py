@@ -1,17 +1,22 @@
-"""DeepSpeed checkpoints as one file: the shards in `lit_model.pth/` consolidated to stock LitGPT keys.
+"""DeepSpeed checkpoints in the two other forms litmoe reads them in; the shards in `lit_model.pth/` stay as
+they are.
 
-generate, evaluate and export read a DeepSpeed checkpoint through `consolidated/` beside it, made on first use
-(again when the shards are newer); the shards stay as they are, for resuming. DeepSpeed's own reader runs
-with weights_only loads (litmoe.core.checkpoint_io), so a crafted shard cannot run code.
+- `consolidated/`: one `lit_model.pth` with stock LitGPT keys, which generate, evaluate and export read (made on
+  first use, again when the shards are newer).
+- `universal/`: DeepSpeed's universal checkpoint (`ds_to_universal`), which a resume on another number of ranks
+  loads: every parameter's fp32 weights and Adam moments whole, re-split by the engine for the new rank count.
+
+DeepSpeed's own readers run with weights_only loads (litmoe.core.checkpoint_io), so a crafted shard cannot run code.
 """
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
-from litmoe.core.checkpoint_io import CONSOLIDATED, checkpoint_problem, weights_only_deepspeed_loads
+from litmoe.core.checkpoint_io import CONSOLIDATED, UNIVERSAL, checkpoint_problem, weights_only_deepspeed_loads
 from litmoe.core.errors import UserError
 from litmoe.model.builder import build_model, has_expert_bias
 
@@ -69,3 +74,25 @@ def consolidate(shards: Path, weights: dict[str, torch.Tensor], model: nn.Module
         for name, tensor in weights.items():
             named[name].copy_(tensor)
     return model.state_dict()
+
+
+def universal(shards: Path) -> Path:
+    """`shards` (a `lit_model.pth/` of DeepSpeed shards) as DeepSpeed's universal checkpoint in `universal/`
+    beside it, laid out as the engine loads one (`universal/checkpoint/`, `universal/latest_universal`); made once,
+    into a scratch folder renamed when complete, so that an interrupted conversion is never loaded."""
+    target = shards.parent / UNIVERSAL
+    if (target / "latest_universal").is_file():
+        return target
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    scratch = target.with_name(f"{UNIVERSAL}.partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(f"Converting the DeepSpeed checkpoint {shards} into a universal checkpoint in {target} ...")
+    options = SimpleNamespace(
+        input_folder=str(shards / "checkpoint"), output_folder=str(scratch / "checkpoint"), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )  # fmt: skip
+    with weights_only_deepspeed_loads():
+        ds_to_universal(options)
+    scratch.rename(target)
+    return target

@@ -268,16 +268,17 @@ def main(argv: list[str] | None = None):
 def print_estimate(
     model: str | dict, data_dir: str | list, precision: str | None, train: TrainArgs, optimization: OptimizationArgs,
     strategy: StrategyArgs, devices: int | str, num_nodes: int, moe: MoEArgs, checkpoint: CheckpointArgs,
-    health: HealthArgs, seed: int, **unused: Any,
+    health: HealthArgs, seed: int, resume: bool | str | Path, out_dir: Path, **unused: Any,
 ) -> None:  # fmt: skip
     """Parameters, FLOPs, per-device memory and speed of this run's settings, without allocating the model.
 
     An explicit --strategy (with --devices and --num_nodes) is estimated even where it could not run, so that a
     run can be planned on another machine; `auto` decides for this machine's hardware. The settings a run checks
-    that do not depend on this machine or the data are checked here too: an estimate is no promise otherwise."""
+    that do not depend on this machine or the data are checked here too: an estimate is no promise otherwise. With
+    --resume: what the resume would continue on this hardware (ranks old -> new, global batch, steps left)."""
     from litmoe.data.prepared import MANIFEST
     from litmoe.data.tokenizer import load_tokenizer
-    from litmoe.data.training_data import data_sources
+    from litmoe.data.training_data import data_sources, sources_key
     from litmoe.distributed.estimate import describe, estimate_training
     from litmoe.distributed.expert_parallel import auto_expert_split
     from litmoe.distributed.plans import Hardware
@@ -288,9 +289,10 @@ def print_estimate(
         with_expert_parallel,
     )
     from litmoe.model.attention import default_precision
-    from litmoe.model.configs import load_model_config
+    from litmoe.model.configs import load_model_config, model_fields
+    from litmoe.training.resume import RunShape, resume_summary
     from litmoe.training.run import check_run_care, fit_vocabulary, memory_per_device
-    from litmoe.training.settings import check_moe, check_nodes, device_count, sequence_length
+    from litmoe.training.settings import check_moe, check_nodes, device_count, sequence_length, whole_steps
 
     check_seed(seed)
     check_moe(moe)
@@ -314,3 +316,10 @@ def print_estimate(
     print(describe(estimate, config, precision, choice, memory_of(choice), optimization.gradient_checkpointing,
                    hardware.world_size, hardware.devices_per_node,
                    max_tokens=train.max_tokens and float(train.max_tokens)))  # fmt: skip
+    if resume:
+        shape = RunShape(
+            model_fields(config), hardware.world_size, train.micro_batch_size, train.global_batch_size, seq_len,
+            sources_key(data_dir), seed, moe.layer,
+        )  # fmt: skip
+        budget = whole_steps(train, seq_len)
+        print(resume_summary(resume, Path(out_dir), shape, budget, choice.name == "deepspeed"))

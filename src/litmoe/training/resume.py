@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from litmoe.core.checkpoint_io import (
+    UNIVERSAL,
     checkpoint_problem,
     checkpoint_step,
     is_complete,
@@ -188,25 +189,19 @@ def check_continuation(weights: Path, run: RunShape, budget: int) -> int | None:
 def check_new_world_size(
     weights: Path, progress: dict, run: RunShape, tokens: int, settings: dict, budget: int
 ) -> None:
-    """A resume on another number of ranks: refused for DeepSpeed's per-rank shards, else one line saying what
-    continues how."""
+    """A resume on another number of ranks: one line saying what continues how."""
     checkpoint_dir, old = Path(weights).parent, progress["world_size"]
+    state = "model and optimizer state loaded whole"
     if is_zero_checkpoint(Path(weights)):
-        raise UserError(
-            f"--resume {checkpoint_dir}: DeepSpeed shards of {old} ranks, this run has {run.world_size}: not allowed"
-            f" yet, the shards are per rank; resume with --devices x --num_nodes = {old}, or go on from its weights"
-            f" on {run.world_size} ranks as a new run with --initial_checkpoint_dir {checkpoint_dir} --out_dir"
-            " NEW_DIR (a fresh optimizer, schedule and data order)"
-        )
+        state = f"model and optimizer state through DeepSpeed's universal checkpoint ({checkpoint_dir / UNIVERSAL})"
     previous_global = (settings.get("train") or {}).get("global_batch_size") or run.global_batch_size
     accumulation = f"{previous_global // (old * progress['micro_batch_size'])} -> "
     accumulation += f"{run.global_batch_size // (run.world_size * run.micro_batch_size)}"
     steps_left = max(0, budget - tokens) // (run.global_batch_size * run.seq_len)
     print(
-        f"Resuming on {run.world_size} ranks (written by {old}): allowed; the data continues from global position"
+        f"Resuming on {ranks(run.world_size)} (written by {old}): allowed; the data continues from global position"
         f" {tokens // run.seq_len:,} ({tokens:,} tokens trained), {run.global_batch_size} sequences per optimizer"
-        f" step (gradient accumulation {accumulation}), {steps_left:,} optimizer steps left; model and optimizer"
-        " state loaded whole"
+        f" step (gradient accumulation {accumulation}), {steps_left:,} optimizer steps left; {state}"
     )
 
 
@@ -235,3 +230,23 @@ def finished_run(weights: Path, budget: int, run: RunShape) -> str | None:
         f"{Path(weights).parent.parent} already trained its budget ({int(progress['tokens']):,} tokens, final/);"
         " nothing to do. Raise --train.max_tokens to continue it"
     )
+
+
+def resume_summary(resume: bool | str | Path, out_dir: Path, run: RunShape, budget: int, deepspeed: bool) -> str:
+    """What `--resume` would continue, and how, for --estimate: a run's own checks and start lines (a resume on
+    another number of ranks says what changes), with nothing written."""
+    checkpoint = resolve_resume(resume, out_dir, deepspeed)
+    if not checkpoint:
+        return f"Resume: no checkpoint in {out_dir} yet, so the run starts fresh"
+    tokens = check_continuation(checkpoint, run, budget) or 0
+    if (done := finished_run(checkpoint, budget, run)) is not None:
+        return done
+    steps_left = max(0, budget - tokens) // (run.global_batch_size * run.seq_len)
+    return (
+        f"Resume: {checkpoint} on {ranks(run.world_size)}, {tokens:,} tokens trained, {steps_left:,} optimizer"
+        " steps left"
+    )
+
+
+def ranks(count: int) -> str:
+    return f"{count} rank{'s' * (count != 1)}"

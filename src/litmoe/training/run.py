@@ -152,7 +152,7 @@ def setup(
             optimization=optimization,
             moe=moe,
             strategy=plan.choice,
-            deepspeed_config=deepspeed_config(plan.choice, strategy, train),
+            deepspeed_config=deepspeed_config(plan.choice, strategy, train, resume, plan.hardware.world_size),
             precision=plan.precision,
             micro_batch_size=train.micro_batch_size,
             seq_len=plan.seq_len,
@@ -358,18 +358,23 @@ def memory_per_device(estimate, precision: str, hardware: Hardware, optimization
     )  # fmt: skip
 
 
-def deepspeed_config(choice: StrategyChoice, args: StrategyArgs, train: TrainArgs) -> dict[str, Any] | None:
-    """The DeepSpeed config of a DeepSpeed run (None for any other strategy)."""
+def deepspeed_config(
+    choice: StrategyChoice, args: StrategyArgs, train: TrainArgs, resume: bool | Path, world_size: int
+) -> dict[str, Any] | None:
+    """The DeepSpeed config of a DeepSpeed run resuming `resume` on `world_size` ranks (None for any other
+    strategy)."""
     if choice.name != "deepspeed":
         return None
     from litmoe.distributed import zero
 
     if args.deepspeed_config is not None:
-        return zero.user_deepspeed_config(args.deepspeed_config, train.micro_batch_size, train.max_norm)
-    return zero.deepspeed_config(
-        choice.zero_stage, choice.offload_optimizer, choice.offload_params, args.nvme_path, train.micro_batch_size,
-        train.max_norm,
-    )  # fmt: skip
+        config = zero.user_deepspeed_config(args.deepspeed_config, train.micro_batch_size, train.max_norm)
+    else:
+        config = zero.deepspeed_config(
+            choice.zero_stage, choice.offload_optimizer, choice.offload_params, args.nvme_path,
+            train.micro_batch_size, train.max_norm,
+        )  # fmt: skip
+    return zero.resuming(config, resume, world_size)
 
 
 def plain(value: Any) -> Any:
