@@ -1,4 +1,4 @@
-"""Bad input to the five command lines: each case is one line on stderr naming what is wrong, exit status 2, no
+"""Bad input to the six command lines: each case is one line on stderr naming what is wrong, exit status 2, no
 traceback, and nothing on disk changed (data, checkpoints, a user's own files, no half-made output).
 
 The commands run in this process, as their scripts (`runpy`, `__name__ == "__main__"`), so that the table of
@@ -31,12 +31,30 @@ EVALUATE = ["--checkpoints", "[{checkpoint}]", "--max_batches", "1"]
 EXPORT = ["--checkpoint", "{checkpoint}", "--out_dir", "{out}"]
 
 
+def finetune(mode: str, checkpoint: str = "{checkpoint}", data: str = "{instructions}", out: str = "{out}") -> list:
+    """finetune.py's arguments for `mode` on LitGPT's JSON data module."""
+    json = ["--data", "JSON", "--data.json_path", data, "--data.val_split_fraction", "0.1"]
+    return [mode, checkpoint, "--out_dir", out, *json]
+
+
 def config(argv: list[str], path: str) -> list[str]:
     """`argv` with another train config in place of its own (two --config flags are refused)."""
     return [path if arg == "{train_config}" else arg for arg in argv]
 
 
 CASES = [
+    # finetune.py: refused before the base weights are written
+    ("finetune.py", ["tune", "{checkpoint}"], "MODE is full, lora, adapter (got 'tune')"),
+    ("finetune.py", [], "MODE is full, lora, adapter (none given)"),
+    ("finetune.py", [*finetune("lora"), "--lora_r", "0"], "--lora_r 0: LoRA's rank must be at least 1"),
+    ("finetune.py", [*finetune("lora"), "--lora_r", "eight"], 'finetune.py lora: Parser key "lora_r": Expected'),
+    ("finetune.py", finetune("full", data="{bad_json}"), "bad_json.jsonl: not JSON (Expecting value, line 2)"),
+    ("finetune.py", finetune("full", data="{json_object}"), "expected a list of objects with instruction and"),
+    ("finetune.py", finetune("full", data="{nowhere}"), "nowhere: no such file (a .json or .jsonl file"),
+    ("finetune.py", finetune("full", checkpoint="{nowhere}"), "CHECKPOINT {nowhere}: no checkpoint there"),
+    ("finetune.py", finetune("full", checkpoint="{corrupt}"), "lit_model.pth is incomplete or corrupt"),
+    ("finetune.py", finetune("adapter"), "has 2 layers and LitGPT's adapter starts at layer 2, so nothing would"),
+    ("finetune.py", finetune("full", out="{checkpoint}"), "--out_dir {checkpoint} is CHECKPOINT {checkpoint}, an"),
     # run_train.py: batch arithmetic and budget
     ("run_train.py", RUN + ["--train.micro_batch_size", "0"], "--train.micro_batch_size 0: must be at least 1"),
     ("run_train.py", RUN + ["--train.micro_batch_size", "-4"], "--train.micro_batch_size -4: must be at least 1"),
@@ -388,6 +406,9 @@ def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> 
     paths["empty_jsonl"] = write(root / "empty_jsonl.jsonl", "\n")
     paths["one_paragraph"] = write(root / "one_paragraph.txt", make_documents(1, 30, seed=5)[0])
     paths["csv"] = write(root / "table.csv", "a,b\n")
+    examples = [{"instruction": "Say 1.", "input": "", "output": "The number is 1."}] * 4
+    paths["instructions"] = write(root / "instructions.json", json.dumps(examples))
+    paths["json_object"] = write(root / "object.json", '{"instruction": "not in a list"}')
     paths["other_prepared"] = root / "other_prepared"
     prepare(source=str(text_folder), out_dir=paths["other_prepared"], vocab_size=280, val_fraction=0.2)
 
@@ -544,7 +565,7 @@ def test_enough_cases_for_every_command():
     scripts = [script for script, _, _ in CASES]
     assert len(CASES) >= 60
     assert {script: scripts.count(script) >= 5 for script in set(scripts)} == dict.fromkeys(
-        ["run_train.py", "prepare_data.py", "generate.py", "evaluate.py", "export_hf.py"], True
+        ["run_train.py", "prepare_data.py", "generate.py", "evaluate.py", "export_hf.py", "finetune.py"], True
     )
 
 

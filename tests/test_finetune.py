@@ -1,50 +1,119 @@
-"""After pretraining, the path LitGPT documents, on a litmoe checkpoint: convert it, LoRA fine-tune and merge with
-LitGPT's own commands, then sample the merged model with generate.py (docs/fine-tuning.md)."""
+"""After pretraining: finetune.py runs LitGPT's own fine-tuning loops with litmoe's MoE layer, on a checkpoint as
+run_train.py wrote it (docs/fine-tuning.md)."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import litgpt
 
 from litmoe.core.errors import UserError
+from litmoe.finetuning.command import main
 from litmoe.inference.generate import generate
 
 
-def test_convert_lora_finetune_merge_and_generate(trained, tmp_path, capsys):
-    converted, tuned = tmp_path / "converted", tmp_path / "lora"
-    litgpt("convert_pretrained_checkpoint", str(trained / "final"), str(converted))
-    weights = torch.load(converted / "lit_model.pth", weights_only=True)
-    pretrained = torch.load(trained / "final" / "lit_model.pth", weights_only=False)["model"]
-    assert weights.keys() == pretrained.keys()  # the weights alone, stock LitGPT keys, no optimizer state
+def litgpt_flags(out_dir: Path, data: Path, steps: int = 3) -> list[str]:
+    return [
+        "--data", "JSON", "--data.json_path", str(data), "--data.val_split_fraction", "0.1",
+        "--train.max_steps", str(steps), "--train.micro_batch_size", "2", "--train.global_batch_size", "4",
+        "--train.lr_warmup_steps", "1", "--train.save_interval", "100", "--eval.interval", "100",
+        "--eval.initial_validation", "false", "--eval.final_validation", "false", "--precision", "32-true",
+        "--devices", "1", "--out_dir", str(out_dir), "--train.max_seq_length", "48", "--eval.max_new_tokens", "4",
+    ]  # fmt: skip
 
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("finetune-data") / "data.json"
     examples = [
         {"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(20)
     ]
-    (tmp_path / "data.json").write_text(json.dumps(examples))
-    litgpt(
-        "finetune_lora", str(converted), "--data", "JSON", "--data.json_path", str(tmp_path / "data.json"),
-        "--data.val_split_fraction", "0.1", "--train.max_steps", "3", "--train.micro_batch_size", "2",
-        "--train.global_batch_size", "2", "--train.save_interval", "100", "--eval.interval", "100",
-        "--eval.initial_validation", "false", "--eval.final_validation", "false", "--precision", "32-true",
-        "--devices", "1", "--out_dir", str(tuned), "--train.max_seq_length", "48", "--eval.max_new_tokens", "4",
-    )  # fmt: skip
-    merged = torch.load(tuned / "final" / "lit_model.pth", weights_only=True)
-    assert merged.keys() == weights.keys()
-    changed = {key for key in weights if not torch.equal(merged[key], weights[key])}
-    assert changed and all(".attn." in key for key in changed)  # LoRA's default targets: query and value
+    path.write_text(json.dumps(examples))
+    return path
 
-    samples = generate(tuned / "final", prompt="Say the number 3.", max_new_tokens=4, temperature=0.0)
+
+def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(tokens)
+
+
+def test_lora_on_router_and_experts_trains_litmoe_layer_and_merges_to_stock_litgpt(
+    trained, instructions, tmp_path, capsys
+):  # fmt: skip
+    """LoRA with `--lora_mlp true` (LitGPT's switch for the MLP, here the router and the stacked experts), on the
+    pretraining checkpoint as it is: the merged weights are stock LitGPT's keys, the experts' and router's weights
+    moved, and stock LitGPT's model on them computes what litmoe's LoRA layer computed before the merge."""
+    from litgpt import GPT, Config
+    from litgpt.lora import GPT as LoRAGPT
+    from litgpt.lora import Config as LoRAConfig
+
+    from litmoe.core.patching import swapped
+    from litmoe.finetuning.lora_moe import LoRAGroupedExperts, LoRAMoELayer
+
+    out_dir = tmp_path / "lora"
+    main(["lora", str(trained / "final"), *litgpt_flags(out_dir, instructions), "--lora_mlp", "true"])
+    out = capsys.readouterr().out
+    assert "MoE routing | imbalance max/mean" in out and "(over the fine-tuning)" in out
+    base = torch.load(out_dir / "base" / "lit_model.pth", weights_only=True)
+    pretrained = torch.load(trained / "final" / "lit_model.pth", weights_only=False)["model"]
+    assert base.keys() == pretrained.keys()  # the weights alone, no optimizer state
+    merged = torch.load(out_dir / "final" / "lit_model.pth", weights_only=True)
+    assert merged.keys() == base.keys()
+    changed = {key for key in base if not torch.equal(merged[key], base[key])}
+    assert any(".mlp.experts.0.fc_1." in key for key in changed) and any(".mlp.gate." in key for key in changed)
+
+    lora = torch.load(out_dir / "final" / "lit_model.pth.lora", weights_only=True)["model"]
+    config = LoRAConfig.from_file(out_dir / "final" / "model_config.yaml", lora_r=8, lora_alpha=16,
+                                  lora_query=True, lora_value=True, lora_mlp=True)  # fmt: skip
+    with swapped(__import__("litgpt.lora").lora, "LLaMAMoE", LoRAMoELayer):
+        unmerged = LoRAGPT(config)
+    unmerged.load_state_dict({**base, **lora}, strict=True)
+    assert isinstance(unmerged.transformer.h[0].mlp.experts, LoRAGroupedExperts)
+    stock = GPT(Config.from_file(out_dir / "final" / "model_config.yaml"))
+    stock.load_state_dict(merged)
+    tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(stock, tokens), logits(unmerged, tokens), rtol=1e-4, atol=1e-5)
+
+    samples = generate(out_dir / "final", prompt="Say 3.", max_new_tokens=4, temperature=0.0)
     assert len(samples) == 1 and 1 <= len(samples[0]) <= 4
-    assert "Say the number 3." in capsys.readouterr().out
 
-    # LitGPT merges LoRA into the base it was given; an unconverted pretraining checkpoint makes that merge fail
-    # after training. The LoRA weights survive, and the one line says how to merge them.
-    unmerged = tmp_path / "unmerged"
-    shutil.copytree(tuned / "final", unmerged, ignore=shutil.ignore_patterns("lit_model.pth"))
+    # LoRA weights that were never merged (a merge interrupted) are one line in generate.py, saying how to merge
+    unmerged_dir = tmp_path / "unmerged"
+    shutil.copytree(out_dir / "final", unmerged_dir, ignore=shutil.ignore_patterns("lit_model.pth"))
     with pytest.raises(UserError, match="LoRA weights that were never merged") as refusal:
-        generate(unmerged, prompt="Say", max_new_tokens=2)
-    assert f"litgpt merge_lora {unmerged} --pretrained_checkpoint_dir CONVERTED" in str(refusal.value)
-    litgpt("merge_lora", str(unmerged), "--pretrained_checkpoint_dir", str(converted))
-    assert torch.load(unmerged / "lit_model.pth", weights_only=True).keys() == merged.keys()
+        generate(unmerged_dir, prompt="Say", max_new_tokens=2)
+    assert f"litgpt merge_lora {unmerged_dir} --pretrained_checkpoint_dir CONVERTED" in str(refusal.value)
+
+
+def test_full_and_adapter_fine_tune_a_bias_balanced_checkpoint_with_litmoe_layer(
+    trained, train_args, instructions, tmp_path, capsys
+):  # fmt: skip
+    """A checkpoint trained with the experts' selection bias (stock LitGPT refuses its `expert_bias`): full
+    fine-tuning keeps the bias frozen (routing as trained) and changes the weights; the adapter trains its own."""
+    from litmoe.training.cli import main as train
+
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="has 2 layers and LitGPT's adapter starts at layer 2, so nothing would train"):
+        main(["adapter", str(trained / "final"), *litgpt_flags(tmp_path / "shallow", instructions)])
+    assert not (tmp_path / "shallow").exists()
+    bias = ("--moe.bias_update_rate", "0.01", "--eval.interval", "100", "--model.n_layer", "3")  # one adapter layer
+    train(train_args(run, 4 * 256, extra=bias))
+    pretrained = torch.load(run / "final" / "lit_model.pth", weights_only=True)["model"]
+    assert any(key.endswith("mlp.expert_bias") and tensor.abs().sum() > 0 for key, tensor in pretrained.items())
+
+    main(["full", str(run), *litgpt_flags(tmp_path / "full", instructions, steps=2)])  # the run: its newest
+    tuned = torch.load(tmp_path / "full" / "final" / "lit_model.pth", weights_only=True)["model"]
+    assert tuned.keys() == pretrained.keys()
+    assert all(torch.equal(tuned[key], pretrained[key]) for key in tuned if key.endswith("expert_bias"))
+    assert not torch.equal(tuned["transformer.h.0.mlp.experts.0.fc_1.weight"],
+                           pretrained["transformer.h.0.mlp.experts.0.fc_1.weight"])  # fmt: skip
+    assert "(over the fine-tuning)" in capsys.readouterr().out
+
+    main(["adapter", str(run / "final"), *litgpt_flags(tmp_path / "adapter", instructions, steps=2)])
+    adapter = torch.load(tmp_path / "adapter" / "final" / "lit_model.pth.adapter", weights_only=True)["model"]
+    assert adapter and all("adapter" in key or "gating_factor" in key for key in adapter)
+
+    with pytest.raises(UserError, match="already holds a fine-tune"):  # nothing a user has is written over
+        main(["full", str(run), *litgpt_flags(tmp_path / "full", instructions, steps=2)])

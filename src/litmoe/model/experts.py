@@ -84,7 +84,8 @@ class GroupedExperts(nn.Module):
         held by other ranks are drawn too, and dropped, so that every rank's experts are the ones a single process
         would have."""
         n_embd = self.w_in.shape[-1]
-        others = torch.empty_like(self.w_in[0]), torch.empty_like(self.w_out[0])  # scratch for other ranks' experts
+        # scratch for other ranks' experts (shaped from the parameters' trailing sizes: a rank may hold none)
+        others = self.w_in.new_empty(self.w_in.shape[1:]), self.w_out.new_empty(self.w_out.shape[1:])
         for expert in range(self.n_expert):  # contiguous views: the same draws as stock's own tensors get
             if expert in self.held:
                 w_in, w_out = self.w_in[expert - self.held.start], self.w_out[expert - self.held.start]
@@ -97,10 +98,15 @@ class GroupedExperts(nn.Module):
             if bias is not None:
                 nn.init.zeros_(bias)
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_in, w_out) as forward multiplies by them (fine-tuning adds LoRA's update here)."""
+        return self.w_in, self.w_out
+
     def forward(self, xs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """SwiGLU of each expert on its contiguous slice of the expert-sorted tokens `xs`."""
         device, dtype = xs.device.type, autocast_dtype(xs)
-        xs, w_in, w_out = xs.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype)
+        w_in, w_out = self.weights()
+        xs, w_in, w_out = xs.to(dtype), w_in.to(dtype), w_out.to(dtype)
         b_in, b_out = (None, None) if self.b_in is None else (self.b_in.to(dtype), self.b_out.to(dtype))
         if grouped_gemm_blocker(xs.shape[-1], self.hidden, dtype, device) is not None:
             return looped_swiglu(xs, tokens_per_expert, w_in, w_out, b_in, b_out)
@@ -253,6 +259,13 @@ def _from_stock_keys(module: GroupedExperts, state_dict: dict, prefix: str, *arg
         for expert in set(range(module.n_expert)) - set(module.held):  # other ranks' experts (expert parallelism)
             for name in STOCK_EXPERT_LINEARS:
                 state_dict.pop(f"{prefix}{expert}.{name}.{kind}", None)
-        stock = [[state_dict.pop(key) for key in row] for row in keys]
+        stock = [[loaded(state_dict.pop(key)) for key in row] for row in keys]
         state_dict[prefix + stacked[0]] = torch.stack([torch.cat((fc_1, fc_2)) for fc_1, fc_2, _ in stock])
         state_dict[prefix + stacked[1]] = torch.stack([proj for _, _, proj in stock])
+
+
+def loaded(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of Lightning's `lazy_load` (how LitGPT's fine-tuning and generation read checkpoints) read in:
+    its lazy tensors cannot go into `torch.cat` within a tuple."""
+    load = getattr(tensor, "_load_tensor", None)
+    return load() if load is not None else tensor

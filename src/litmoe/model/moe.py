@@ -122,6 +122,7 @@ class MoELayer(nn.Module):
             shape = (config.n_expert,) if name == "tokens_per_expert" else ()
             self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("step_tokens_per_expert", torch.zeros(config.n_expert, dtype=torch.long), persistent=False)
+        self.register_load_state_dict_post_hook(statistics_beside_weights)
 
     @property
     def selection_bias(self) -> torch.Tensor | None:
@@ -251,6 +252,16 @@ class MoELayer(nn.Module):
             self.step_tokens_per_expert.add_(tokens_per_expert)
 
 
+def statistics_beside_weights(layer: MoELayer, incompatible_keys: Any) -> None:
+    """After a load: a layer built on the meta device and loaded with `assign=True` (LitGPT's LoRA merge and
+    conversions) has its weights from the checkpoint, and its statistics, which are not saved, still on meta;
+    they are made zero where the weights are."""
+    device = next(layer.parameters()).device
+    for name, buffer in list(layer.named_buffers(recurse=False)):
+        if buffer.is_meta and not device.type == "meta" and name not in layer.state_dict():
+            setattr(layer, name, torch.zeros_like(buffer, device=device))
+
+
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [module for module in model.modules() if isinstance(module, MoELayer)]
 
@@ -315,3 +326,28 @@ def read_routing_stats(model: nn.Module) -> list[dict[str, Any]]:
     """Per-layer routing statistics averaged since the last read (one host transfer for all layers), then reset."""
     rows = routing_rows(model)
     return [] if rows is None else routing_stats(rows.tolist())
+
+
+def routing_metrics(routing: list[dict[str, Any]]) -> dict[str, float]:
+    """Scalars per MoE layer (load share of each expert, imbalance, entropy, losses, bias norm) and means."""
+    metrics = {}
+    for index, layer in enumerate(routing):
+        for expert, share in enumerate(layer["load"]):
+            metrics[f"moe/layer{index}/load/expert{expert}"] = share
+        for key in ("imbalance", "entropy", "aux_loss", "z_loss", "dropped", "bias_norm"):
+            metrics[f"moe/layer{index}/{key}"] = layer[key]
+    for key in ("imbalance", "entropy", "aux_loss", "z_loss", "dropped"):
+        metrics[f"moe/{key}"] = sum(layer[key] for layer in routing) / len(routing)
+    metrics["moe/imbalance_max"] = max(layer["imbalance"] for layer in routing)
+    return metrics
+
+
+def routing_summary(routing: list[dict[str, Any]], mean: dict[str, float]) -> str:
+    """The console line; `mean` is `routing_metrics(routing)`."""
+    worst = max(range(len(routing)), key=lambda index: routing[index]["imbalance"])
+    dropped = f" | dropped {mean['moe/dropped']:.1%}" if mean["moe/dropped"] else ""  # over capacity
+    return (
+        f"MoE routing | imbalance max/mean {mean['moe/imbalance']:.2f} (worst layer {worst}:"
+        f" {routing[worst]['imbalance']:.2f}) | entropy {mean['moe/entropy']:.3f}"
+        f" | aux {mean['moe/aux_loss']:.4f} | z {mean['moe/z_loss']:.3f}{dropped}"
+    )

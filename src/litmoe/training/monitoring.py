@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.loggers import CSVLogger, Logger, TensorBoardLogger
 from tqdm import tqdm
 
-from litmoe.model.moe import routing_stats
+from litmoe.model.moe import routing_metrics, routing_stats, routing_summary
 
 # The lines of LitGPT's closing "Performance" block (its Tok/sec divides by a timestamp); ours replaces it.
 STOCK_SUMMARY_PREFIXES = ("| ", "-" * 40)
@@ -100,20 +100,6 @@ def tokens_per_second(metrics: dict[str, float], world_size: int) -> dict[str, f
     return {"tokens_per_sec": metrics["device/items_per_sec"] * world_size}
 
 
-def routing_metrics(routing: list[dict[str, Any]]) -> dict[str, float]:
-    """Scalars per MoE layer (load share of each expert, imbalance, entropy, losses, bias norm) and means."""
-    metrics = {}
-    for index, layer in enumerate(routing):
-        for expert, share in enumerate(layer["load"]):
-            metrics[f"moe/layer{index}/load/expert{expert}"] = share
-        for key in ("imbalance", "entropy", "aux_loss", "z_loss", "dropped", "bias_norm"):
-            metrics[f"moe/layer{index}/{key}"] = layer[key]
-    for key in ("imbalance", "entropy", "aux_loss", "z_loss", "dropped"):
-        metrics[f"moe/{key}"] = sum(layer[key] for layer in routing) / len(routing)
-    metrics["moe/imbalance_max"] = max(layer["imbalance"] for layer in routing)
-    return metrics
-
-
 HEATMAP_MARGIN, HEATMAP_SCALE_HEIGHT = (40, 22), 40  # room for the labels, and for the shade scale below
 
 
@@ -146,17 +132,6 @@ def load_heatmap(routing: list[dict[str, Any]]) -> np.ndarray:
     for text, at in (("idle", 0), ("fair share", 0.5), ("2x", 1)):
         draw.text((left + at * (bar_width - 6 * len(text)), bar_top + 12), text, fill="black")
     return np.asarray(image)
-
-
-def routing_summary(routing: list[dict[str, Any]], mean: dict[str, float]) -> str:
-    """The console line; `mean` is `routing_metrics(routing)`."""
-    worst = max(range(len(routing)), key=lambda index: routing[index]["imbalance"])
-    dropped = f" | dropped {mean['moe/dropped']:.1%}" if mean["moe/dropped"] else ""  # over capacity
-    return (
-        f"MoE routing | imbalance max/mean {mean['moe/imbalance']:.2f} (worst layer {worst}:"
-        f" {routing[worst]['imbalance']:.2f}) | entropy {mean['moe/entropy']:.3f}"
-        f" | aux {mean['moe/aux_loss']:.4f} | z {mean['moe/z_loss']:.3f}{dropped}"
-    )
 
 
 class Progress:

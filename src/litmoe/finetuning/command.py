@@ -1,0 +1,230 @@
+"""finetune.py: LitGPT's own fine-tuning with litmoe's MoE layer, on a checkpoint run_train.py wrote, as it is.
+
+    uv run python finetune.py lora out/moe-200m/final --data JSON --data.json_path data.json --out_dir out/lora
+
+MODE is full, lora or adapter: `litgpt finetune_full`, `finetune_lora` or `finetune_adapter`, their loops, data
+modules and flags (`finetune.py MODE --help` lists them). Around LitGPT's setup:
+- the checkpoint is taken as run_train.py wrote it (a step-*/ or final/ folder, or a run folder for its newest):
+  its weights alone go into OUT_DIR/base/ with its configs (LitGPT's LoRA merge reads bare weights; DeepSpeed's
+  shards are consolidated first), and LitGPT starts from there;
+- every MoE block is litmoe's layer (with LoRA: `LoRAMoELayer`), routing as the checkpoint was trained (its
+  selection bias kept, frozen) with the balancing losses its run used, scaled by the gradient accumulation as
+  LitGPT scales its loss; the routing statistics of the fine-tuning end the run in one line;
+- bad input is one line before anything is written: an unknown mode, a LoRA rank below 1, a dataset that does
+  not parse, an output folder that holds a finished fine-tune.
+"""
+
+import functools
+import importlib
+import inspect
+import shutil
+import sys
+from argparse import ArgumentError
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+
+from litmoe.core.args import MoEArgs
+from litmoe.core.checkpoint_io import CHECKPOINT_FILES, is_zero_checkpoint, latest_checkpoint, load_state
+from litmoe.core.errors import UserError
+from litmoe.core.outputs import check_output_dir
+from litmoe.core.patching import swapped
+from litmoe.model.builder import has_expert_bias, moe_layer
+from litmoe.model.configs import checkpoint_model_config
+from litmoe.model.moe import MoELayer, read_routing_stats, routing_metrics, routing_summary
+
+MODES = {"full": "litgpt.finetune.full", "lora": "litgpt.finetune.lora", "adapter": "litgpt.finetune.adapter"}
+BASE = "base"  # OUT_DIR/base/: the checkpoint's weights alone, LitGPT's starting point
+SOURCE = "litmoe_source.txt"  # in base/: the checkpoint it was written from
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """`finetune.py MODE CHECKPOINT [LitGPT's flags for that mode]`."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in MODES:
+        given = f"got {argv[0]!r}" if argv else "none given"
+        raise UserError(
+            f"finetune.py MODE CHECKPOINT [flags]: MODE is {', '.join(MODES)} ({given}); `finetune.py lora --help`"
+            " lists LitGPT's flags for a mode"
+        )
+    mode, setup = argv[0], importlib.import_module(MODES[argv[0]]).setup
+    run = with_litmoe(mode, setup, argv[1:])
+    parser = ArgumentParser(prog=f"finetune.py {mode}", description=setup.__doc__, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these flags")
+    parser.add_function_arguments(setup, as_positional=True)
+    try:
+        parsed = parser.parse_args(argv[1:])
+        if (json_path := parsed.get("data.init_args.json_path")) is not None:  # before LitGPT's JSON module sees it
+            check_json_data(Path(json_path))
+        given = parser.instantiate_classes(parsed)
+    except (ArgumentError, ValueError) as err:
+        raise UserError(f"finetune.py {mode}: {' '.join(str(err).split())}; see finetune.py {mode} --help") from None
+    return run(**{name: given[name] for name in inspect.signature(setup).parameters})
+
+
+def with_litmoe(mode: str, setup: Callable[..., Any], flags: list[str]) -> Callable[..., Any]:
+    """LitGPT's `setup` for `mode`, with the same signature, run on the checkpoint's base weights with litmoe's
+    layer. LitGPT records its hyperparameters by parsing sys.argv again: it sees `flags` with the base folder for
+    the checkpoint, which is what a later `litgpt merge_lora` must read."""
+
+    @functools.wraps(setup)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(setup).bind(*args, **kwargs)
+        bound.apply_defaults()
+        options = bound.arguments
+        checkpoint = checkpoint_folder(Path(options["checkpoint_dir"]))
+        out_dir = check_output_dir(options["out_dir"], "--out_dir", [("CHECKPOINT", checkpoint)])
+        if (out_dir / "final").exists():
+            raise UserError(f"--out_dir {out_dir} already holds a fine-tune (final/); choose another --out_dir")
+        check_options(mode, options, checkpoint)
+        options["checkpoint_dir"] = write_base(checkpoint, out_dir / BASE)
+        accumulation = options["train"].gradient_accumulation_iters(options["devices"], options["num_nodes"])
+        layers = LayerFactory(mode, balance_of(checkpoint), 1 / accumulation)
+        given = str(args[0]) if args else str(kwargs["checkpoint_dir"])
+        argv = [sys.argv[0], *(str(options["checkpoint_dir"]) if flag == given else flag for flag in flags)]
+        with layers.in_place(), swapped(sys, "argv", argv):
+            result = setup(*bound.args, **bound.kwargs)
+        if routing := read_routing_stats(nn.ModuleList(layers.trained)):
+            print(f"{routing_summary(routing, routing_metrics(routing))} (over the fine-tuning)")
+        return result
+
+    return run
+
+
+def checkpoint_folder(path: Path) -> Path:
+    """The checkpoint folder `path` names: itself, or a run folder's newest checkpoint."""
+    if (path / "lit_model.pth").exists():
+        return path
+    if path.is_dir() and (newest := latest_checkpoint(path)) is not None:
+        return newest.parent
+    raise UserError(f"CHECKPOINT {path}: no checkpoint there (a step-*/ or final/ folder of run_train.py, or its run)")
+
+
+def check_options(mode: str, options: dict[str, Any], checkpoint: Path) -> None:
+    """What LitGPT would only find after loading the model (or never): a LoRA rank below 1, or an adapter on a
+    model too shallow for LitGPT's adapter layers, trains nothing."""
+    if mode == "lora" and options["lora_r"] < 1:
+        raise UserError(f"--lora_r {options['lora_r']}: LoRA's rank must be at least 1 (8 is LitGPT's default)")
+    if mode == "adapter":
+        from litgpt.adapter import Config
+
+        first = Config.adapter_start_layer
+        layers = checkpoint_model_config(checkpoint).n_layer
+        if layers <= first:
+            raise UserError(
+                f"finetune.py adapter: {checkpoint} has {layers} layers and LitGPT's adapter starts at layer {first},"
+                " so nothing would train; use lora or full"
+            )
+
+
+def check_json_data(path: Path) -> None:
+    """LitGPT's JSON data module reads a .json list or a folder of train.json/val.json (or .jsonl) files."""
+    import json
+
+    files = sorted(path.glob("*.json*")) if path.is_dir() else [path]
+    if not files or not all(file.is_file() for file in files):
+        raise UserError(f"--data.json_path {path}: no such file (a .json or .jsonl file, or a folder of them)")
+    for file in files:
+        text = file.read_text(encoding="utf-8", errors="replace")
+        lines = text.splitlines() if file.suffix == ".jsonl" else [text]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line) if line.strip() else None)
+            except json.JSONDecodeError as err:
+                line_number = number if file.suffix == ".jsonl" else err.lineno
+                raise UserError(
+                    f"--data.json_path {file}: not JSON ({err.msg}, line {line_number}); fix the file"
+                ) from None
+        records = [record for record in records if record is not None]
+        records = records if file.suffix == ".jsonl" else records[0] if records else None
+        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+            raise UserError(f"--data.json_path {file}: expected a list of objects with instruction and output keys")
+
+
+def write_base(checkpoint: Path, base: Path) -> Path:
+    """`base/`: the checkpoint's weights alone (stock LitGPT keys) and its configs, made once per checkpoint."""
+    if (base / SOURCE).is_file():
+        if (base / SOURCE).read_text().strip() == str(checkpoint.resolve()):
+            return base
+        raise UserError(f"{base} holds the base weights of another checkpoint; choose another --out_dir")
+    weights = checkpoint / "lit_model.pth"
+    if is_zero_checkpoint(weights):  # DeepSpeed's shards: their consolidated copy, made beside them once
+        from litmoe.distributed.zero_checkpoints import consolidated
+
+        weights = consolidated(checkpoint) / "lit_model.pth"
+    state = load_state(weights)
+    state = state.get("model", state)
+    base.mkdir(parents=True, exist_ok=True)
+    print(f"Writing the weights of {checkpoint} into {base} (LitGPT fine-tunes and merges from there) ...")
+    scratch = base / "lit_model.pth.partial"
+    torch.save(state, scratch)
+    scratch.replace(base / "lit_model.pth")
+    for name in CHECKPOINT_FILES[1:]:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, base / name)
+    (base / SOURCE).write_text(f"{checkpoint.resolve()}\n")
+    return base
+
+
+def balance_of(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint run's balancing losses, and whether its experts route with a selection bias."""
+    path = checkpoint / "hyperparameters.yaml"
+    moe = ((yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None) or {}).get("moe") or {}
+    return {
+        "balance": MoEArgs(
+            aux_loss_coef=moe.get("aux_loss_coef", 0.0), z_loss_coef=moe.get("z_loss_coef", 0.0), bias_update_rate=0.0
+        ),
+        "expert_bias": has_expert_bias(load_state_keys(checkpoint)),
+    }
+
+
+def load_state_keys(checkpoint: Path) -> dict:
+    weights = checkpoint / "lit_model.pth"
+    if is_zero_checkpoint(weights):
+        return {}
+    state = load_state(weights)
+    return state.get("model", state)
+
+
+class LayerFactory:
+    """Builds litmoe's layer wherever LitGPT's fine-tuning model builds an MoE block, and keeps the layers of the
+    model built first, the one trained (LoRA's merge builds another), for the routing line."""
+
+    def __init__(self, mode: str, settings: dict[str, Any], loss_scale: float) -> None:
+        self.mode, self.settings, self.loss_scale = mode, settings, loss_scale
+        self.trained: list[MoELayer] = []
+
+    def layer(self, config) -> MoELayer:
+        from litmoe.finetuning.lora_moe import LoRAMoELayer
+
+        kind = LoRAMoELayer if self.mode == "lora" else MoELayer
+        layer = kind(config, **self.settings)
+        layer.loss_scale = self.loss_scale
+        if not self.trained or layer.config is self.trained[0].config:
+            self.trained.append(layer)
+        return layer
+
+    @contextmanager
+    def in_place(self) -> Iterator[None]:
+        if self.mode != "lora":
+            with moe_layer(self.layer):
+                yield
+            return
+        import litgpt.lora
+        import litgpt.scripts.merge_lora
+
+        from litmoe.finetuning.lora_moe import merge_lora_weights
+
+        with (
+            swapped(litgpt.lora, "LLaMAMoE", self.layer),
+            swapped(litgpt.scripts.merge_lora, "merge_lora_weights", merge_lora_weights),
+        ):
+            yield
