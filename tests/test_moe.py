@@ -101,6 +101,25 @@ def test_runs_on_the_meta_device():
     assert y.shape == (2, 16, config.n_embd) and y.device.type == "meta"
 
 
+def test_a_model_built_on_meta_and_loaded_by_assignment_runs_where_its_weights_are():
+    """LitGPT's LoRA merge and conversions build on the meta device and load with `assign=True`: the weights come
+    from the checkpoint, and the routing statistics (not saved) are made beside them."""
+    config = Config.from_name("MoE-tiny", n_layer=1)
+    state = MoELayer(config).state_dict()
+    with torch.device("meta"):
+        layer = MoELayer(config)
+    layer.load_state_dict(state, assign=True)
+    layer.to(device="cpu")  # would fail on a buffer left on meta
+    assert layer(torch.randn(2, 16, config.n_embd)).shape == (2, 16, config.n_embd)
+    assert read_routing_stats(layer)[0]["load"] and not layer.tokens_per_expert.is_meta
+
+
+def test_builds_where_litgpt_builds_an_moe_class_with_no_experts():
+    """LitGPT builds the MoE class from a config with `n_expert: 0` before putting a dense MLP in its place."""
+    layer = MoELayer(Config.from_name("MoE-tiny", n_layer=1, n_expert=0, n_expert_per_token=0))
+    assert len(layer.experts) == 0 and layer.gate.weight.shape[0] == 0
+
+
 def test_bf16_on_cpu_is_close_to_fp32():
     _, ours = pair(CONFIGS["softmax top-2"])
     x = torch.randn(2, 16, 64)
