@@ -4,7 +4,7 @@ accumulation and with clipping active at every step.
 
 Two launches of two ranks and one of four check everything that needs that many ranks:
   kill -9      run_train.py --devices 2, as users launch it (Lightning starts the second rank), experts split;
-               every rank killed after the step-10 checkpoint
+               the second rank killed after the step-10 checkpoint, and rank 0 exits in one line
   2 ranks      torchrun, tests/ranks.py: DDP (the reference), a SIGTERM to rank 0 only and its resume, experts split
                on DDP and on FSDP, resumes across those plans, the kill -9 run resumed, ZeRO-3, the expert-parallel
                layer; then rank 0 alone: one device against ZeRO-3 (resume, consolidation) and ZeRO-2 with offload
@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from test_long_runs import signal_when, start_run
 from test_train import logged
 
 from litmoe.core.checkpoint_io import read_progress
-from litmoe.core.errors import EXIT_PREEMPTED
+from litmoe.core.errors import EXIT_PEER_LOST, EXIT_PREEMPTED
 from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
 from litmoe.inference.generate import generate
 from litmoe.training.cli import main
@@ -104,15 +105,37 @@ def train_step(prepared, tiny_model_file):
     return step
 
 
+def session_processes(session: int) -> list[int]:
+    """The processes still running in a session (a run started with `start_run(..., new_session=True)`)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":  # the session id, and not a zombie
+            alive.append(int(stat.parent.name))
+    return alive
+
+
 @pytest.fixture(scope="module")
 def killed(prepared, tiny_model_file, tmp_path_factory) -> Path:
-    """An expert-parallel run launched as users launch it, every rank killed (as a scheduler kills a job) after the
-    step-10 checkpoint."""
+    """An expert-parallel run launched as users launch it, its second rank killed with SIGKILL (a node lost) after
+    the step-10 checkpoint: rank 0 says so in one line, exits with EXIT_PEER_LOST and leaves no process behind."""
     out_dir = tmp_path_factory.mktemp("killed") / "run"
     args = [*tiny_run_args(prepared, tiny_model_file, out_dir, BUDGET, EXTRA), "--devices", "2", *EXPERT_PARALLEL]
     process = start_run(args, new_session=True)
-    status, out, _ = signal_when(process, "iter 28 step 14", signal.SIGKILL, whole_group=True)
-    assert status == -signal.SIGKILL and not (out_dir / "final").exists()
+    status, out, err = signal_when(process, "iter 28 step 14", signal.SIGKILL, rank=1)
+    assert status == EXIT_PEER_LOST and not (out_dir / "final").exists(), err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("error: rank 0 on ") or lines[0].startswith("error: rank 1 (pid ")
+    assert "every rank stops, the last checkpoint is kept: resume with --resume auto" in lines[0]
+    for _ in range(50):  # every rank is gone within a bounded grace (the session's processes, loader workers too)
+        if not session_processes(process.pid):
+            break
+        time.sleep(0.1)
+    assert session_processes(process.pid) == []
     assert "Strategy: DDP across 2 ranks, experts split over 2 (expert parallel) (--strategy ddp," in out
     assert read_progress(out_dir / "step-00000010")["world_size"] == 2
     return out_dir

@@ -47,3 +47,19 @@ def test_the_report_is_ours_alone_in_a_real_process(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "] DeepSpeed" in result.stdout
     assert "real_accelerator" not in result.stdout + result.stderr and "[WARNING]" not in result.stdout + result.stderr
+
+
+def test_only_a_collective_that_lost_a_peer_is_one_line_about_the_peers():
+    """gloo's own words when a peer's process is gone (kill -9 of a rank), and errors that are not about peers."""
+    from litmoe.core.peers import peer_failure
+
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:5552:"
+        " Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application."
+        " Check the logs of the remote worker before reporting an error. GLHF!"
+    )
+    line = peer_failure(gloo)
+    assert line.startswith("rank 0 on ") and "failed (Read error [127.0.0.1]:5552: Connection reset by peer);" in line
+    assert "resume with --resume auto once every rank can run" in line
+    assert peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 2x2)")) is None
+    assert peer_failure(ValueError("NCCL")) is None

@@ -38,20 +38,31 @@ def start_run(args: list[str], new_session: bool = False) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def signal_when(process: subprocess.Popen, marker: str, signum: int, whole_group: bool = False) -> tuple[int, str, str]:
-    """Send `signum` to the process (or its whole process group) once its output shows `marker`; returns
-    (status, stdout, stderr)."""
+def signal_when(
+    process: subprocess.Popen, marker: str, signum: int, whole_group: bool = False, rank: int = 0
+) -> tuple[int, str, str]:
+    """Send `signum` to the process (or its whole process group, or the `rank` it launched) once its output shows
+    `marker`; returns (status, stdout, stderr)."""
     seen = []
     for line in process.stdout:
         seen.append(line)
         if marker in line:
             if whole_group:
                 os.killpg(process.pid, signum)
+            elif rank:
+                os.kill(launched_ranks(process.pid)[rank - 1], signum)
             else:
                 process.send_signal(signum)
             break
     out, err = process.communicate(timeout=420)
     return process.returncode, "".join(seen) + out, err
+
+
+def launched_ranks(pid: int) -> list[int]:
+    """The processes of ranks 1, 2, ... that run_train.py (rank 0, `pid`) launched, in order."""
+    children = [int(child) for task in Path(f"/proc/{pid}/task").glob("*")
+                for child in (task / "children").read_text().split()]  # fmt: skip
+    return sorted(child for child in children if "run_train.py" in Path(f"/proc/{child}/cmdline").read_text())
 
 
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_exactly(train_args, tmp_path):

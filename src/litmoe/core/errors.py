@@ -7,6 +7,7 @@ EXIT_USAGE = 2  # a mistake the user can fix (argparse's status)
 EXIT_DIVERGED = 3  # training stopped at a non-finite loss or gradient norm; the last good checkpoint is kept
 EXIT_OUT_OF_MEMORY = 4  # the GPU ran out of memory during training; the last checkpoint is kept
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run again with --resume auto
+EXIT_PEER_LOST = 76  # EX_PROTOCOL: another rank died, stalled past --timeout-minutes or never joined
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away, as shells report it for Unix tools
 

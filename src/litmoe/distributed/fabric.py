@@ -5,11 +5,15 @@ for a namespace whose `Fabric` is `fabric_builder(choice, ...)`. Every Fabric bu
 timeout, clips by a float64 norm (litmoe.distributed.clipping) except under DeepSpeed, and its single-file saves
 go straight into the scratch directory of litmoe.training.saving (no temporary file in $TMPDIR). LitGPT's own
 strategy argument (FSDP, hybrid-sharded within a node, for more than one device) is kept when it is the choice,
-except with expert parallelism (FSDP2, litmoe.distributed.expert_parallel_fsdp).
+except with expert parallelism (FSDP2, litmoe.distributed.expert_parallel_fsdp). `rank_watch` makes the launching
+process say in one line which rank it launched has died.
 """
 
 import os
-from collections.abc import Callable
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,9 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from litmoe.core.errors import EXIT_PEER_LOST
+from litmoe.core.patching import swapped
+from litmoe.core.peers import ADVICE, kill_children, this_rank
 from litmoe.distributed.clipping import Float64DDPStrategy, Float64SingleDeviceStrategy
 from litmoe.distributed.expert_parallel import ExpertParallelism
 from litmoe.distributed.plans import StrategyChoice
@@ -82,3 +89,28 @@ def fabric_builder(
         return L.Fabric(strategy=strategy, **kwargs)
 
     return build
+
+
+@contextmanager
+def rank_watch() -> Iterator[None]:
+    """Within this scope, the process that launches the other ranks (`run_train.py --devices N`) watches them as
+    Lightning does, but when one ends with an error it says which one in one line, kills the others and exits with
+    EXIT_PEER_LOST (Lightning's watcher SIGKILLs its own process without a word)."""
+    from lightning.fabric.strategies.launchers import subprocess_script
+
+    class RankWatch(subprocess_script._ChildProcessObserver):
+        def _terminate_all(self) -> None:
+            ended = [(rank, proc) for rank, proc in enumerate(self._child_processes, start=1) if proc.returncode]
+            rank, proc = ended[0]
+            how = (
+                f"signal {signal.Signals(-proc.returncode).name}"
+                if proc.returncode < 0
+                else f"status {proc.returncode}"
+            )
+            print(f"error: rank {rank} (pid {proc.pid}) ended with {how}, seen by {this_rank()}; {ADVICE}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            kill_children()
+            os._exit(EXIT_PEER_LOST)  # this thread cannot unwind the main one, which may wait in a collective
+
+    with swapped(subprocess_script, "_ChildProcessObserver", RankWatch):
+        yield

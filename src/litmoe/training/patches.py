@@ -52,7 +52,7 @@ from torch.utils.checkpoint import checkpoint
 from litmoe.core.args import OptimizationArgs
 from litmoe.core.patching import swapped, user_optimizer
 from litmoe.distributed.expert_parallel import ExpertParallelism
-from litmoe.distributed.fabric import fabric_builder
+from litmoe.distributed.fabric import fabric_builder, rank_watch
 from litmoe.distributed.zero import zero3_reset_parameters
 from litmoe.model.builder import layer_for, moe_layer
 from litmoe.model.flops import TrainingFlops
@@ -91,6 +91,7 @@ def patched_pretrain(settings: PatchSettings) -> Iterator[PatchSettings]:
             settings.strategy, settings.deepspeed_config, optimizer, settings.timeout_minutes, parallelism
         )
         stack.enter_context(swapped(pretrain, "L", SimpleNamespace(Fabric=build_fabric)))
+        stack.enter_context(rank_watch())
         if settings.strategy.name == "deepspeed" and settings.strategy.zero_stage == 3:
             reset = partial(zero3_reset_parameters, seed=settings.run_config["seed"])
             stack.enter_context(swapped(pretrain, "reset_parameters", reset))
