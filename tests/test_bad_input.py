@@ -547,6 +547,29 @@ def test_launcher_variables_left_in_the_environment_are_one_line(variable, value
     assert not list(tmp_path.iterdir())
 
 
+def test_where_the_ranks_meet_is_checked_before_any_work(world, tmp_path, monkeypatch, capsys):
+    """An unresolvable MASTER_ADDR had every rank retry it until the timeout; a port another process holds failed
+    rank 0's store after the other ranks were started, and left them waiting."""
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    argv = [arg.format(**world) for arg in MULTI] + ["--devices", "2", "--strategy", "ddp"]
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        cases = {
+            ("nosuchhost.invalid", "29500"): "MASTER_ADDR=nosuchhost.invalid: the host name does not resolve",
+            ("127.0.0.1", "port"): "MASTER_PORT='port': not a port (1 to 65535); unset it or fix it",
+            ("127.0.0.1", str(busy.getsockname()[1])): "the port is in use on this host (another run?); choose a",
+        }
+        for (address, port), message in cases.items():
+            monkeypatch.setenv("MASTER_ADDR", address)
+            monkeypatch.setenv("MASTER_PORT", port)
+            status, _, err = run_script("run_train.py", argv, monkeypatch, capsys)
+            assert status == 2 and len(err.strip().splitlines()) == 1 and message in err, err[-2000:]
+    assert not list(tmp_path.iterdir()) and not world["out"].exists()
+
+
 def test_several_nodes_without_a_launcher_are_one_line(world, tmp_path, monkeypatch, capsys):
     """Without MASTER_ADDR (or a cluster launcher) each node would wait alone for the others until the timeout."""
     from litmoe.distributed.strategy import CLUSTER_VARIABLES

@@ -15,12 +15,14 @@ The choice runs on the Fabric that litmoe.distributed.fabric builds for it.
 """
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from litmoe.core.args import StrategyArgs
 from litmoe.core.errors import UserError
+from litmoe.core.run_lock import launching_process
 from litmoe.distributed.estimate import DeviceMemory, GiB
 from litmoe.distributed.plans import Hardware, StrategyChoice
 
@@ -216,15 +218,45 @@ RANK_NAMES = ("RANK", "GLOBAL_RANK", "LOCAL_RANK", "NODE_RANK")
 CLUSTER_VARIABLES = ("MASTER_ADDR", "SLURM_NTASKS", "GROUP_RANK", "LSB_JOBID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
-def check_node_rendezvous(num_nodes: int, environ: dict[str, str] = os.environ) -> None:
-    """Several nodes meet at MASTER_ADDR, which a cluster launcher provides; without one each node would wait alone
-    for the others until the collective timeout."""
+def check_rendezvous(num_nodes: int, world_size: int, environ: dict[str, str] = os.environ) -> None:
+    """Where the ranks meet, checked before any work: several nodes need MASTER_ADDR (a cluster launcher provides
+    it; without one each node would wait alone until the collective timeout), MASTER_ADDR must resolve (else every
+    rank retries it until the timeout), and rank 0 of a launch it hosts must find MASTER_PORT free (else its store
+    fails after the other ranks were started, and they are left waiting)."""
     if num_nodes > 1 and not any(name in environ for name in CLUSTER_VARIABLES):
         raise UserError(
             f"--num_nodes {num_nodes}: the nodes meet at MASTER_ADDR, and nothing set it; launch with"
             " scripts/slurm_train.sbatch or scripts/torchrun_multinode.sh, or set MASTER_ADDR, MASTER_PORT and"
             " NODE_RANK on every node"
         )
+    if world_size == 1:
+        return
+    address, port = environ.get("MASTER_ADDR", "").strip(), environ.get("MASTER_PORT", "").strip()
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise UserError(f"environment variable MASTER_PORT={port!r}: not a port (1 to 65535); unset it or fix it")
+    if address:
+        try:
+            socket.getaddrinfo(address, None)
+        except (socket.gaierror, UnicodeError) as err:
+            raise UserError(
+                f"environment variable MASTER_ADDR={address}: the host name does not resolve ({err.args[-1]}); set it"
+                " to the address of the node that runs rank 0"
+            ) from None
+    hosted_here = address in ("", "localhost", "127.0.0.1", socket.gethostname())
+    if port and hosted_here and launching_process() and "TORCHELASTIC_RUN_ID" not in environ:  # torchrun's agent
+        check_port_free(int(port))  # holds the store itself
+
+
+def check_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds
+        try:
+            probe.bind(("", port))
+        except OSError:
+            raise UserError(
+                f"environment variable MASTER_PORT={port}: the port is in use on this host (another run?); choose a"
+                " free one, or unset MASTER_PORT and a free port is picked"
+            ) from None
 
 
 def rendezvous_line(

@@ -33,7 +33,7 @@ from litmoe.distributed.strategy import (
     adopt_launcher_node_rank,
     check_expert_parallel_precision,
     check_launcher_variables,
-    check_node_rendezvous,
+    check_rendezvous,
     rendezvous_line,
     resolve_strategy,
 )
@@ -207,7 +207,7 @@ def plan_run(
     precision = precision or default_precision(training=True)
     devices_per_node = check_devices(devices, num_nodes, num_workers, precision)
     check_launcher_variables(devices_per_node * num_nodes)
-    check_node_rendezvous(num_nodes)
+    check_rendezvous(num_nodes, devices_per_node * num_nodes)
     optimizer = resolve_optimizer(optimizer, [])
     check_training(train, eval, devices_per_node * num_nodes, seq_len, learning_rate(optimizer))
     data = training_data(data_dir, train.micro_batch_size, seq_len, DEFAULT_DATA_DIR)
