@@ -473,6 +473,35 @@ def test_resume_takes_the_highest_step_whatever_the_file_times_and_never_writes_
     assert read_progress(out_dir / "final")["tokens"] == 256 * 8
 
 
+def test_a_checkpoint_whose_bytes_changed_is_never_loaded(train_args, tmp_path, capsys):
+    """Every checkpoint lists its files' SHA-256 in SHA256SUMS (sha256sum's format). A byte flipped inside the
+    newest checkpoint (same size, still a valid zip, loaded silently before) is one line in generate.py, and
+    `--resume auto` skips to the previous checkpoint with one line."""
+    import hashlib
+
+    from litmoe.core.errors import UserError
+    from litmoe.inference.generate import generate
+
+    out_dir = tmp_path / "out"
+    main(train_args(out_dir, 256 * 4, extra=("--train.save_interval", "2", "--eval.interval", "100")))
+    final = out_dir / "final"
+    listed = dict(line.split("  ")[::-1] for line in (final / "SHA256SUMS").read_text().splitlines())
+    files = {path.relative_to(final).as_posix(): path for path in final.rglob("*") if path.name != "SHA256SUMS"}
+    assert listed == {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+    weights = bytearray((final / "lit_model.pth").read_bytes())
+    weights[len(weights) // 2] ^= 0x01  # inside a tensor's bytes
+    (final / "lit_model.pth").write_bytes(weights)
+
+    with pytest.raises(UserError, match="lit_model.pth does not match its checksum in SHA256SUMS"):
+        generate(final, prompt="The cat", max_new_tokens=2)
+    capsys.readouterr()
+    main(train_args(out_dir, 256 * 6, extra=("--resume", "auto", "--train.save_interval", "2")))
+    out = capsys.readouterr().out
+    assert f"Skipping {final}: lit_model.pth does not match its checksum in SHA256SUMS" in out
+    assert f"Resuming from {out_dir / 'step-00000004' / 'lit_model.pth'}" in out
+    assert read_progress(final)["tokens"] == 256 * 6
+
+
 def test_a_finished_run_is_left_alone_until_its_budget_is_raised(train_args, tmp_path, capsys):
     out_dir = tmp_path / "out"
     main(train_args(out_dir, 256 * 4))

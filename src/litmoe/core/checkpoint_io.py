@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from litmoe.core.checksums import checksum_problem
 from litmoe.core.errors import UserError
 from litmoe.core.patching import swapped
 
@@ -87,10 +88,12 @@ def latest_sound_checkpoint(out_dir: Path) -> Path | None:
 
 def checkpoint_problem(weights: Path) -> str | None:
     """Why `lit_model.pth` (a file, or DeepSpeed's shard directory) cannot be loaded safely, found without reading
-    its tensors: truncated or corrupt, or pickling objects that loading would construct (code a crafted file
-    runs). None when it is sound."""
+    its tensors: a file of its folder that no longer matches the folder's SHA256SUMS, truncated or corrupt, or
+    pickling objects that loading would construct (code a crafted file runs). None when it is sound."""
     weights = Path(weights)
     if is_zero_checkpoint(weights) and (problem := zero_tag_problem(weights)) is not None:
+        return problem
+    if (problem := checksum_problem(weights.parent)) is not None:
         return problem
     files, allowed = (
         ([weights], set()) if weights.is_file() else (sorted(weights.rglob("*.pt")), set(DEEPSPEED_GLOBALS))

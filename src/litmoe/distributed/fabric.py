@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from litmoe.core.checksums import HashingWriter
 from litmoe.core.errors import EXIT_PEER_LOST
 from litmoe.core.patching import swapped
 from litmoe.core.peers import ADVICE, kill_children, this_rank
@@ -32,13 +33,16 @@ from litmoe.distributed.strategy import DEEPSPEED_ON_CPU
 
 class DirectCheckpointIO(TorchCheckpointIO):
     """Lightning's single-file save without its temporary file in $TMPDIR (the scratch directory around it is
-    what makes the checkpoint appear atomically), and a memory-mapped load."""
+    what makes the checkpoint appear atomically), hashed as it is written, and a memory-mapped load."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        """Hashed while written (litmoe.core.checksums: the checkpoint's SHA256SUMS needs no second read)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as file:
-            torch.save(checkpoint, file)
+            writer = HashingWriter(file, path)
+            torch.save(checkpoint, writer)
+        writer.remember()
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Memory-mapped: the ranks of a node share the file's pages instead of each reading the whole checkpoint

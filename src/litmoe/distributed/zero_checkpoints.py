@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from litmoe.core.checkpoint_io import CONSOLIDATED, UNIVERSAL, checkpoint_problem, weights_only_deepspeed_loads
+from litmoe.core.checksums import SUMS
 from litmoe.core.errors import UserError
 from litmoe.model.builder import build_model, has_expert_bias
 
@@ -36,7 +37,7 @@ def consolidated(checkpoint_dir: Path) -> Path:
     state = consolidate(shards, weights, build_model(checkpoint_dir, has_expert_bias(weights)))
     target.mkdir(exist_ok=True)
     for config_file in checkpoint_dir.iterdir():
-        if config_file.is_file():
+        if config_file.is_file() and config_file.name != SUMS:  # the shards' list, not this folder's
             shutil.copy2(config_file, target / config_file.name)
     scratch = single_file.with_suffix(".partial")
     torch.save({"model": state}, scratch)

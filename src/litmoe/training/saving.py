@@ -12,6 +12,8 @@ a checkpoint, and the temporary file behind. Here, around LitGPT's own save:
      aside first and removed only once the new one is in place;
   3. with `keep_last`, older `step-*` directories are removed after that, never `final/`.
 
+Before the rename rank 0 writes `SHA256SUMS` (litmoe.core.checksums), which every load checks.
+
 Weights are checked to be finite before a save: no checkpoint holds NaN or inf. A save that runs out of
 space stops with one line naming the directory and the free and needed bytes; the partial directory is
 removed and the previous checkpoint is untouched.
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 import yaml
 
+from litmoe.core.checksums import SUMS, write_checksums
 from litmoe.core.errors import UserError
 from litmoe.distributed.expert_parallel import local, split_experts
 
@@ -76,6 +79,8 @@ class AtomicSave:
             raise
         fabric.barrier()
         if fabric.global_rank == 0:
+            write_checksums(scratch)  # last: it lists every file every rank wrote
+            fsync_path(scratch / SUMS)
             publish(scratch, target)
             if self.keep_last:
                 remove_old_checkpoints(target.parent, self.keep_last)

@@ -1,0 +1,78 @@
+"""Checksums of the checkpoints a run writes, so that no checkpoint is trusted blindly.
+
+Every checkpoint folder gets `SHA256SUMS` (the format of `sha256sum`, so `sha256sum -c SHA256SUMS` checks it by
+hand too), written last, before the folder is published. The weights file is hashed while it is written
+(`HashingWriter`: no second read of a large file); the small files beside it, and DeepSpeed's shards (written by
+DeepSpeed itself), are hashed after. Whoever loads a checkpoint checks the files the list names first
+(`checksum_problem`): a flipped byte is found at load, not twenty steps later as a diverging loss. A folder
+without the list (written before it existed, or by LitGPT) loads as before.
+"""
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+from typing import BinaryIO
+
+SUMS = "SHA256SUMS"
+CHUNK = 1 << 24
+_written: dict[Path, str] = {}  # digests of the files this process wrote through a HashingWriter
+
+
+class HashingWriter:
+    """A binary file that hashes what goes through it (torch.save writes a checkpoint sequentially)."""
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        self.file, self.path, self.digest = file, Path(path), hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def remember(self) -> None:
+        """Keep the digest of what was written, for `write_checksums`."""
+        _written[self.path.resolve()] = self.digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """`folder/SHA256SUMS` for every file under `folder`, with the digests taken while writing where there are."""
+    lines = []
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.name != SUMS:
+            digest = _written.pop(path.resolve(), None) or file_digest(path)
+            lines.append(f"{digest}  {path.relative_to(folder).as_posix()}\n")
+    (Path(folder) / SUMS).write_text("".join(lines), encoding="utf-8")
+
+
+def checksum_problem(folder: Path) -> str | None:
+    """The first file of `folder` whose bytes differ from what SHA256SUMS recorded (or that is gone), as the one
+    line to show, or None when all match or there is no list."""
+    sums = Path(folder) / SUMS
+    if not sums.is_file():
+        return None
+    for line in sums.read_text(encoding="utf-8", errors="replace").splitlines():
+        expected, _, name = line.partition("  ")
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing (listed in {SUMS})"
+        stat = path.stat()
+        if digest_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns) != expected:
+            return f"{name} does not match its checksum in {SUMS} (its bytes changed after it was written)"
+    return None
+
+
+@lru_cache(maxsize=256)
+def digest_of(path: str, size: int, modified_ns: int) -> str:
+    """A file's digest, read once per process for each size and modification time."""
+    del size, modified_ns  # the cache key: a file rewritten since is read again
+    return file_digest(Path(path))
