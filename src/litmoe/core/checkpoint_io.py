@@ -88,12 +88,10 @@ def latest_sound_checkpoint(out_dir: Path) -> Path | None:
 
 def checkpoint_problem(weights: Path) -> str | None:
     """Why `lit_model.pth` (a file, or DeepSpeed's shard directory) cannot be loaded safely, found without reading
-    its tensors: a file of its folder that no longer matches the folder's SHA256SUMS, truncated or corrupt, or
-    pickling objects that loading would construct (code a crafted file runs). None when it is sound."""
+    its tensors: truncated or corrupt, pickling objects that loading would construct (code a crafted file runs),
+    or bytes that no longer match the folder's SHA256SUMS. None when it is sound."""
     weights = Path(weights)
     if is_zero_checkpoint(weights) and (problem := zero_tag_problem(weights)) is not None:
-        return problem
-    if (problem := checksum_problem(weights.parent)) is not None:
         return problem
     files, allowed = (
         ([weights], set()) if weights.is_file() else (sorted(weights.rglob("*.pt")), set(DEEPSPEED_GLOBALS))
@@ -110,7 +108,7 @@ def checkpoint_problem(weights: Path) -> str | None:
                 f"{path.name} is refused: loading it would construct {', '.join(sorted(unsafe)[:2])}, which a crafted"
                 " file uses to run code; load only checkpoints that run_train.py or LitGPT wrote"
             )
-    return None
+    return checksum_problem(weights.parent, only=weights.name)
 
 
 def zero_tag_problem(shards: Path) -> str | None:

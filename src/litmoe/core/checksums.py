@@ -3,9 +3,10 @@
 Every checkpoint folder gets `SHA256SUMS` (the format of `sha256sum`, so `sha256sum -c SHA256SUMS` checks it by
 hand too), written last, before the folder is published. The weights file is hashed while it is written
 (`HashingWriter`: no second read of a large file); the small files beside it, and DeepSpeed's shards (written by
-DeepSpeed itself), are hashed after. Whoever loads a checkpoint checks the files the list names first
-(`checksum_problem`): a flipped byte is found at load, not twenty steps later as a diverging loss. A folder
-without the list (written before it existed, or by LitGPT) loads as before.
+DeepSpeed itself), are hashed after. Whoever loads a checkpoint checks its weights against the list
+(`checksum_problem`): a flipped byte is found at load, not twenty steps later as a diverging loss. The YAML and
+tokenizer files are parsed and checked at every load anyway, and may be edited by hand; `--verify` checks every
+file. A folder without the list (written before it existed, or by LitGPT) loads as before.
 """
 
 import hashlib
@@ -54,14 +55,16 @@ def write_checksums(folder: Path) -> None:
     (Path(folder) / SUMS).write_text("".join(lines), encoding="utf-8")
 
 
-def checksum_problem(folder: Path) -> str | None:
-    """The first file of `folder` whose bytes differ from what SHA256SUMS recorded (or that is gone), as the one
-    line to show, or None when all match or there is no list."""
+def checksum_problem(folder: Path, only: str | None = None) -> str | None:
+    """The first file of `folder` (or only `only` and what is under it) whose bytes differ from what SHA256SUMS
+    recorded, or that is gone, as the one line to show; None when all match or there is no list."""
     sums = Path(folder) / SUMS
     if not sums.is_file():
         return None
     for line in sums.read_text(encoding="utf-8", errors="replace").splitlines():
         expected, _, name = line.partition("  ")
+        if only is not None and name != only and not name.startswith(f"{only}/"):
+            continue
         path = Path(folder) / name
         if not path.is_file():
             return f"{name} is missing (listed in {SUMS})"
