@@ -479,7 +479,7 @@ def test_a_checkpoint_whose_bytes_changed_is_never_loaded(train_args, tmp_path, 
     `--resume auto` skips to the previous checkpoint with one line."""
     import hashlib
 
-    from litmoe.core.errors import UserError
+    from litmoe.core.errors import EXIT_CORRUPT, RunStopped, UserError
     from litmoe.inference.generate import generate
 
     out_dir = tmp_path / "out"
@@ -488,9 +488,18 @@ def test_a_checkpoint_whose_bytes_changed_is_never_loaded(train_args, tmp_path, 
     listed = dict(line.split("  ")[::-1] for line in (final / "SHA256SUMS").read_text().splitlines())
     files = {path.relative_to(final).as_posix(): path for path in final.rglob("*") if path.name != "SHA256SUMS"}
     assert listed == {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+    capsys.readouterr()
+    assert generate(out_dir, verify=True) == []  # --verify: every checkpoint of the run, nothing loaded
+    assert capsys.readouterr().out.splitlines() == [
+        f"ok      {out_dir / name}: 5 files match SHA256SUMS" for name in ("step-00000002", "step-00000004", "final")
+    ]
     weights = bytearray((final / "lit_model.pth").read_bytes())
     weights[len(weights) // 2] ^= 0x01  # inside a tensor's bytes
     (final / "lit_model.pth").write_bytes(weights)
+    with pytest.raises(RunStopped) as failed:
+        generate(final, verify=True)
+    assert failed.value.exit_code == EXIT_CORRUPT
+    assert f"FAILED  {final}: lit_model.pth does not match its checksum in SHA256SUMS" in capsys.readouterr().out
 
     with pytest.raises(UserError, match="lit_model.pth does not match its checksum in SHA256SUMS"):
         generate(final, prompt="The cat", max_new_tokens=2)

@@ -440,3 +440,28 @@ def test_a_data_dir_whose_name_holds_a_colon_is_that_directory(tmp_path):
                                                                      DataSource(tmp_path / "b", 1.0)]  # fmt: skip
     with pytest.raises(UserError, match="True is not a weight"):  # YAML's `weight: true` is no number
         data_sources([{"path": str(tmp_path / "a"), "weight": True}, str(tmp_path / "b")])
+
+
+def test_prepared_data_lists_its_checksums_and_verify_finds_a_changed_chunk(prepared, tmp_path, capsys):
+    """prepare_data.py writes SHA256SUMS (sha256sum's format) over everything it made; `--verify` reads it back."""
+    import hashlib
+
+    from litmoe.core.errors import EXIT_CORRUPT, RunStopped
+
+    listed = dict(line.split("  ")[::-1] for line in (prepared / "SHA256SUMS").read_text().splitlines())
+    files = {path.relative_to(prepared).as_posix(): path for path in prepared.rglob("*") if path.is_file()}
+    assert listed == {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()
+                      if name != "SHA256SUMS"}  # fmt: skip
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    capsys.readouterr()
+    assert prepare(out_dir=copy, verify=True) is None
+    assert capsys.readouterr().out == f"ok      {copy}: {len(listed)} files match SHA256SUMS\n"
+    chunk = sorted((copy / "train").glob("chunk-*.bin"))[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(data)
+    with pytest.raises(RunStopped) as failed:
+        prepare(out_dir=copy, verify=True)
+    assert failed.value.exit_code == EXIT_CORRUPT
+    assert f"train/{chunk.name} does not match its checksum in SHA256SUMS" in capsys.readouterr().out

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import yaml
 
-from litmoe.core.checksums import checksum_problem
-from litmoe.core.errors import UserError
+from litmoe.core.checksums import checksum_problem, verify_line
+from litmoe.core.errors import EXIT_CORRUPT, RunStopped, UserError
 from litmoe.core.patching import swapped
 
 CHECKPOINT_FILES = ("lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json")
@@ -184,3 +184,26 @@ def weights_only_deepspeed_loads() -> Iterator[None]:
 
     with swapped(torch, "load", load):
         yield
+
+
+def verify(paths: list[Path]) -> None:
+    """`--verify`: each checkpoint folder in `paths` (a run's folder: all its checkpoints; prepared data: its files)
+    checked whole against its SHA256SUMS, and checkpoints for what would stop them loading, one line each, without
+    loading a model. Raises RunStopped (exit status EXIT_CORRUPT) when one fails."""
+    lines = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"--verify {path}: no such folder")
+        if (path / "lit_model.pth").exists():
+            folders = [path]
+        else:
+            folders = [weights.parent for weights in reversed(checkpoints_newest_first(path))] or [path]
+        for folder in folders:
+            weights = folder / "lit_model.pth"
+            problem = checkpoint_problem(weights) if weights.exists() else None
+            lines.append(verify_line(folder, problem, checkpoint=weights.exists()))
+    print("\n".join(lines))
+    failed = sum(line.startswith("FAILED") for line in lines)
+    if failed:
+        raise RunStopped(f"error: --verify: {failed} of {len(lines)} checked folders failed (see above)", EXIT_CORRUPT)

@@ -79,3 +79,17 @@ def digest_of(path: str, size: int, modified_ns: int) -> str:
     """A file's digest, read once per process for each size and modification time."""
     del size, modified_ns  # the cache key: a file rewritten since is read again
     return file_digest(Path(path))
+
+
+def verify_line(folder: Path, problem: str | None, checkpoint: bool) -> str:
+    """`--verify`'s line for one folder, given what else is wrong with it (None: nothing); a checkpoint's
+    structure was checked too."""
+    sums = Path(folder) / SUMS
+    problem = problem or checksum_problem(folder)
+    if problem is not None:
+        return f"FAILED  {folder}: {problem}"
+    if not sums.is_file():
+        checked = "only its structure was checked" if checkpoint else "nothing to compare"
+        return f"ok      {folder}: no {SUMS} (written before checksums existed), {checked}"
+    count = len(sums.read_text(encoding="utf-8").splitlines())
+    return f"ok      {folder}: {count} files match {SUMS}"

@@ -6,6 +6,7 @@ Every message names what is wrong (file, key, value) and how to fix it.
 EXIT_USAGE = 2  # a mistake the user can fix (argparse's status)
 EXIT_DIVERGED = 3  # training stopped at a non-finite loss or gradient norm; the last good checkpoint is kept
 EXIT_OUT_OF_MEMORY = 4  # the GPU ran out of memory during training; the last checkpoint is kept
+EXIT_CORRUPT = 65  # EX_DATAERR: --verify found a file whose bytes changed or a checkpoint that cannot load
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; run again with --resume auto
 EXIT_PEER_LOST = 76  # EX_PROTOCOL: another rank died, stalled past --timeout-minutes or never joined
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C

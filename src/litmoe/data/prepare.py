@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+from litmoe.core.checkpoint_io import verify as verify_folders
+from litmoe.core.checksums import write_checksums
 from litmoe.core.errors import EXIT_PREEMPTED, RunStopped, UserError
 from litmoe.data.prepared import MANIFEST, Manifest, check_existing, check_output_dir, read_manifest
 from litmoe.data.shards import (
@@ -96,7 +98,8 @@ def prepare(
     workers: int | None = None,
     force: bool = False,
     cache_dir: Path = Path("data/cache"),
-) -> Manifest:
+    verify: bool = False,
+) -> Manifest | None:
     """Prepare pretraining data for run_train.py.
 
     Args:
@@ -117,7 +120,12 @@ def prepare(
         force: Rebuild even if `out_dir` already holds prepared data, replacing it once the new data is complete
             (a directory holding anything else is never replaced).
         cache_dir: Where downloaded sources are kept.
+        verify: Only check `out_dir`'s files against its SHA256SUMS (written when it was prepared), one line,
+            then exit (status 65 when one differs); nothing is prepared.
     """
+    if verify:
+        verify_folders([out_dir])
+        return None
     workers = (os.cpu_count() or 1) if workers is None else workers
     check_prepare_arguments(val_fraction, tokenizer_dir, vocab_size, workers, text_field)
     out_dir = Path(out_dir)
@@ -240,6 +248,7 @@ def build(
     manifest = Manifest(**{**asdict(wanted), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_out),
                            "documents": documents, "tokens": tokens})  # fmt: skip
     (scratch / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+    write_checksums(scratch)  # litdata's workers wrote the chunks: hashed after, from the page cache
     return manifest
 
 

@@ -11,13 +11,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from litmoe.core.checksums import SUMS
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output
 from litmoe.core.user_files import read_json_file
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
-PREPARED_ENTRIES = {MANIFEST, "tokenizer", *SPLITS}  # all a prepared directory holds; --force replaces only these
+PREPARED_ENTRIES = {MANIFEST, SUMS, "tokenizer", *SPLITS}  # all a prepared directory holds; --force replaces only these
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from litmoe.core.checkpoint_io import verify as verify_checkpoints
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_file, figure_written_by, write_file
 from litmoe.data.prepared import MANIFEST, SPLITS, check_chunks, read_manifest
@@ -290,6 +291,7 @@ def evaluate(
     tasks: str | None = None,
     tasks_limit: int | None = None,
     force: bool = False,
+    verify: bool = False,
 ) -> list[dict[str, Any]]:
     """Score one or more checkpoints on the same text and print a comparison table.
 
@@ -308,6 +310,8 @@ def evaluate(
             installed and the task data downloadable or cached.
         tasks_limit: Evaluate at most this many examples per task.
         force: Let --out replace a file that is not an earlier results file of evaluate.py.
+        verify: Only check each checkpoint against its SHA256SUMS and that it would load (a run's folder: each of its
+            checkpoints), one line each, then exit (status 65 when one fails); nothing is loaded or written.
     """
     checkpoints = [checkpoints] if isinstance(checkpoints, str | Path) else checkpoints
     for checkpoint in checkpoints:
@@ -316,6 +320,9 @@ def evaluate(
             raise UserError(
                 f"--checkpoints {checkpoint}: not a list of paths (an empty member, or a space?); write [DIR1,DIR2]"
             )
+    if verify:
+        verify_checkpoints(checkpoints)
+        return []
     check_evaluation(checkpoints, seq_length, batch_size, max_batches, tasks_limit)
     if out is not None:
         inputs = [("--checkpoints", checkpoint) for checkpoint in checkpoints] + [

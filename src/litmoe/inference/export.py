@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from litmoe.core.checkpoint_io import load_model_weights
+from litmoe.core.checkpoint_io import verify as verify_checkpoints
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_dir
 from litmoe.data.tokenizer import TOKENIZER_FILES, load_tokenizer
@@ -88,13 +89,20 @@ def check_exportable(config, state_dict: dict, checkpoint_dir: Path) -> None:
         )
 
 
-def export_hf(checkpoint: Path, out_dir: Path) -> Path:
+def export_hf(checkpoint: Path, out_dir: Path | None = None, verify: bool = False) -> Path | None:
     """Convert a checkpoint to a Hugging Face Mixtral model directory.
 
     Args:
         checkpoint: A checkpoint dir (final/, step-*/) or a training output dir (its newest checkpoint).
         out_dir: Where config.json, model.safetensors and the tokenizer files go (created; must be empty).
+        verify: Only check the checkpoint against its SHA256SUMS and that it would load (a run's folder: each of its
+            checkpoints), one line each, then exit (status 65 when one fails); nothing is loaded or written.
     """
+    if verify:
+        verify_checkpoints([checkpoint])
+        return None
+    if out_dir is None:
+        raise UserError("--out_dir: give the folder the Hugging Face model goes into (or --verify to check only)")
     from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
     from safetensors.torch import save_file
 

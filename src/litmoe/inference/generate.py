@@ -9,6 +9,7 @@ from typing import Literal, TextIO
 import torch
 
 from litmoe.core.args import check_seed
+from litmoe.core.checkpoint_io import verify as verify_checkpoints
 from litmoe.core.errors import UserError
 from litmoe.core.user_files import read_text
 from litmoe.inference.loading import load_model, resolve_checkpoint_dir
@@ -92,6 +93,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 1234,
     precision: Literal["bf16-true", "16-true", "32-true"] | None = None,
+    verify: bool = False,
 ) -> list[list[int]]:
     """Sample from a checkpoint written by run_train.py; text goes to stdout, statistics to stderr.
 
@@ -106,7 +108,12 @@ def generate(
         top_p: Sample only among the most likely tokens whose probabilities add up to top_p.
         seed: Random seed for sampling.
         precision: Weights' precision; default bf16-true on a CUDA GPU, 32-true on CPU.
+        verify: Only check the checkpoint against its SHA256SUMS and that it would load (a run's folder: each of its
+            checkpoints), one line each, then exit (status 65 when one fails); nothing is loaded or written.
     """
+    if verify:
+        verify_checkpoints([checkpoint])
+        return []
     check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p)
     check_seed(seed)
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)

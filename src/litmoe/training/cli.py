@@ -70,6 +70,7 @@ MODES = {
     "--no-cpu-profile": "without a CUDA GPU, run the file's own settings instead of the cpu profile",
     "--estimate": "print parameters, FLOPs, memory per device and speed, then exit",
     "--check-environment": "print what this machine can do for training, then exit",
+    "--verify": "check out_dir's checkpoints and the data against their SHA256SUMS, one line each, then exit",
 }
 
 
@@ -224,7 +225,8 @@ def build_parser(settings: dict[str, Any], types_of: dict[str, Any], config_path
 
 
 def main(argv: list[str] | None = None):
-    """Train; or only report: what this machine can do (--check-environment), or what the run needs (--estimate)."""
+    """Train; or only report: what this machine can do (--check-environment), what the run needs (--estimate), or
+    whether its checkpoints and data are intact (--verify)."""
     quiet_known_warnings()
     argv = expand_short_flags(sys.argv[1:] if argv is None else argv)
     argv, config_file = take_flag(argv, "--config", with_value=True)
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None):
     argv, no_cpu_profile = take_flag(argv, "--no-cpu-profile")
     argv, environment_only = take_flag(argv, "--check-environment")
     argv, estimate_only = take_flag(argv, "--estimate")
+    argv, verify_only = take_flag(argv, "--verify")
     argv, optimizer_flags = take_section_flags(argv, "--optimizer")
     argv, model_flags = take_section_flags(argv, "--model")
     path = Path(config_file or DEFAULT_TRAIN_CONFIG)
@@ -261,6 +264,12 @@ def main(argv: list[str] | None = None):
         return None
     if estimate_only:
         print_estimate(**kwargs)
+        return None
+    if verify_only:
+        from litmoe.core.checkpoint_io import verify
+        from litmoe.data.training_data import data_sources
+
+        verify([Path(kwargs["out_dir"]), *(source.path for source in data_sources(kwargs["data_dir"]))])
         return None
     return setup(**kwargs)
 
