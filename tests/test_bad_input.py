@@ -55,6 +55,12 @@ CASES = [
     ("finetune.py", finetune("full", checkpoint="{corrupt}"), "lit_model.pth is incomplete or corrupt"),
     ("finetune.py", finetune("adapter"), "has 2 layers and LitGPT's adapter starts at layer 2, so nothing would"),
     ("finetune.py", finetune("full", out="{checkpoint}"), "--out_dir {checkpoint} is CHECKPOINT {checkpoint}, an"),
+    # --verify: checks a folder without running
+    ("generate.py", ["--checkpoint", "{nowhere}", "--verify"], "--verify {nowhere}: no such folder"),
+    ("evaluate.py", ["--checkpoints", "[{checkpoint},{nowhere}]", "--verify"], "--verify {nowhere}: no such folder"),
+    ("prepare_data.py", ["--out_dir", "{nowhere}", "--verify"], "--verify {nowhere}: no such folder"),
+    ("run_train.py", RUN[:6] + ["--out_dir", "{nowhere}", "--verify"], "--verify {nowhere}: no such folder"),
+    ("export_hf.py", ["--checkpoint", "{checkpoint}"], "--out_dir: give the folder the Hugging Face model goes into"),
     # run_train.py: batch arithmetic and budget
     ("run_train.py", RUN + ["--train.micro_batch_size", "0"], "--train.micro_batch_size 0: must be at least 1"),
     ("run_train.py", RUN + ["--train.micro_batch_size", "-4"], "--train.micro_batch_size -4: must be at least 1"),
@@ -531,6 +537,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(script, argv, message,
         ("LOCAL_RANK", "-1", "environment variable LOCAL_RANK='-1': not a whole number"),
         ("WORLD_SIZE", "4", "environment variable WORLD_SIZE=4, but this run has 1 rank(s) (--devices x --num_nodes)"),
         ("RANK", "3", "environment variable RANK=3, but the ranks are 0 to 0: unset it (left from a launcher?)"),
+        ("NODE_RANK", "1", "environment variable NODE_RANK=1, but the ranks are 0 to 0: unset it"),
+        ("NNODES", "2", "environment variable NNODES=2, but this run has 1 (--num_nodes): give --num_nodes 2, or"),
+        ("LOCAL_WORLD_SIZE", "4", "environment variable LOCAL_WORLD_SIZE=4, but this run has 1 (--devices): give"),
         (
             "LOCAL_RANK",
             "1",

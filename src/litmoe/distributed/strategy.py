@@ -273,10 +273,11 @@ def rendezvous_line(
     )
 
 
-def check_launcher_variables(world_size: int, environ: dict[str, str] = os.environ) -> None:
-    """What a launcher says about the ranks in the environment: whole numbers, and as many ranks as this run has.
-    litdata splits the data by WORLD_SIZE itself, so a stale one (a shell left from torchrun) would silently train
-    a single process on a fraction of the data."""
+def check_launcher_variables(world_size: int, num_nodes: int = 1, environ: dict[str, str] = os.environ) -> None:
+    """What a launcher says about the ranks in the environment: whole numbers, and as many ranks and nodes as this
+    run has. litdata splits the data by WORLD_SIZE itself, so a stale one (a shell left from torchrun) would
+    silently train a single process on a fraction of the data; a NODE_RANK beyond the nodes would make two nodes'
+    ranks take the same global ranks."""
     for name in LAUNCHER_VARIABLES:
         if name in environ and not environ[name].strip().isdigit():
             value = environ[name]
@@ -288,7 +289,17 @@ def check_launcher_variables(world_size: int, environ: dict[str, str] = os.envir
             " from a launcher?), or give --devices and --num_nodes that match it"
         )
     values = {name: int(environ[name]) for name in LAUNCHER_VARIABLES if name in environ}
-    sizes = {"RANK": world_size, "GLOBAL_RANK": world_size, "LOCAL_RANK": values.get("LOCAL_WORLD_SIZE")}
+    counts = {"NNODES": (num_nodes, "--num_nodes"), "LOCAL_WORLD_SIZE": (world_size // num_nodes, "--devices")}
+    for name, (count, flag) in counts.items():
+        if name in values and values[name] != count:
+            raise UserError(
+                f"environment variable {name}={values[name]}, but this run has {count} ({flag}): give {flag}"
+                f" {values[name]}, or unset {name} (left from a launcher?)"
+            )
+    sizes = {
+        "RANK": world_size, "GLOBAL_RANK": world_size, "LOCAL_RANK": values.get("LOCAL_WORLD_SIZE"),
+        "NODE_RANK": num_nodes,
+    }  # fmt: skip
     for rank, size in sizes.items():
         if rank in values and size is not None and values[rank] >= size:
             raise UserError(

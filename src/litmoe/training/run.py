@@ -206,7 +206,7 @@ def plan_run(
     seq_len = sequence_length(train, config.block_size)
     precision = precision or default_precision(training=True)
     devices_per_node = check_devices(devices, num_nodes, num_workers, precision)
-    check_launcher_variables(devices_per_node * num_nodes)
+    check_launcher_variables(devices_per_node * num_nodes, num_nodes)
     check_rendezvous(num_nodes, devices_per_node * num_nodes)
     optimizer = resolve_optimizer(optimizer, [])
     check_training(train, eval, devices_per_node * num_nodes, seq_len, learning_rate(optimizer))
