@@ -55,6 +55,8 @@ CASES = [
     ("finetune.py", finetune("full", checkpoint="{corrupt}"), "lit_model.pth is incomplete or corrupt"),
     ("finetune.py", finetune("adapter"), "has 2 layers and LitGPT's adapter starts at layer 2, so nothing would"),
     ("finetune.py", finetune("full", out="{checkpoint}"), "--out_dir {checkpoint} is CHECKPOINT {checkpoint}, an"),
+    ("finetune.py", [*finetune("full"), "--devices", "0"], "--devices 0: must be at least 1"),
+    ("finetune.py", [*finetune("lora"), "--train.max_seq_length", "100"], "--train.max_seq_length 100: must be"),
     # --verify: checks a folder without running
     ("generate.py", ["--checkpoint", "{nowhere}", "--verify"], "--verify {nowhere}: no such folder"),
     ("evaluate.py", ["--checkpoints", "[{checkpoint},{nowhere}]", "--verify"], "--verify {nowhere}: no such folder"),

@@ -117,3 +117,20 @@ def test_full_and_adapter_fine_tune_a_bias_balanced_checkpoint_with_litmoe_layer
 
     with pytest.raises(UserError, match="already holds a fine-tune"):  # nothing a user has is written over
         main(["full", str(run), *litgpt_flags(tmp_path / "full", instructions, steps=2)])
+
+
+def test_litgpts_default_dataset_that_cannot_download_is_one_line_before_anything_is_written(
+    trained, tmp_path, monkeypatch
+):  # fmt: skip
+    """Without --data LitGPT fine-tunes on Alpaca, which downloads; with no network that was a requests traceback
+    after the base weights were written."""
+    import requests
+    from litgpt.data import Alpaca
+
+    def offline(self) -> None:
+        raise requests.exceptions.ConnectionError("Max retries exceeded (NameResolutionError)")
+
+    monkeypatch.setattr(Alpaca, "prepare_data", offline)
+    with pytest.raises(UserError, match="--data Alpaca: its download failed .* or give local data: --data JSON"):
+        main(["lora", str(trained / "final"), "--out_dir", str(tmp_path / "lora")])
+    assert not (tmp_path / "lora").exists()

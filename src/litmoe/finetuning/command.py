@@ -108,20 +108,47 @@ def checkpoint_folder(path: Path) -> Path:
 
 
 def check_options(mode: str, options: dict[str, Any], checkpoint: Path) -> None:
-    """What LitGPT would only find after loading the model (or never): a LoRA rank below 1, or an adapter on a
-    model too shallow for LitGPT's adapter layers, trains nothing."""
+    """What LitGPT would only find after loading the model, or as a traceback: no devices, a LoRA rank below 1 or
+    an adapter on a model too shallow for LitGPT's adapter layers (nothing would train), a sequence length beyond
+    the model's block (LitGPT's default, the longest example, may be longer: it is capped at the block), and a
+    dataset that cannot be fetched."""
+    for flag in ("devices", "num_nodes"):
+        if isinstance(options[flag], int) and options[flag] < 1:
+            raise UserError(f"--{flag} {options[flag]}: must be at least 1")
     if mode == "lora" and options["lora_r"] < 1:
         raise UserError(f"--lora_r {options['lora_r']}: LoRA's rank must be at least 1 (8 is LitGPT's default)")
+    config = checkpoint_model_config(checkpoint)
     if mode == "adapter":
         from litgpt.adapter import Config
 
-        first = Config.adapter_start_layer
-        layers = checkpoint_model_config(checkpoint).n_layer
-        if layers <= first:
+        if config.n_layer <= Config.adapter_start_layer:
             raise UserError(
-                f"finetune.py adapter: {checkpoint} has {layers} layers and LitGPT's adapter starts at layer {first},"
-                " so nothing would train; use lora or full"
+                f"finetune.py adapter: {checkpoint} has {config.n_layer} layers and LitGPT's adapter starts at layer"
+                f" {Config.adapter_start_layer}, so nothing would train; use lora or full"
             )
+    train = options["train"]
+    if train.max_seq_length is not None and not 0 < train.max_seq_length <= config.block_size:
+        raise UserError(
+            f"--train.max_seq_length {train.max_seq_length}: must be between 1 and the model's block size"
+            f" {config.block_size} (longer examples are cut there)"
+        )
+    train.max_seq_length = train.max_seq_length or config.block_size
+    fetch_data(options)
+
+
+def fetch_data(options: dict[str, Any]) -> None:
+    """LitGPT's data module's download (its default, Alpaca, downloads), before anything is written."""
+    from litgpt.data import Alpaca
+
+    options["data"] = options["data"] if options["data"] is not None else Alpaca()
+    try:
+        options["data"].prepare_data()
+    except OSError as err:  # requests' errors are OSErrors too
+        name = type(options["data"]).__name__
+        raise UserError(
+            f"--data {name}: its download failed ({' '.join(str(err).split())[:160]}); check the network, or give"
+            " local data: --data JSON --data.json_path FILE"
+        ) from None
 
 
 def check_json_data(path: Path) -> None:
