@@ -57,6 +57,12 @@ CASES = [
     ("finetune.py", finetune("full", out="{checkpoint}"), "--out_dir {checkpoint} is CHECKPOINT {checkpoint}, an"),
     ("finetune.py", [*finetune("full"), "--devices", "0"], "--devices 0: must be at least 1"),
     ("finetune.py", [*finetune("lora"), "--train.max_seq_length", "100"], "--train.max_seq_length 100: must be"),
+    # a checkpoint whose bytes changed after it was written: every command that loads it
+    ("run_train.py", RUN + ["--resume", "{rotted}"], "lit_model.pth does not match its checksum in SHA256SUMS"),
+    ("generate.py", ["--checkpoint", "{rotted}", "--prompt", "x"], "lit_model.pth does not match its checksum"),
+    ("evaluate.py", ["--checkpoints", "[{rotted}]"], "lit_model.pth does not match its checksum in SHA256SUMS"),
+    ("export_hf.py", ["--checkpoint", "{rotted}", "--out_dir", "{out}"], "lit_model.pth does not match its"),
+    ("finetune.py", finetune("full", checkpoint="{rotted}"), "lit_model.pth does not match its checksum in"),
     # --verify: checks a folder without running
     ("generate.py", ["--checkpoint", "{nowhere}", "--verify"], "--verify {nowhere}: no such folder"),
     ("evaluate.py", ["--checkpoints", "[{checkpoint},{nowhere}]", "--verify"], "--verify {nowhere}: no such folder"),
@@ -484,6 +490,11 @@ def world(tmp_path_factory, text_folder, prepared, trained, tiny_model_file) -> 
     ):
         paths[name] = checkpoint_copy(trained, root / name)
         torch.save(damaged if name == "weights_only" else {"model": damaged}, paths[name] / "lit_model.pth")
+    paths["rotted"] = root / "rotted"  # a byte flipped inside the weights, its SHA256SUMS kept: still a valid zip
+    shutil.copytree(trained / "final", paths["rotted"])
+    rotted = bytearray(checkpoint)
+    rotted[len(rotted) // 2] ^= 0x01
+    (paths["rotted"] / "lit_model.pth").write_bytes(rotted)
     paths["corrupt_run"] = root / "corrupt_run"
     checkpoint_copy(trained, paths["corrupt_run"] / "step-00000004", weights=checkpoint[:1000])
     return paths
