@@ -114,6 +114,28 @@ def test_a_model_built_on_meta_and_loaded_by_assignment_runs_where_its_weights_a
     assert read_routing_stats(layer)[0]["load"] and not layer.tokens_per_expert.is_meta
 
 
+def test_a_litgpt_subclass_that_reuses_the_forward_computes_as_stock():
+    """LitGPT's adapter_v2 `LLaMAMoE` subclasses the MoE class of its import, sets only gate, experts and config,
+    and calls the parent's forward: with litmoe's layer as that parent, it computes what stock's layer does."""
+    from litgpt.model import LLaMAMLP
+
+    class Subclass(MoELayer):  # as litgpt.adapter_v2.LLaMAMoE builds itself
+        def __init__(self, config) -> None:
+            torch.nn.Module.__init__(self)
+            self.gate = torch.nn.Linear(config.n_embd, config.n_expert, bias=False)
+            self.experts = torch.nn.ModuleList(
+                LLaMAMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.n_expert)
+            )
+            self.config = config
+
+    config = Config.from_name("MoE-tiny", n_layer=1)
+    torch.manual_seed(0)
+    stock, subclass = LLaMAMoE(config), Subclass(config)
+    subclass.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 16, config.n_embd)
+    torch.testing.assert_close(subclass(x), stock(x))
+
+
 def test_builds_where_litgpt_builds_an_moe_class_with_no_experts():
     """LitGPT builds the MoE class from a config with `n_expert: 0` before putting a dense MLP in its place."""
     layer = MoELayer(Config.from_name("MoE-tiny", n_layer=1, n_expert=0, n_expert_per_token=0))

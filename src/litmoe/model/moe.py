@@ -154,6 +154,8 @@ class MoELayer(nn.Module):
         return weights, indices, logits, probs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.experts, GroupedExperts):  # a subclass that built stock's experts (see below)
+            return self.forward_per_expert(x)
         B, T, C = x.shape
         tokens = x.reshape(-1, C)
         weights, indices, logits, probs = self.route(tokens)
@@ -182,6 +184,20 @@ class MoELayer(nn.Module):
                 y = self.add_balancing_gradient(y, aux, z_loss)
             self.record(tokens_per_expert, probs, aux, z_loss, dropped)
         return y
+
+    def forward_per_expert(self, x: torch.Tensor) -> torch.Tensor:
+        """The stock layer's computation, for a subclass that sets only `gate`, `experts` (an `nn.ModuleList` of
+        LitGPT's `LLaMAMLP`) and `config` and calls this forward, as LitGPT's adapter_v2 `LLaMAMoE` does of the
+        class it subclasses: each expert on its tokens in turn, without balancing or statistics."""
+        B, T, C = x.shape
+        tokens = x.reshape(-1, C)
+        weights, indices, _, _ = self.route(tokens)
+        y = torch.zeros_like(tokens)
+        for expert_id, expert in enumerate(self.experts):
+            token, slot = torch.where(indices == expert_id)
+            y = y.index_add(0, token, weights[token, slot, None] * expert(tokens[token]))
+        y = y.view(B, T, C)
+        return y + self.shared_experts(x) if self.config.n_shared_expert else y
 
     def run_to_capacity(
         self, rows: torch.Tensor, expert_of_row: torch.Tensor, tokens_per_expert: torch.Tensor
