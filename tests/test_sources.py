@@ -447,6 +447,7 @@ def test_prepared_data_lists_its_checksums_and_verify_finds_a_changed_chunk(prep
     import hashlib
 
     from litmoe.core.errors import EXIT_CORRUPT, RunStopped
+    from litmoe.data.training_data import training_data
 
     listed = dict(line.split("  ")[::-1] for line in (prepared / "SHA256SUMS").read_text().splitlines())
     files = {path.relative_to(prepared).as_posix(): path for path in prepared.rglob("*") if path.is_file()}
@@ -465,3 +466,5 @@ def test_prepared_data_lists_its_checksums_and_verify_finds_a_changed_chunk(prep
         prepare(out_dir=copy, verify=True)
     assert failed.value.exit_code == EXIT_CORRUPT
     assert f"train/{chunk.name} does not match its checksum in SHA256SUMS" in capsys.readouterr().out
+    with pytest.raises(UserError, match=f"train/{chunk.name} does not match its checksum .*; prepare it again"):
+        training_data(str(copy), 4, 64, copy)  # what a run checks before it starts (its tokens changed silently)

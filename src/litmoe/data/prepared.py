@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from litmoe.core.checksums import SUMS
+from litmoe.core.checksums import SUMS, checksum_problem
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output
 from litmoe.core.user_files import read_json_file
@@ -102,9 +102,10 @@ def check_existing(out_dir: Path, wanted: Manifest, wanted_tokenizer: str | None
 
 
 def check_chunks(data_dir: Path) -> dict[str, list[int]]:
-    """Every chunk that a split's index.json lists is there, at its recorded size: litdata would otherwise fail in
-    the middle of a run (IndexError, FileNotFoundError) on a truncated, deleted or replaced chunk. Returns each
-    split's tokens per chunk, as the index records them (empty when it does not)."""
+    """Every chunk that a split's index.json lists is there, at its recorded size, and every file as it was
+    prepared (SHA256SUMS, where the folder has one): litdata would otherwise fail in the middle of a run
+    (IndexError, FileNotFoundError) on a truncated, deleted or replaced chunk, or train on changed tokens without a
+    word. Returns each split's tokens per chunk, as the index records them (empty when it does not)."""
     manifest = read_manifest(data_dir)
     again = f"prepare it again: `prepare_data.py --source {manifest.source if manifest else 'SOURCE'}"
     again += f" --out_dir {data_dir} --force`"
@@ -123,4 +124,6 @@ def check_chunks(data_dir: Path) -> dict[str, list[int]]:
                     f"{path}: {path.stat().st_size:,} bytes where the index records {chunk['chunk_bytes']:,} (truncated"
                     f" or replaced); {again}"
                 )
+    if (problem := checksum_problem(data_dir)) is not None:  # every byte as prepared (its SHA256SUMS)
+        raise UserError(f"{data_dir}: {problem}; {again}")
     return tokens
