@@ -56,6 +56,8 @@ CASES = [
     ("finetune.py", finetune("adapter"), "has 2 layers and LitGPT's adapter starts at layer 2, so nothing would"),
     ("finetune.py", finetune("full", out="{checkpoint}"), "--out_dir {checkpoint} is CHECKPOINT {checkpoint}, an"),
     ("finetune.py", [*finetune("full"), "--devices", "0"], "--devices 0: must be at least 1"),
+    ("finetune.py", finetune("lora", checkpoint="{small_vocab}"), "its tokenizer has 300 tokens but the model only"),
+    ("finetune.py", finetune("full", checkpoint="{tokenizer_garbage}"), "tokenizer.json: not valid JSON"),
     ("finetune.py", [*finetune("lora"), "--train.max_seq_length", "100"], "--train.max_seq_length 100: must be"),
     # a checkpoint whose bytes changed after it was written: every command that loads it
     ("run_train.py", RUN + ["--resume", "{rotted}"], "lit_model.pth does not match its checksum in SHA256SUMS"),

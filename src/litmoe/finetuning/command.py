@@ -34,6 +34,7 @@ from litmoe.core.checkpoint_io import CHECKPOINT_FILES, is_zero_checkpoint, late
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_dir
 from litmoe.core.patching import swapped
+from litmoe.data.tokenizer import load_tokenizer, tokenizer_vocab_size
 from litmoe.model.builder import has_expert_bias, moe_layer
 from litmoe.model.configs import checkpoint_model_config
 from litmoe.model.moe import MoELayer, read_routing_stats, routing_metrics, routing_summary
@@ -108,7 +109,8 @@ def checkpoint_folder(path: Path) -> Path:
 
 
 def check_options(mode: str, options: dict[str, Any], checkpoint: Path) -> None:
-    """What LitGPT would only find after loading the model, or as a traceback: no devices, a LoRA rank below 1 or
+    """What LitGPT would only find after loading the model, or as a traceback: no devices, a tokenizer the model
+    has too few embeddings for, a LoRA rank below 1 or
     an adapter on a model too shallow for LitGPT's adapter layers (nothing would train), a sequence length beyond
     the model's block (LitGPT's default, the longest example, may be longer: it is capped at the block), and a
     dataset that cannot be fetched."""
@@ -118,6 +120,12 @@ def check_options(mode: str, options: dict[str, Any], checkpoint: Path) -> None:
     if mode == "lora" and options["lora_r"] < 1:
         raise UserError(f"--lora_r {options['lora_r']}: LoRA's rank must be at least 1 (8 is LitGPT's default)")
     config = checkpoint_model_config(checkpoint)
+    vocab = tokenizer_vocab_size(load_tokenizer(checkpoint))
+    if vocab > config.padded_vocab_size:
+        raise UserError(
+            f"CHECKPOINT {checkpoint}: its tokenizer has {vocab:,} tokens but the model only"
+            f" {config.padded_vocab_size:,} embeddings (another tokenizer's files?); use the one it was trained with"
+        )
     if mode == "adapter":
         from litgpt.adapter import Config
 
