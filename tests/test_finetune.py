@@ -10,6 +10,7 @@ import torch
 
 from litmoe.core.errors import UserError
 from litmoe.finetuning.command import main
+from litmoe.inference.export import export_hf
 from litmoe.inference.generate import generate
 
 
@@ -78,6 +79,7 @@ def test_lora_on_router_and_experts_trains_litmoe_layer_and_merges_to_stock_litg
 
     samples = generate(out_dir / "final", prompt="Say 3.", max_new_tokens=4, temperature=0.0)
     assert len(samples) == 1 and 1 <= len(samples[0]) <= 4
+    assert (export_hf(out_dir / "final", tmp_path / "hf") / "model.safetensors").is_file()  # opens in transformers
 
     # LoRA weights that were never merged (a merge interrupted) are one line in generate.py, saying how to merge
     unmerged_dir = tmp_path / "unmerged"
@@ -110,6 +112,7 @@ def test_full_and_adapter_fine_tune_a_bias_balanced_checkpoint_with_litmoe_layer
     assert not torch.equal(tuned["transformer.h.0.mlp.experts.0.fc_1.weight"],
                            pretrained["transformer.h.0.mlp.experts.0.fc_1.weight"])  # fmt: skip
     assert "(over the fine-tuning)" in capsys.readouterr().out
+    assert len(generate(tmp_path / "full" / "final", prompt="Say 1.", max_new_tokens=2, temperature=0.0)) == 1
 
     main(["adapter", str(run / "final"), *litgpt_flags(tmp_path / "adapter", instructions, steps=2)])
     adapter = torch.load(tmp_path / "adapter" / "final" / "lit_model.pth.adapter", weights_only=True)["model"]
