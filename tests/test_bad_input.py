@@ -575,7 +575,8 @@ def test_launcher_variables_left_in_the_environment_are_one_line(variable, value
 
 def test_where_the_ranks_meet_is_checked_before_any_work(world, tmp_path, monkeypatch, capsys):
     """An unresolvable MASTER_ADDR had every rank retry it until the timeout; a port another process holds failed
-    rank 0's store after the other ranks were started, and left them waiting."""
+    rank 0's store after the other ranks were started, and left them waiting; a stale RANK made the launching
+    process skip the lock on --out_dir (two runs could write one folder)."""
     import socket
 
     monkeypatch.chdir(tmp_path)
@@ -593,6 +594,12 @@ def test_where_the_ranks_meet_is_checked_before_any_work(world, tmp_path, monkey
             monkeypatch.setenv("MASTER_PORT", port)
             status, _, err = run_script("run_train.py", argv, monkeypatch, capsys)
             assert status == 2 and len(err.strip().splitlines()) == 1 and message in err, err[-2000:]
+    # a global rank left in the shell: the launching process would think itself rank 1 and skip the out_dir lock
+    monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.delenv("MASTER_PORT")
+    monkeypatch.setenv("RANK", "1")
+    status, _, err = run_script("run_train.py", argv, monkeypatch, capsys)
+    assert status == 2 and "environment variable RANK=1 without MASTER_ADDR: no launcher started this process" in err
     assert not list(tmp_path.iterdir()) and not world["out"].exists()
 
 

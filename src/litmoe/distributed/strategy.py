@@ -213,6 +213,7 @@ def candidate_plans(
 
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "GLOBAL_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "NNODES")
 RANK_NAMES = ("RANK", "GLOBAL_RANK", "LOCAL_RANK", "NODE_RANK")
+GLOBAL_RANKS = ("RANK", "GLOBAL_RANK")
 
 
 CLUSTER_VARIABLES = ("MASTER_ADDR", "SLURM_NTASKS", "GROUP_RANK", "LSB_JOBID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -306,6 +307,13 @@ def check_launcher_variables(world_size: int, num_nodes: int = 1, environ: dict[
                 f"environment variable {rank}={values[rank]}, but the ranks are 0 to {size - 1}: unset it (left from"
                 " a launcher?), or fix the launch"
             )
+    launched = "MASTER_ADDR" in environ  # every launcher that sets a global rank also says where the ranks meet
+    if world_size > 1 and not launched and (stale := next((name for name in GLOBAL_RANKS if name in values), None)):
+        raise UserError(
+            f"environment variable {stale}={values[stale]} without MASTER_ADDR: no launcher started this process"
+            f" (run_train.py --devices {world_size} starts its own ranks), so it is left from another launch and"
+            " would make this process skip the lock on --out_dir; unset it"
+        )
     if world_size == 1 and (stale := next((name for name in RANK_NAMES if values.get(name, 0) != 0), None)):
         raise UserError(
             f"environment variable {stale}={values[stale]}, but this run has 1 rank: a rank other than 0 skips the"
