@@ -9,7 +9,9 @@ they are.
 DeepSpeed's own readers run with weights_only loads (litmoe.core.checkpoint_io), so a crafted shard cannot run code.
 """
 
+import io
 import shutil
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -93,7 +95,7 @@ def universal(shards: Path) -> Path:
         input_folder=str(shards / "checkpoint"), output_folder=str(scratch / "checkpoint"), num_extract_workers=1,
         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
     )  # fmt: skip
-    with weights_only_deepspeed_loads():
-        ds_to_universal(options)
+    with weights_only_deepspeed_loads(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        ds_to_universal(options)  # its prints and progress bars, in the run's output once per resume, are dropped
     scratch.rename(target)
     return target
