@@ -43,14 +43,20 @@ def is_complete(weights: Path) -> bool:
     return weights.is_file() or is_zero_checkpoint(weights)
 
 
-def read_progress(checkpoint_dir: Path) -> dict[str, Any] | None:
-    """What a checkpoint had trained when it was written (None for checkpoints without the record)."""
+def run_settings(checkpoint_dir: Path) -> dict[str, Any]:
+    """The settings the run that wrote a checkpoint recorded (its hyperparameters.yaml; empty when missing or
+    unreadable)."""
     path = Path(checkpoint_dir) / "hyperparameters.yaml"
     try:
         settings = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, yaml.YAMLError):
-        return None
-    return settings.get("progress") if isinstance(settings, dict) else None
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def read_progress(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """What a checkpoint had trained when it was written (None for checkpoints without the record)."""
+    return run_settings(checkpoint_dir).get("progress")
 
 
 def checkpoint_step(weights: Path) -> int:

@@ -27,10 +27,15 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import yaml
 
 from litmoe.core.args import MoEArgs
-from litmoe.core.checkpoint_io import CHECKPOINT_FILES, is_zero_checkpoint, latest_checkpoint, load_state
+from litmoe.core.checkpoint_io import (
+    CHECKPOINT_FILES,
+    is_zero_checkpoint,
+    latest_checkpoint,
+    load_state,
+    run_settings,
+)
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_dir
 from litmoe.core.patching import swapped
@@ -85,9 +90,9 @@ def with_litmoe(mode: str, setup: Callable[..., Any], flags: list[str]) -> Calla
         if (out_dir / "final").exists():
             raise UserError(f"--out_dir {out_dir} already holds a fine-tune (final/); choose another --out_dir")
         check_options(mode, options, checkpoint)
-        options["checkpoint_dir"] = write_base(checkpoint, out_dir / BASE)
+        base = options["checkpoint_dir"] = write_base(checkpoint, out_dir / BASE)
         accumulation = options["train"].gradient_accumulation_iters(options["devices"], options["num_nodes"])
-        layers = LayerFactory(mode, balance_of(checkpoint), 1 / accumulation)
+        layers = LayerFactory(mode, balance_of(checkpoint, base), 1 / accumulation)
         given = str(args[0]) if args else str(kwargs["checkpoint_dir"])
         argv = [sys.argv[0], *(str(options["checkpoint_dir"]) if flag == given else flag for flag in flags)]
         with layers.in_place(), swapped(sys, "argv", argv):
@@ -209,24 +214,17 @@ def write_base(checkpoint: Path, base: Path) -> Path:
     return base
 
 
-def balance_of(checkpoint: Path) -> dict[str, Any]:
-    """The checkpoint run's balancing losses, and whether its experts route with a selection bias."""
-    path = checkpoint / "hyperparameters.yaml"
-    moe = ((yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None) or {}).get("moe") or {}
+def balance_of(checkpoint: Path, base: Path) -> dict[str, Any]:
+    """The checkpoint run's balancing losses, and whether its experts route with a selection bias (read from the
+    base weights: a DeepSpeed checkpoint's consolidated ones too)."""
+    moe = run_settings(checkpoint).get("moe") or {}
+    weights = torch.load(base / "lit_model.pth", map_location="cpu", mmap=True, weights_only=True)
     return {
         "balance": MoEArgs(
             aux_loss_coef=moe.get("aux_loss_coef", 0.0), z_loss_coef=moe.get("z_loss_coef", 0.0), bias_update_rate=0.0
         ),
-        "expert_bias": has_expert_bias(load_state_keys(checkpoint)),
+        "expert_bias": has_expert_bias(weights),
     }
-
-
-def load_state_keys(checkpoint: Path) -> dict:
-    weights = checkpoint / "lit_model.pth"
-    if is_zero_checkpoint(weights):
-        return {}
-    state = load_state(weights)
-    return state.get("model", state)
 
 
 class LayerFactory:

@@ -273,9 +273,11 @@ def statistics_beside_weights(layer: MoELayer, incompatible_keys: Any) -> None:
     conversions) has its weights from the checkpoint, and its statistics, which are not saved, still on meta;
     they are made zero where the weights are."""
     device = next(layer.parameters()).device
-    for name, buffer in list(layer.named_buffers(recurse=False)):
-        if buffer.is_meta and not device.type == "meta" and name not in layer.state_dict():
-            setattr(layer, name, torch.zeros_like(buffer, device=device))
+    if device.type == "meta":
+        return
+    for name in [*STATS, "step_tokens_per_expert"]:
+        if getattr(layer, name).is_meta:
+            setattr(layer, name, torch.zeros_like(getattr(layer, name), device=device))
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

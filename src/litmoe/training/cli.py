@@ -287,7 +287,7 @@ def print_estimate(
     --resume: what the resume would continue on this hardware (ranks old -> new, global batch, steps left)."""
     from litmoe.data.prepared import MANIFEST
     from litmoe.data.tokenizer import load_tokenizer
-    from litmoe.data.training_data import data_sources, sources_key
+    from litmoe.data.training_data import data_sources
     from litmoe.distributed.estimate import describe, estimate_training
     from litmoe.distributed.expert_parallel import auto_expert_split
     from litmoe.distributed.plans import Hardware
@@ -298,7 +298,7 @@ def print_estimate(
         with_expert_parallel,
     )
     from litmoe.model.attention import default_precision
-    from litmoe.model.configs import load_model_config, model_fields
+    from litmoe.model.configs import load_model_config
     from litmoe.training.resume import RunShape, resume_summary
     from litmoe.training.run import check_run_care, fit_vocabulary, memory_per_device
     from litmoe.training.settings import check_moe, check_nodes, device_count, sequence_length, whole_steps
@@ -326,9 +326,6 @@ def print_estimate(
                    hardware.world_size, hardware.devices_per_node,
                    max_tokens=train.max_tokens and float(train.max_tokens)))  # fmt: skip
     if resume:
-        shape = RunShape(
-            model_fields(config), hardware.world_size, train.micro_batch_size, train.global_batch_size, seq_len,
-            sources_key(data_dir), seed, moe.layer,
-        )  # fmt: skip
+        shape = RunShape.of(config, hardware.world_size, train, seq_len, data_dir, seed, moe.layer)
         budget = whole_steps(train, seq_len)
         print(resume_summary(resume, Path(out_dir), shape, budget, choice.name == "deepspeed"))

@@ -34,6 +34,7 @@ from litmoe.core.checkpoint_io import (
 )
 from litmoe.core.errors import UserError
 from litmoe.data.training_data import sources_key
+from litmoe.model.configs import model_fields
 
 IGNORED_MODEL_FIELDS = {"name", "hf_config"}
 TRAINING_STATE = {"model", "optimizer", "iter_num"}  # what LitGPT's pretrain loop saves and resumes
@@ -114,6 +115,14 @@ class RunShape:
     data_dir: str
     seed: int
     moe_layer: str = "litmoe"
+
+    @classmethod
+    def of(cls, config, world_size: int, train, seq_len: int, data_dir: str | list, seed: int, moe_layer: str):
+        """The shape of a run with these settings (`config` a litgpt.Config, `train` LitGPT's TrainArgs)."""
+        return cls(
+            model_fields(config), world_size, train.micro_batch_size, train.global_batch_size, seq_len,
+            sources_key(data_dir), seed, moe_layer,
+        )  # fmt: skip
 
 
 def saved_shape(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:

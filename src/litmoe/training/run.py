@@ -26,7 +26,7 @@ from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_dir
 from litmoe.core.run_lock import launching_process, run_lock
 from litmoe.data.tokenizer import load_tokenizer, tokenizer_vocab_size
-from litmoe.data.training_data import PreparedData, TrainingData, describe_sources, sources_key, training_data
+from litmoe.data.training_data import PreparedData, TrainingData, describe_sources, training_data
 from litmoe.distributed.expert_parallel import auto_expert_split, check_expert_parallel
 from litmoe.distributed.plans import Hardware, StrategyChoice
 from litmoe.distributed.strategy import (
@@ -39,7 +39,7 @@ from litmoe.distributed.strategy import (
 )
 from litmoe.model.attention import attention_kernel_scope, check_attention, default_precision, tf32_matmuls
 from litmoe.model.builder import expected_state
-from litmoe.model.configs import load_model_config, model_fields
+from litmoe.model.configs import load_model_config
 from litmoe.model.fused_loss import fused_loss_blocker
 from litmoe.training.initial_weights import SCRATCH, check_same_tokenizer, write_initial_weights
 from litmoe.training.patches import patched_pretrain
@@ -131,10 +131,7 @@ def setup(
     inputs = [("--data_dir", source.path) for source in plan.data.sources]
     inputs += [("--initial_checkpoint_dir", initial_checkpoint_dir), ("--upcycle-from", upcycle.dense_checkpoint)]
     out_dir = check_output_dir(out_dir, "--out_dir", inputs)
-    shape = RunShape(
-        model_fields(plan.config), plan.hardware.world_size, train.micro_batch_size, train.global_batch_size,
-        plan.seq_len, sources_key(data_dir), seed, moe.layer,
-    )  # fmt: skip
+    shape = RunShape.of(plan.config, plan.hardware.world_size, train, plan.seq_len, data_dir, seed, moe.layer)
     with run_lock(out_dir):
         point = resume_point(resume, out_dir, plan.choice, shape, int(train.max_tokens))
         if point is None:
