@@ -12,6 +12,7 @@ Two launches of two ranks and one of four check everything that needs that many 
 The tests below read what the launches left (logs, checkpoints, output); each asserts one property.
 """
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -341,6 +342,12 @@ def test_zero3_across_two_ranks_trains_as_ddp(two_ranks):
     assert shards == [
         f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1) for kind in ("model", "optim")
     ]
+    # every rank's shards in SHA256SUMS, hashed as written on their rank (the digests handed to rank 0)
+    listed = dict(line.split("  ")[::-1] for line in (zero3 / "final" / "SHA256SUMS").read_text().splitlines())
+    assert {name.rsplit("/", 1)[-1] for name in listed if name.startswith("lit_model.pth/checkpoint/")} == set(shards)
+    for name, digest in listed.items():
+        assert hashlib.sha256((zero3 / "final" / name).read_bytes()).hexdigest() == digest, name
+    assert not list((zero3 / "final").rglob(".sha256-rank*"))
     ours, reference = final_weights(zero3), final_weights(ddp)
     assert ours.keys() == reference.keys()
     assert all(torch.allclose(ours[key], reference[key], rtol=1e-4, atol=1e-5) for key in reference)

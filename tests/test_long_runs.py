@@ -511,6 +511,34 @@ def test_a_checkpoint_whose_bytes_changed_is_never_loaded(train_args, tmp_path, 
     assert read_progress(final)["tokens"] == 256 * 6
 
 
+def test_deepspeed_shards_are_hashed_while_written_on_the_rank_that_writes_them(tmp_path, monkeypatch):
+    """DeepSpeed writes each rank's shards through its checkpoint engine's `save`; litmoe's swap of it hashes what
+    goes to disk, the digests travel to rank 0 through the folder, and SHA256SUMS needs no second read of a shard
+    (in either of DeepSpeed's serializations)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from litmoe.core import checksums
+    from litmoe.distributed.zero import hashed_engine_save
+
+    shards = tmp_path / "lit_model.pth" / "checkpoint"
+    shards.mkdir(parents=True)
+    state = {"module": torch.arange(6.0).reshape(2, 3), "step": 4}
+    for rank, zipfile in ((0, True), (1, False)):
+        engine = SimpleNamespace(zipfile_serialization=zipfile)
+        hashed_engine_save(engine, state, str(shards / f"zero_pp_rank_{rank}_model_states.pt"))
+    checksums.hand_over_digests(tmp_path, rank=1)  # what a rank other than 0 does after its save
+    monkeypatch.setattr(checksums, "file_digest", lambda path: pytest.fail(f"{path} was read again"))
+    checksums.write_checksums(tmp_path)  # on rank 0
+    listed = dict(line.split("  ")[::-1] for line in (tmp_path / "SHA256SUMS").read_text().splitlines())
+    assert listed == {
+        f"lit_model.pth/checkpoint/{path.name}": hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in shards.iterdir()
+    }  # and no handed-over digests left in the folder
+    loaded = torch.load(shards / "zero_pp_rank_1_model_states.pt", weights_only=True)
+    assert torch.equal(loaded["module"], state["module"]) and loaded["step"] == 4
+
+
 def test_a_finished_run_is_left_alone_until_its_budget_is_raised(train_args, tmp_path, capsys):
     out_dir = tmp_path / "out"
     main(train_args(out_dir, 256 * 4))

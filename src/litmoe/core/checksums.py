@@ -2,19 +2,23 @@
 
 Every checkpoint folder gets `SHA256SUMS` (the format of `sha256sum`, so `sha256sum -c SHA256SUMS` checks it by
 hand too), written last, before the folder is published. The weights file is hashed while it is written
-(`HashingWriter`: no second read of a large file); the small files beside it, and DeepSpeed's shards (written by
-DeepSpeed itself), are hashed after. Whoever loads a checkpoint checks its weights against the list
+(`HashingWriter`: no second read of a large file), and so are DeepSpeed's shards, each on the rank that writes
+it (the digests handed to rank 0 through the folder); the small files beside them are hashed after, and so are
+the files LitGPT's fine-tuning writes. Whoever loads a checkpoint checks its weights against the list
 (`checksum_problem`): a flipped byte is found at load, not twenty steps later as a diverging loss. The YAML and
 tokenizer files are parsed and checked at every load anyway, and may be edited by hand; `--verify` checks every
-file. A folder without the list (written before it existed, or by LitGPT) loads as before.
+file. A folder without the list (written before it existed, or by LitGPT itself) loads as before.
 """
 
 import hashlib
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import torch
 
 SUMS = "SHA256SUMS"
+HANDED_OVER = ".sha256-rank"  # + the rank: digests another rank took while writing, for write_checksums
 CHUNK = 1 << 24
 _written: dict[Path, str] = {}  # digests of the files this process wrote through a HashingWriter
 
@@ -37,6 +41,24 @@ class HashingWriter:
         _written[self.path.resolve()] = self.digest.hexdigest()
 
 
+def save_hashed(obj: Any, path: Path, **save_options: Any) -> None:
+    """`torch.save(obj, path)`, hashed while written (for `write_checksums`)."""
+    with open(path, "wb") as file:
+        writer = HashingWriter(file, path)
+        torch.save(obj, writer, **save_options)
+    writer.remember()
+
+
+def hand_over_digests(folder: Path, rank: int) -> None:
+    """Leave the digests this process took of files under `folder` in the folder, for the rank that writes its
+    SHA256SUMS (another process)."""
+    root = Path(folder).resolve()
+    mine = {path: _written.pop(path) for path in list(_written) if path.is_relative_to(root)}
+    if mine:
+        lines = "".join(f"{digest}  {path.relative_to(root).as_posix()}\n" for path, digest in mine.items())
+        (root / f"{HANDED_OVER}{rank}").write_text(lines, encoding="utf-8")
+
+
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -46,7 +68,13 @@ def file_digest(path: Path) -> str:
 
 
 def write_checksums(folder: Path) -> None:
-    """`folder/SHA256SUMS` for every file under `folder`, with the digests taken while writing where there are."""
+    """`folder/SHA256SUMS` for every file under `folder`, with the digests taken while writing where there are
+    (this process's, and those other ranks handed over)."""
+    for handed in Path(folder).glob(f"{HANDED_OVER}*"):
+        for line in handed.read_text(encoding="utf-8").splitlines():
+            digest, _, name = line.partition("  ")
+            _written[(Path(folder) / name).resolve()] = digest
+        handed.unlink()
     lines = []
     for path in sorted(Path(folder).rglob("*")):
         if path.is_file() and path.name != SUMS:
@@ -90,6 +118,6 @@ def verify_line(folder: Path, problem: str | None, checkpoint: bool) -> str:
         return f"FAILED  {folder}: {problem}"
     if not sums.is_file():
         checked = "only its structure was checked" if checkpoint else "nothing to compare"
-        return f"ok      {folder}: no {SUMS} (written before checksums existed), {checked}"
+        return f"ok      {folder}: no {SUMS} (written before checksums existed, or not by litmoe), {checked}"
     count = len(sums.read_text(encoding="utf-8").splitlines())
     return f"ok      {folder}: {count} files match {SUMS}"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from litmoe.core.checksums import HashingWriter
+from litmoe.core.checksums import save_hashed
 from litmoe.core.errors import EXIT_PEER_LOST
 from litmoe.core.patching import swapped
 from litmoe.core.peers import ADVICE, kill_children, this_rank
@@ -39,10 +39,7 @@ class DirectCheckpointIO(TorchCheckpointIO):
         """Hashed while written (litmoe.core.checksums: the checkpoint's SHA256SUMS needs no second read)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as file:
-            writer = HashingWriter(file, path)
-            torch.save(checkpoint, writer)
-        writer.remember()
+        save_hashed(checkpoint, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Memory-mapped: the ranks of a node share the file's pages instead of each reading the whole checkpoint

@@ -34,8 +34,9 @@ import torch.nn as nn
 from lightning.fabric.strategies import DeepSpeedStrategy
 
 from litmoe.core.checkpoint_io import UNIVERSAL, read_progress, weights_only_deepspeed_loads
+from litmoe.core.checksums import save_hashed
 from litmoe.core.errors import UserError
-from litmoe.core.patching import user_optimizer
+from litmoe.core.patching import swapped, user_optimizer
 from litmoe.core.user_files import read_json_file
 from litmoe.distributed.zero_checkpoints import universal
 
@@ -145,6 +146,14 @@ class LoopDeepSpeedStrategy(DeepSpeedStrategy):
         else:
             super().setup_environment()
 
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        """Every file DeepSpeed's torch.save engine writes is hashed as it is written, on the rank that writes it
+        (litmoe.core.checksums): the checkpoint's SHA256SUMS needs no second read of the shards."""
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        with swapped(TorchCheckpointEngine, "save", hashed_engine_save):
+            super().save_checkpoint(*args, **kwargs)
+
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> Any:
         if self.config.get("checkpoint", {}).get("load_universal"):
             path = self.universal_checkpoint(Path(path))
@@ -178,6 +187,11 @@ class LoopDeepSpeedStrategy(DeepSpeedStrategy):
         gradient norm the engine measured at the last step (NaN before the first)."""
         norm = self.model.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+
+def hashed_engine_save(engine: Any, state_dict: dict, path: str) -> None:
+    """DeepSpeed's `TorchCheckpointEngine.save`, hashed while written."""
+    save_hashed(state_dict, Path(path), _use_new_zipfile_serialization=engine.zipfile_serialization)
 
 
 class ZeroFabric(L.Fabric):

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from litmoe.core.checksums import SUMS, write_checksums
+from litmoe.core.checksums import SUMS, hand_over_digests, write_checksums
 from litmoe.core.errors import UserError
 from litmoe.distributed.expert_parallel import local, split_experts
 
@@ -70,6 +70,8 @@ class AtomicSave:
             self.stock_save(fabric, state, tokenizer_dir, scratch / checkpoint_file.name)
             if fabric.global_rank == 0:
                 record_progress(scratch / "hyperparameters.yaml", self.progress(fabric, state))
+            else:  # DeepSpeed's shards of this rank, hashed as written, for rank 0's SHA256SUMS
+                hand_over_digests(scratch, fabric.global_rank)
             fsync_tree(scratch)
         except (OSError, RuntimeError) as err:
             if fabric.global_rank == 0:
