@@ -2,7 +2,10 @@
 run_train.py wrote it (docs/fine-tuning.md)."""
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from litmoe.core.errors import UserError
 from litmoe.finetuning.command import main
 from litmoe.inference.export import export_hf
 from litmoe.inference.generate import generate
+from litmoe.inference.loading import load_model, resolve_checkpoint_dir
 
 
 def litgpt_flags(out_dir: Path, data: Path, steps: int = 3) -> list[str]:
@@ -117,9 +121,69 @@ def test_full_and_adapter_fine_tune_a_bias_balanced_checkpoint_with_litmoe_layer
     main(["adapter", str(run / "final"), *litgpt_flags(tmp_path / "adapter", instructions, steps=2)])
     adapter = torch.load(tmp_path / "adapter" / "final" / "lit_model.pth.adapter", weights_only=True)["model"]
     assert adapter and all("adapter" in key or "gating_factor" in key for key in adapter)
+    check_adapter_output(tmp_path, pretrained, adapter)
 
     with pytest.raises(UserError, match="already holds a fine-tune"):  # nothing a user has is written over
         main(["full", str(run), *litgpt_flags(tmp_path / "full", instructions, steps=2)])
+
+
+def check_adapter_output(tmp_path: Path, pretrained: dict, adapter: dict) -> None:
+    """An adapter fine-tune (LitGPT saves the adapter's weights alone) opens in generate.py and evaluate.py as its
+    base weights with the adapter's, in LitGPT's adapter model with litmoe's layer, also when moved whole; it has no
+    Hugging Face form; without its base it is one line."""
+    final = tmp_path / "adapter" / "final"
+    model, _ = load_model(resolve_checkpoint_dir(final), torch.device("cpu"), torch.float32)
+    state = model.state_dict()
+    assert state.keys() == pretrained.keys() | adapter.keys()
+    assert all(torch.equal(state[key], value) for key, value in (pretrained | adapter).items())  # bias included
+    assert len(generate(final, prompt="Say 1.", max_new_tokens=2, temperature=0.0)) == 1
+    with pytest.raises(UserError, match=f"{final}: an adapter fine-tune .* has no Hugging Face equivalent; export"):
+        export_hf(final, tmp_path / "hf-adapter")
+    assert not (tmp_path / "hf-adapter").exists()
+
+    shutil.move(tmp_path / "adapter", tmp_path / "moved")  # its base/ beside final/, not where it was recorded
+    assert len(generate(tmp_path / "moved" / "final", prompt="Say 1.", max_new_tokens=2, temperature=0.0)) == 1
+    alone = tmp_path / "alone" / "final"
+    shutil.copytree(tmp_path / "moved" / "final", alone)
+    with pytest.raises(UserError, match="the adapter's base weights are neither in .* keep finetune.py's base/"):
+        generate(alone, prompt="Say 1.", max_new_tokens=2)
+
+
+def test_lora_on_two_devices_trains_as_litgpts_own_lora(trained, instructions, tmp_path):
+    """On several devices LitGPT's LoRA shards the model with FSDP2 and guesses each weight's name from the
+    checkpoint's keys, which stacked experts do not have: litmoe loads the shards itself. Two CPU ranks of
+    finetune.py (litmoe's layer, LoRA on the router and the experts) log the losses of `litgpt finetune_lora` on
+    the same weights (LitGPT's own layer), and the output is complete: merged weights, checksums, one routing line."""
+    base = tmp_path / "stock-base"
+    base.mkdir()
+    weights = torch.load(trained / "final" / "lit_model.pth", weights_only=True)["model"]
+    torch.save(weights, base / "lit_model.pth")
+    for name in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(trained / "final" / name, base / name)
+    flags = ["--lora_mlp", "true", *litgpt_flags(tmp_path / "{out}", instructions, steps=2)]
+    flags[flags.index("--devices") + 1] = "2"
+    litgpt = Path(sys.executable).with_name("litgpt")
+    runs = {
+        "litmoe": [sys.executable, "finetune.py", "lora", str(trained / "final"), *flags],
+        "stock": [str(litgpt), "finetune_lora", str(base), *flags],
+    }
+    repo = Path(__file__).parents[1]
+    started = {
+        name: subprocess.Popen([arg.replace("{out}", name) for arg in argv], cwd=repo, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for name, argv in runs.items()
+    }  # fmt: skip
+    outputs = {name: process.communicate(timeout=300)[0] for name, process in started.items()}
+    assert [process.returncode for process in started.values()] == [0, 0], outputs["litmoe"][-3000:]
+    losses = {name: re.findall(r"loss train: ([0-9.]+)", out) for name, out in outputs.items()}
+    assert len(losses["litmoe"]) == 2 and losses["litmoe"] == losses["stock"]
+    assert outputs["litmoe"].count("(over the fine-tuning)") == 1  # rank 0's line
+    final = tmp_path / "litmoe" / "final"
+    assert {"lit_model.pth", "lit_model.pth.lora", "SHA256SUMS"} <= {path.name for path in final.iterdir()}
+    merged = torch.load(final / "lit_model.pth", weights_only=True)
+    assert merged.keys() == weights.keys()
+    assert not torch.equal(merged["transformer.h.0.mlp.experts.0.fc_1.weight"],
+                           weights["transformer.h.0.mlp.experts.0.fc_1.weight"])  # fmt: skip
 
 
 def test_litgpts_default_dataset_that_cannot_download_is_one_line_before_anything_is_written(

@@ -36,10 +36,12 @@ from litmoe.core.checkpoint_io import (
     load_state,
     run_settings,
 )
+from litmoe.core.checksums import save_hashed, write_checksums
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_dir
 from litmoe.core.patching import swapped
 from litmoe.data.tokenizer import load_tokenizer, tokenizer_vocab_size
+from litmoe.finetuning.sharded import load_sharded
 from litmoe.model.builder import has_expert_bias, moe_layer
 from litmoe.model.configs import checkpoint_model_config
 from litmoe.model.moe import MoELayer, read_routing_stats, routing_metrics, routing_summary
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None) -> Any:
 
 def with_litmoe(mode: str, setup: Callable[..., Any], flags: list[str]) -> Callable[..., Any]:
     """LitGPT's `setup` for `mode`, with the same signature, run on the checkpoint's base weights with litmoe's
-    layer. LitGPT records its hyperparameters by parsing sys.argv again: it sees `flags` with the base folder for
-    the checkpoint, which is what a later `litgpt merge_lora` must read."""
+    layer. The command line stays the user's (on several devices Lightning starts the other ranks with it);
+    LitGPT records its hyperparameters by parsing the command line again, and there it sees `flags` with the base
+    folder for the checkpoint, which is what a later `litgpt merge_lora` must read."""
 
     @functools.wraps(setup)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -94,14 +97,45 @@ def with_litmoe(mode: str, setup: Callable[..., Any], flags: list[str]) -> Calla
         accumulation = options["train"].gradient_accumulation_iters(options["devices"], options["num_nodes"])
         layers = LayerFactory(mode, balance_of(checkpoint, base), 1 / accumulation)
         given = str(args[0]) if args else str(kwargs["checkpoint_dir"])
-        argv = [sys.argv[0], *(str(options["checkpoint_dir"]) if flag == given else flag for flag in flags)]
-        with layers.in_place(), swapped(sys, "argv", argv):
+        recorded = [sys.argv[0], *(str(base) if flag == given else flag for flag in flags)]
+        module = sys.modules[setup.__module__]
+        record = recording(module.save_hyperparameters, recorded)
+        load = functools.partial(load_sharded, module.load_checkpoint)
+        with (
+            layers.in_place(),
+            swapped(module, "save_hyperparameters", record),
+            swapped(module, "load_checkpoint", load),
+        ):
             result = setup(*bound.args, **bound.kwargs)
-        if routing := read_routing_stats(nn.ModuleList(layers.trained)):
-            print(f"{routing_summary(routing, routing_metrics(routing))} (over the fine-tuning)")
+        if first_rank():
+            finish(out_dir / "final", layers)
         return result
 
     return run
+
+
+def finish(final: Path, layers: "LayerFactory") -> None:
+    """Rank 0's last words: final/'s SHA256SUMS (LitGPT wrote the files: hashed after, for every later load to
+    check), and the routing statistics of the fine-tuning in one line."""
+    if final.is_dir():
+        write_checksums(final)
+    if routing := read_routing_stats(nn.ModuleList(layers.routed())):
+        print(f"{routing_summary(routing, routing_metrics(routing))} (over the fine-tuning)")
+
+
+def recording(save_hyperparameters: Callable[..., None], argv: list[str]) -> Callable[..., None]:
+    """LitGPT's `save_hyperparameters`, reading `argv` as the command line."""
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        with swapped(sys, "argv", list(argv)):
+            save_hyperparameters(*args, **kwargs)
+
+    return record
+
+
+def first_rank() -> bool:
+    """Whether this process is rank 0 of LitGPT's run (or the only one)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def checkpoint_folder(path: Path) -> Path:
@@ -204,13 +238,12 @@ def write_base(checkpoint: Path, base: Path) -> Path:
     state = state.get("model", state)
     base.mkdir(parents=True, exist_ok=True)
     print(f"Writing the weights of {checkpoint} into {base} (LitGPT fine-tunes and merges from there) ...")
-    scratch = base / "lit_model.pth.partial"
-    torch.save(state, scratch)
-    scratch.replace(base / "lit_model.pth")
+    save_hashed(state, base / "lit_model.pth")
     for name in CHECKPOINT_FILES[1:]:
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, base / name)
-    (base / SOURCE).write_text(f"{checkpoint.resolve()}\n")
+    write_checksums(base)
+    (base / SOURCE).write_text(f"{checkpoint.resolve()}\n")  # last: the folder is complete
     return base
 
 
@@ -244,6 +277,11 @@ class LayerFactory:
         if not self.trained or layer.config is self.trained[0].config:
             self.trained.append(layer)
         return layer
+
+    def routed(self) -> list[MoELayer]:
+        """The trained model's layers: those that routed tokens (LitGPT's LoRA block builds its parent's MLP first,
+        then replaces it with its own)."""
+        return [layer for layer in self.trained if not layer.forwards.is_meta and layer.forwards.item() > 0]
 
     @contextmanager
     def in_place(self) -> Iterator[None]:

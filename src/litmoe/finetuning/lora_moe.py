@@ -33,11 +33,16 @@ class LoRAGroupedExperts(GroupedExperts):
         self.lora_B_out = nn.Parameter(torch.empty(n_expert, n_embd, r))
         self.reset_lora_parameters()
 
+    def reset_parameters(self) -> None:
+        """The base weights' init, then LoRA's (Lightning calls this on experts materialized from the meta device)."""
+        super().reset_parameters()
+        if hasattr(self, "lora_A_in"):  # not yet while GroupedExperts' __init__ resets the base weights
+            self.reset_lora_parameters()
+
     def reset_lora_parameters(self) -> None:
         """As LitGPT's `LoRALinear`: A from Kaiming's uniform, B zero, so that training starts at the base model."""
         for a, b in ((self.lora_A_in, self.lora_B_in), (self.lora_A_out, self.lora_B_out)):
-            for expert in range(a.shape[0]):
-                nn.init.kaiming_uniform_(a[expert], a=math.sqrt(5))
+            kaiming_per_expert_(a)
             nn.init.zeros_(b)
 
     def updates(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +62,20 @@ class LoRAGroupedExperts(GroupedExperts):
             self.w_in.copy_(w_in)
             self.w_out.copy_(w_out)
             self.merged = True
+
+
+@torch.no_grad()
+def kaiming_per_expert_(weight: torch.Tensor) -> None:
+    """Each expert's matrix from Kaiming's uniform, as LoRALinear's A. Drawn whole and then, when FSDP2 shards the
+    weight (a DTensor), this rank's shard taken: the same values as on one device, for the same seed."""
+    full = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    for matrix in full:
+        nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))
+    if hasattr(weight, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full, weight.device_mesh, weight.placements)
+    weight.copy_(full)
 
 
 class LoRAMoELayer(MoELayer):

@@ -17,7 +17,7 @@ from litmoe.core.checkpoint_io import verify as verify_checkpoints
 from litmoe.core.errors import UserError
 from litmoe.core.outputs import check_output_dir
 from litmoe.data.tokenizer import TOKENIZER_FILES, load_tokenizer
-from litmoe.inference.loading import check_weights_match, resolve_checkpoint_dir
+from litmoe.inference.loading import adapter_base, check_weights_match, resolve_checkpoint_dir
 from litmoe.model.configs import checkpoint_model_config
 from litmoe.model.experts import expert_size
 
@@ -107,6 +107,11 @@ def export_hf(checkpoint: Path, out_dir: Path | None = None, verify: bool = Fals
     from safetensors.torch import save_file
 
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)
+    if (base := adapter_base(checkpoint_dir)) is not None:
+        raise UserError(
+            f"{checkpoint_dir}: an adapter fine-tune (LitGPT's learned prompts in the attention layers) has no"
+            f" Hugging Face equivalent; export its base {base}, or fine-tune with finetune.py lora or full"
+        )
     out_dir = check_output_dir(out_dir, "--out_dir", [("--checkpoint", checkpoint)])
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out_dir {out_dir} is not empty; choose a new directory")

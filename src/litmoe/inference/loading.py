@@ -2,7 +2,8 @@
 
 Takes a final/ or step-*/ directory, or a training output directory (its newest checkpoint); a DeepSpeed
 checkpoint is read through its consolidated copy (litmoe.distributed.zero_checkpoints). The model is built
-with litmoe's MoE layer, so stock LitGPT checkpoints load too.
+with litmoe's MoE layer, so stock LitGPT checkpoints load too. An adapter fine-tune (LitGPT saves the adapter's
+weights alone) is its base weights with the adapter's, in LitGPT's adapter model.
 """
 
 from pathlib import Path
@@ -15,12 +16,15 @@ from litmoe.core.checkpoint_io import (
     is_zero_checkpoint,
     latest_checkpoint,
     load_model_weights,
+    run_settings,
 )
 from litmoe.core.errors import UserError
 from litmoe.data.tokenizer import load_tokenizer, tokenizer_vocab_size
 from litmoe.distributed.zero_checkpoints import consolidated
 from litmoe.model.builder import build_model, has_expert_bias
 from litmoe.model.configs import checkpoint_model_config
+
+ADAPTER_WEIGHTS = "lit_model.pth.adapter"  # what LitGPT's finetune_adapter saves: the adapter's weights alone
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:
@@ -40,6 +44,8 @@ def resolve_checkpoint_dir(path: Path) -> Path:
             " checkpoint); run `litgpt convert_pretrained_checkpoint BASE CONVERTED`, then `litgpt merge_lora"
             f" {path} --pretrained_checkpoint_dir CONVERTED`"
         )
+    if missing == ["lit_model.pth"] and adapter_base(path) is not None:
+        return path
     if missing:
         raise UserError(
             f"{path}: not a complete checkpoint (missing {', '.join(missing)}); pass a final/ or step-*/ dir"
@@ -58,19 +64,45 @@ def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype):
             f"{checkpoint_dir}: the tokenizer has {vocab:,} tokens but the model only {config.padded_vocab_size:,}"
             " embeddings; use the tokenizer the model was trained with"
         )
-    weights = load_model_weights(checkpoint_dir / "lit_model.pth")
-    check_weights_match(checkpoint_dir, weights)
-    model = build_model(checkpoint_dir, has_expert_bias(weights))
+    base = adapter_base(checkpoint_dir)
+    if base is None:
+        weights = load_model_weights(checkpoint_dir / "lit_model.pth")
+    else:
+        weights = load_model_weights(base / "lit_model.pth") | load_model_weights(checkpoint_dir / ADAPTER_WEIGHTS)
+    check_weights_match(checkpoint_dir, weights, adapter=base is not None)
+    model = build_model(checkpoint_dir, has_expert_bias(weights), adapter=base is not None)
     model.load_state_dict(weights)
     model = model.to(device=device, dtype=dtype).eval()
     return model, tokenizer
 
 
-def check_weights_match(checkpoint_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+def adapter_base(checkpoint_dir: Path) -> Path | None:
+    """For an adapter fine-tune's folder, the folder of the weights it adapts: where its hyperparameters.yaml
+    records them (finetune.py's OUT_DIR/base), or the folder of that name beside it (an output moved whole).
+    None for any other folder."""
+    if (checkpoint_dir / "lit_model.pth").exists() or not (checkpoint_dir / ADAPTER_WEIGHTS).is_file():
+        return None
+    recorded = run_settings(checkpoint_dir).get("checkpoint_dir")
+    if not isinstance(recorded, str):
+        raise UserError(
+            f"{checkpoint_dir}: adapter weights without the record of the model they adapt (hyperparameters.yaml's"
+            " checkpoint_dir); pass the final/ folder finetune.py wrote, with its hyperparameters.yaml"
+        )
+    moved = checkpoint_dir.parent / Path(recorded).name
+    base = next((folder for folder in (Path(recorded), moved) if (folder / "lit_model.pth").is_file()), None)
+    if base is None:
+        raise UserError(
+            f"{checkpoint_dir}: the adapter's base weights are neither in {recorded} (hyperparameters.yaml's"
+            f" checkpoint_dir) nor in {moved}; keep finetune.py's base/ folder beside final/"
+        )
+    return base
+
+
+def check_weights_match(checkpoint_dir: Path, weights: dict[str, torch.Tensor], adapter: bool = False) -> None:
     """The weights are the ones the checkpoint's model_config.yaml builds: the same names and shapes (a config
     edited or copied from another model would otherwise load with errors, or export a model without some of them)."""
     with torch.device("meta"):
-        model = build_model(checkpoint_dir, has_expert_bias(weights))
+        model = build_model(checkpoint_dir, has_expert_bias(weights), adapter)
     built = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     saved = {name: tuple(tensor.shape) for name, tensor in weights.items()}
     if built == saved:

@@ -6,6 +6,7 @@ while that name is swapped has our layer in every MoE block, with stock LitGPT's
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
@@ -46,12 +47,18 @@ def has_expert_bias(state: dict) -> bool:
     return any(key.endswith(EXPERT_BIAS_KEY) for key in state)
 
 
-def build_model(checkpoint_dir: Path, expert_bias: bool = False):
+def build_model(checkpoint_dir: Path, expert_bias: bool = False, adapter: bool = False):
     """The checkpoint's model on the CPU, in fp32, built with litmoe's MoE layer (with the experts' selection
-    bias when the checkpoint has one, so that it routes exactly as training did)."""
+    bias when the checkpoint has one, so that it routes exactly as training did); with `adapter`, LitGPT's
+    adapter model with the adapter settings LitGPT's finetune_adapter trains with (its Config's defaults)."""
     from litgpt import GPT
 
     config = checkpoint_model_config(checkpoint_dir)
+    if adapter:
+        from litgpt.adapter import GPT
+        from litgpt.adapter import Config as AdapterConfig
+
+        config = AdapterConfig(**{field.name: getattr(config, field.name) for field in fields(config) if field.init})
     with moe_layer(partial(MoELayer, expert_bias=expert_bias)):
         return GPT(config)
 

@@ -124,6 +124,13 @@ class MoELayer(nn.Module):
         self.register_buffer("step_tokens_per_expert", torch.zeros(config.n_expert, dtype=torch.long), persistent=False)
         self.register_load_state_dict_post_hook(statistics_beside_weights)
 
+    def reset_parameters(self) -> None:
+        """The layer's own state at the start: nothing routed yet, no selection bias. What Lightning calls on a
+        layer materialized from the meta device (FSDP2); the router and the experts reset their own weights."""
+        for name in (*STATS, "step_tokens_per_expert", "expert_bias"):
+            if name in self._buffers:
+                self._buffers[name].zero_()
+
     @property
     def selection_bias(self) -> torch.Tensor | None:
         if self.config.n_expert_groups:
