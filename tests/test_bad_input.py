@@ -211,6 +211,9 @@ CASES = [
     ("generate.py", GENERATE + ["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy decoding) or more"),
     ("generate.py", GENERATE + ["--temperature", "nan"], "--temperature nan: expected float"),
     ("generate.py", GENERATE + ["--top_p", "1.5"], "--top_p 1.5: must be above 0 and at most 1"),
+    ("generate.py", GENERATE + ["--devices", "0"], "--devices 0: must be at least 1"),
+    ("generate.py", GENERATE + ["--devices", "3"], "--devices 3: tensor parallelism splits the model's n_head (4)"
+     " evenly across the devices; use --devices 1 or 2"),
     ("generate.py", GENERATE + ["--top_p", "0"], "--top_p 0.0: must be above 0"),
     ("generate.py", GENERATE + ["--top_k", "0"], "--top_k 0: must be at least 1"),
     ("generate.py", GENERATE + ["--checkpoint", "{nowhere}"], "nowhere: no such checkpoint directory"),

@@ -127,3 +127,64 @@ def test_a_prompt_on_stdin_is_read_as_utf8(piped, expected, monkeypatch):
     else:
         with pytest.raises(UserError, match=re.escape(expected)):
             read_prompt("-", None)
+
+
+def test_each_rank_share_of_attention_and_moe_sums_to_the_whole_layer():
+    """Tensor parallelism (generate.py --devices N): each rank's share of an attention layer (whole query groups)
+    and of litmoe's MoE layer (every expert's hidden units, the shared experts', biases added once) computes a
+    partial output, and the partial outputs of the ranks add up to the whole layer's."""
+    import copy
+    from functools import partial
+    from types import SimpleNamespace
+
+    import litgpt.generate.tp as tp
+    from litgpt import Config
+    from litgpt.model import CausalSelfAttention
+
+    from litmoe.inference.tensor_parallel import split_attention, split_mlp
+    from litmoe.model.moe import MoELayer
+
+    config = Config(n_embd=64, n_head=8, n_query_groups=4, block_size=16, bias=True, mlp_class_name="LLaMAMoE",
+                    moe_intermediate_size=32, n_expert=4, n_expert_per_token=2, n_shared_expert=1)  # fmt: skip
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, config.n_embd)
+    attention, moe = CausalSelfAttention(config, block_idx=0), MoELayer(config)
+    for module in (attention, moe):
+        for parameter in module.parameters():
+            torch.nn.init.normal_(parameter, std=0.1)  # biases too: each must be added once
+    rope = tuple(torch.randn(1, 5, config.rope_n_elem) for _ in range(2))
+    world_size = 4
+    layers = [  # (layer, its split, its forward)
+        (attention, split_attention, lambda layer: layer(x, *rope)),
+        (moe, partial(split_mlp, tp.tensor_parallel_mlp), lambda layer: layer(x)),
+    ]
+    for whole, split, forward in layers:
+        shares = []
+        for rank in range(world_size):
+            share = copy.deepcopy(whole)
+            share.config = copy.copy(config)
+            split(SimpleNamespace(global_rank=rank, world_size=world_size), share)
+            assert len(share._forward_hooks) == 1  # the sum across ranks
+            share._forward_hooks.clear()
+            for name in ("n_head", "n_query_groups", "n_embd"):  # as LitGPT's tensor_parallel sets them
+                setattr(share.config, name, getattr(config, name) // world_size)
+            shares.append(forward(share))
+        torch.testing.assert_close(sum(shares), forward(whole), rtol=1e-5, atol=1e-6)
+
+
+def test_two_devices_sample_what_one_samples(trained, capsys):
+    """`generate.py --devices 2` (two CPU ranks over gloo) splits the model and writes, from rank 0 only, the
+    samples one process writes with the same seed."""
+    import subprocess
+
+    from conftest import REPO
+
+    prompt = ["--prompt", "The robot", "--num_samples", "2", "--max_new_tokens", "16", "--temperature", "1.0",
+              "--top_k", "null"]  # fmt: skip
+    generate(trained, prompt="The robot", num_samples=2, max_new_tokens=16, temperature=1.0, top_k=None)
+    expected = capsys.readouterr().out
+    split = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(trained), *prompt, "--devices", "2"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout == expected and expected.count("The robot") == 2
+    assert "x 2, tensor parallel" in split.stderr and "FutureWarning" not in split.stderr

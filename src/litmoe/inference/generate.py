@@ -1,10 +1,11 @@
 """Sample text from a checkpoint with LitGPT's KV-cache generation loop, streaming tokens as they come."""
 
+import io
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 import torch
 
@@ -13,7 +14,9 @@ from litmoe.core.checkpoint_io import verify as verify_checkpoints
 from litmoe.core.errors import UserError
 from litmoe.core.user_files import read_text
 from litmoe.inference.loading import load_model, resolve_checkpoint_dir
+from litmoe.inference.tensor_parallel import check_split, launch, split_model
 from litmoe.model.attention import compute_dtype, default_precision
+from litmoe.model.configs import checkpoint_model_config
 
 
 def generate_tokens(
@@ -93,6 +96,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 1234,
     precision: Literal["bf16-true", "16-true", "32-true"] | None = None,
+    devices: int = 1,
     verify: bool = False,
 ) -> list[list[int]]:
     """Sample from a checkpoint written by run_train.py; text goes to stdout, statistics to stderr.
@@ -108,6 +112,8 @@ def generate(
         top_p: Sample only among the most likely tokens whose probabilities add up to top_p.
         seed: Random seed for sampling.
         precision: Weights' precision; default bf16-true on a CUDA GPU, 32-true on CPU.
+        devices: Split the model across this many GPUs (tensor parallelism, as LitGPT's generate_tp; CPU processes
+            without a GPU), for a model too large for one.
         verify: Only check the checkpoint against its SHA256SUMS and that it would load (a run's folder: each of its
             checkpoints), one line each, then exit (status 65 when one fails); nothing is loaded or written.
     """
@@ -117,34 +123,62 @@ def generate(
     check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p)
     check_seed(seed)
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)
-    text = read_prompt(prompt, prompt_file)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(checkpoint_dir, device, compute_dtype(precision or default_precision(training=False)))
+    fabric = ranks_for(checkpoint_dir, devices)
+    writer = fabric is None or fabric.global_rank == 0  # the rank that reads the prompt and writes the samples
+    text = read_prompt(prompt, prompt_file) if writer else None
+    if fabric is not None:
+        fabric.launch()  # the other ranks start here, with this command line
+        text = fabric.broadcast(text, src=0)
+    model, tokenizer, device = model_on_devices(checkpoint_dir, precision, fabric)
     encoded = tokenizer.encode(text, bos=True, device=device)
     if encoded.numel() + max_new_tokens > model.config.block_size:
         raise UserError(
             f"the prompt ({encoded.numel()} tokens) plus --max_new_tokens {max_new_tokens} exceeds the model's"
             f" block size of {model.config.block_size}; shorten the prompt or lower --max_new_tokens"
         )
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # every rank alike: each samples the same token from the same logits
+    where = f"{checkpoint_dir}, {device.type}" + (f" x {devices}, tensor parallel" if fabric else "")
+    out, log = (sys.stdout, sys.stderr) if writer else (io.StringIO(), io.StringIO())
     samples = []
     for index in range(num_samples):
         start = time.perf_counter()
         tokens = generate_tokens(model, encoded, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id)
-        sys.stdout.write(text)
-        ids = stream_text(tokenizer, tokens, sys.stdout)
-        sys.stdout.write("\n")
+        out.write(text)
+        ids = stream_text(tokenizer, tokens, out)
+        out.write("\n")
         seconds = time.perf_counter() - start
         print(
-            f"sample {index + 1}/{num_samples}: {len(ids)} tokens in {seconds:.2f} s, {len(ids) / seconds:.1f} tokens/s"
-            f" ({checkpoint_dir}, {device.type})",
-            file=sys.stderr,
+            f"sample {index + 1}/{num_samples}: {len(ids)} tokens in {seconds:.2f} s, {len(ids) / seconds:.1f}"
+            f" tokens/s ({where})",
+            file=log,
         )
         if ids and not tokenizer.decode(torch.tensor(ids)).strip():  # e.g. greedy decoding of a small model
             print(
                 f"sample {index + 1}: only whitespace: after this prompt the model's most likely tokens are blanks"
                 " and line breaks; sample with --temperature 0.8, or a longer prompt",
-                file=sys.stderr,
+                file=log,
             )
         samples.append(ids)
+    if fabric is not None:
+        torch.distributed.destroy_process_group()
     return samples
+
+
+def ranks_for(checkpoint_dir: Path, devices: int) -> Any:
+    """None for one device; for several, the Fabric that splits the model across them (not launched yet)."""
+    if devices < 1:
+        raise UserError(f"--devices {devices}: must be at least 1")
+    if devices == 1:
+        return None
+    check_split(checkpoint_model_config(checkpoint_dir), devices)
+    return launch(devices)
+
+
+def model_on_devices(checkpoint_dir: Path, precision: str | None, fabric: Any) -> tuple[Any, Any, torch.device]:
+    """(model, tokenizer, device): the whole model on this machine's device, or this rank's share of it."""
+    dtype = compute_dtype(precision or default_precision(training=False))
+    if fabric is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return *load_model(checkpoint_dir, device, dtype), device
+    model, tokenizer = load_model(checkpoint_dir, torch.device("cpu"), dtype)  # whole, then split
+    return split_model(fabric, model), tokenizer, fabric.device

@@ -98,6 +98,22 @@ class GroupedExperts(nn.Module):
             if bias is not None:
                 nn.init.zeros_(bias)
 
+    @torch.no_grad()
+    def keep_hidden(self, units: slice) -> None:
+        """Keep only the hidden units `units` of every expert (a rank's share under tensor parallelism): the
+        experts' outputs become partial sums, which add up over the shares to the whole. `b_out` is left whole,
+        for the caller to keep on one share."""
+
+        def rows(stacked: torch.Tensor) -> torch.Tensor:  # fc_1's and fc_2's rows `units`, still stacked
+            fc_1, fc_2 = stacked.split(self.hidden, dim=1)
+            return torch.cat([fc_1[:, units], fc_2[:, units]], dim=1)
+
+        self.w_in = nn.Parameter(rows(self.w_in), requires_grad=False)
+        self.w_out = nn.Parameter(self.w_out[:, :, units].contiguous(), requires_grad=False)
+        if self.b_in is not None:
+            self.b_in = nn.Parameter(rows(self.b_in), requires_grad=False)
+        self.hidden = units.stop - units.start
+
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_in, w_out) as forward multiplies by them (fine-tuning adds LoRA's update here)."""
         return self.w_in, self.w_out
