@@ -1,12 +1,19 @@
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import torch
+from conftest import REPO
 
 from litmoe.distributed.environment import Check, check_environment
 from litmoe.training.cli import main
 
 
 def test_check_environment_reports_without_training(tmp_path, capsys):
-    from conftest import REPO
-
     out_dir = tmp_path / "runs" / "new"
     result = main(["--config", str(REPO / "train_config.yaml"), "--out_dir", str(out_dir), "--check-environment"])
     assert result is None and not out_dir.exists()  # nothing trained, nothing written
@@ -37,16 +44,45 @@ def test_verdicts_come_with_fixes_where_something_is_missing(tmp_path):
 
 def test_the_report_is_ours_alone_in_a_real_process(tmp_path):
     """No dependency's log line (DeepSpeed's guess of the accelerator) among the report's lines."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     command = [sys.executable, "run_train.py", "--check-environment", "--out_dir", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "] DeepSpeed" in result.stdout
     assert "real_accelerator" not in result.stdout + result.stderr and "[WARNING]" not in result.stdout + result.stderr
+
+
+def test_a_stalled_rank_is_one_line_past_the_timeout_and_is_not_left_behind():
+    """A rank stopped with SIGSTOP (alive, connected, silent) while the other waits in a collective: once the
+    timeout passes, the waiting rank prints one line saying so, exits with EXIT_PEER_LOST and kills the rank it
+    started (a stopped process would otherwise stay forever)."""
+    from litmoe.core.errors import EXIT_PEER_LOST
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MASTER_PORT": str(port), "TIMEOUT_SECONDS": "3"}
+    env.pop("RANK", None)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "tests/stalled_rank.py"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == EXIT_PEER_LOST, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0 on "), result.stderr[-2000:]
+    assert "a collective with the other ranks failed (Timed out waiting 3000ms" in lines[0]
+    assert "stalled past --timeout-minutes" in lines[0]
+    stopped = int(re.search(r"rank 1 pid (\d+)", result.stdout).group(1))
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{stopped}").exists() and "zombie" not in process_state(stopped) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{stopped}").exists() or "zombie" in process_state(stopped), "the stopped rank was left"
+    assert time.monotonic() - start < 60
+
+
+def process_state(pid: int) -> str:
+    try:
+        return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
+    except (OSError, StopIteration):
+        return "gone"
 
 
 def test_only_a_collective_that_lost_a_peer_is_one_line_about_the_peers():
