@@ -99,7 +99,20 @@ def test_globs_match_as_python_globs_do_on_a_tree_without_links(tmp_path):
         assert set(glob_files(str(tmp_path / pattern))) == expected, pattern
 
 
-def test_workers_write_the_same_data_as_one_process(tmp_path):
+def test_workers_write_the_same_data_as_one_process_and_hash_each_chunk_as_written(tmp_path, monkeypatch):
+    """In this process or in two workers, the same tokens; and SHA256SUMS lists every chunk with the digest its
+    writer took, none read back from disk."""
+    import hashlib
+
+    from litmoe.core import checksums
+
+    read_back = checksums.file_digest
+
+    def small_files_only(path: Path) -> str:
+        assert not Path(path).name.startswith("chunk-"), f"{path} was read again to hash it"
+        return read_back(path)
+
+    monkeypatch.setattr(checksums, "file_digest", small_files_only)
     write_corpus(tmp_path / "corpus", DOCUMENTS)
     one = prepare(str(tmp_path / "corpus"), tmp_path / "one", vocab_size=300, val_fraction=0.2, workers=1)
     two = prepare(str(tmp_path / "corpus"), tmp_path / "two", vocab_size=300, val_fraction=0.2, workers=2)
@@ -108,6 +121,12 @@ def test_workers_write_the_same_data_as_one_process(tmp_path):
     for split in ("train", "val"):
         assert read_tokens(tmp_path / "one" / split).tolist() == read_tokens(tmp_path / "two" / split).tolist()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus", "one", "two"]
+    for folder in (tmp_path / "one", tmp_path / "two"):
+        listed = dict(line.split("  ")[::-1] for line in (folder / "SHA256SUMS").read_text().splitlines())
+        files = {path.relative_to(folder).as_posix(): path for path in folder.rglob("*") if path.is_file()}
+        assert any(name.startswith("train/chunk-") for name in listed)
+        assert listed == {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()
+                          if name != "SHA256SUMS"}  # fmt: skip
 
 
 def test_preparing_data_never_imports_litgpt(tmp_path):

@@ -1,13 +1,14 @@
 """Checksums of the checkpoints a run writes, so that no checkpoint is trusted blindly.
 
 Every checkpoint folder gets `SHA256SUMS` (the format of `sha256sum`, so `sha256sum -c SHA256SUMS` checks it by
-hand too), written last, before the folder is published. The weights file is hashed while it is written
-(`HashingWriter`: no second read of a large file), and so are DeepSpeed's shards, each on the rank that writes
-it (the digests handed to rank 0 through the folder); the small files beside them are hashed after, and so are
-the files LitGPT's fine-tuning writes. Whoever loads a checkpoint checks its weights against the list
-(`checksum_problem`): a flipped byte is found at load, not twenty steps later as a diverging loss. The YAML and
-tokenizer files are parsed and checked at every load anyway, and may be edited by hand; `--verify` checks every
-file. A folder without the list (written before it existed, or by LitGPT itself) loads as before.
+hand too), written last, before the folder is published. Large files are hashed while they are written, so the
+list needs no second read of them: the weights (`HashingWriter`), DeepSpeed's shards on the rank that writes each
+(the digests handed to rank 0 through the folder), prepared data's chunks in the worker that writes each. The
+small files beside them are hashed after, and so are the files LitGPT's fine-tuning writes. Whoever loads a
+checkpoint checks its weights against the list (`checksum_problem`): a flipped byte is found at load, not twenty
+steps later as a diverging loss. The YAML and tokenizer files are parsed and checked at every load anyway, and
+may be edited by hand; `--verify` checks every file. A folder without the list (written before it existed, or
+by LitGPT itself) loads as before.
 """
 
 import hashlib
@@ -38,7 +39,12 @@ class HashingWriter:
 
     def remember(self) -> None:
         """Keep the digest of what was written, for `write_checksums`."""
-        _written[self.path.resolve()] = self.digest.hexdigest()
+        remember_digest(self.path, self.digest.hexdigest())
+
+
+def remember_digest(path: Path, digest: str) -> None:
+    """The digest of `path`, taken while it was written (here or in a worker), for `write_checksums`."""
+    _written[Path(path).resolve()] = digest
 
 
 def save_hashed(obj: Any, path: Path, **save_options: Any) -> None:
@@ -69,11 +75,11 @@ def file_digest(path: Path) -> str:
 
 def write_checksums(folder: Path) -> None:
     """`folder/SHA256SUMS` for every file under `folder`, with the digests taken while writing where there are
-    (this process's, and those other ranks handed over)."""
+    (this process's, and those other processes handed over)."""
     for handed in Path(folder).glob(f"{HANDED_OVER}*"):
         for line in handed.read_text(encoding="utf-8").splitlines():
             digest, _, name = line.partition("  ")
-            _written[(Path(folder) / name).resolve()] = digest
+            remember_digest(Path(folder) / name, digest)
         handed.unlink()
     lines = []
     for path in sorted(Path(folder).rglob("*")):

@@ -248,7 +248,7 @@ def build(
     manifest = Manifest(**{**asdict(wanted), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_out),
                            "documents": documents, "tokens": tokens})  # fmt: skip
     (scratch / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-    write_checksums(scratch)  # litdata's workers wrote the chunks: hashed after, from the page cache
+    write_checksums(scratch)  # the chunks hashed as the workers wrote them; index and manifest read here
     return manifest
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from litmoe.core.checksums import remember_digest
 from litmoe.core.errors import UserError
 from litmoe.data.prepared import SPLITS
 from litmoe.data.sources import Shard
@@ -33,6 +34,7 @@ PIECE_CHARS = 1 << 18  # a long document goes through the tokenizer in pieces of
 BATCH_CHARS = 1 << 22  # characters per tokenizer call
 FINGERPRINTS = "fingerprints.npy"  # a shard's documents, hashed, where a given validation set is checked for copies
 SHARD_DONE = "done.json"  # written last into a shard's scratch directory: its counts
+CHUNK_SUMS = "chunk_sha256.json"  # beside a shard's index.json: each chunk's digest, taken as it was written
 
 
 @dataclass(frozen=True)
@@ -167,8 +169,6 @@ def process_shard(job: Job) -> dict[str, dict[str, int]]:
     """Tokenize one shard into litdata chunks of its own (`out_dir/train`, `out_dir/val`), then mark it done with
     its counts. Runs in a worker process (or in-process with one worker)."""
     import torch
-    from litdata.streaming import TokensLoader
-    from litdata.streaming.writer import BinaryWriter
 
     out_dir = Path(job.out_dir)
     if (out_dir / SHARD_DONE).is_file():  # finished by an earlier, interrupted run
@@ -176,27 +176,46 @@ def process_shard(job: Job) -> dict[str, dict[str, int]]:
     shutil.rmtree(out_dir, ignore_errors=True)
     if job.tokenizer not in _encoders:
         _encoders[job.tokenizer] = Encoder.load(job.tokenizer)
-    writers: dict[str, BinaryWriter] = {}
+    writers: dict[str, Any] = {}
+    digests: dict[str, dict[str, str]] = {split: {} for split in SPLITS}
     counts = {"documents": dict.fromkeys(SPLITS, 0), "tokens": dict.fromkeys(SPLITS, 0), "empty": 0}
     documents = split_documents(job.shard.documents(), job.val_fraction, job.split, counts)
     fingerprints = None if job.split == "hash" else []  # a given validation set is compared with the training data
     for split, ids in encode_documents(_encoders[job.tokenizer], documents):
         if split not in writers:
-            writers[split] = BinaryWriter(str(out_dir / split), chunk_bytes="64MB", item_loader=TokensLoader())
+            writers[split] = chunk_writer(out_dir / split, digests[split])
         writers[split].add_item(counts["documents"][split], torch.from_numpy(ids))
         counts["documents"][split] += 1
         counts["tokens"][split] += len(ids)
         if fingerprints is not None:
             fingerprints.append(int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little"))
-    for writer in writers.values():
+    for split, writer in writers.items():
         writer.done()
         writer.merge()
+        (out_dir / split / CHUNK_SUMS).write_text(json.dumps(digests[split]))
     out_dir.mkdir(parents=True, exist_ok=True)  # a shard without documents wrote nothing yet
     if fingerprints is not None:
         np.save(out_dir / FINGERPRINTS, np.unique(np.asarray(fingerprints, dtype=np.uint64)))
     (out_dir / f"{SHARD_DONE}.partial").write_text(json.dumps(counts))
     (out_dir / f"{SHARD_DONE}.partial").replace(out_dir / SHARD_DONE)
     return counts
+
+
+def chunk_writer(folder: Path, digests: dict[str, str]) -> Any:
+    """litdata's chunk writer into `folder`, each chunk hashed as it is written: its digest goes into `digests` by
+    file name (for the dataset's SHA256SUMS, without reading the chunks again)."""
+    from litdata.streaming import TokensLoader
+    from litdata.streaming.writer import BinaryWriter
+
+    writer = BinaryWriter(str(folder), chunk_bytes="64MB", item_loader=TokensLoader())
+    write = writer.write_chunk_to_file
+
+    def write_hashed(raw_data: bytes, filename: str) -> None:
+        write(raw_data, filename)
+        digests[filename] = hashlib.sha256(raw_data).hexdigest()  # uncompressed: the bytes of the file
+
+    writer.write_chunk_to_file = write_hashed  # this writer only
+    return writer
 
 
 def run_jobs(jobs: list[Job], workers: int) -> list[dict]:
@@ -326,9 +345,13 @@ def merge_shards(jobs: list[Job], counts: list[dict], scratch: Path, source_name
                 continue
             index = json.loads(index_file.read_text())
             config = index["config"]
+            sums = index_file.with_name(CHUNK_SUMS)
+            digests = json.loads(sums.read_text()) if sums.is_file() else {}  # else read again at the end
             for chunk in index["chunks"]:
                 name = f"chunk-{number}-{chunk['filename'].removeprefix('chunk-')}"
                 (Path(job.out_dir) / split / chunk["filename"]).rename(scratch / split / name)
+                if chunk["filename"] in digests:
+                    remember_digest(scratch / split / name, digests[chunk["filename"]])
                 chunks.append({**chunk, "filename": name})
         index = {"chunks": chunks, "config": config, "updated_at": str(time.time())}
         (scratch / split / "index.json").write_text(json.dumps(index, sort_keys=True))
