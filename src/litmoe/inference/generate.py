@@ -126,16 +126,18 @@ def generate(
     fabric = ranks_for(checkpoint_dir, devices)
     writer = fabric is None or fabric.global_rank == 0  # the rank that reads the prompt and writes the samples
     text = read_prompt(prompt, prompt_file) if writer else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(precision or default_precision(training=False))
+    # Split across devices, the model is loaded whole on the CPU first; rank 0 loads and checks before the others
+    # start, so that a bad checkpoint or prompt is one line from one process.
+    model, tokenizer = load_model(checkpoint_dir, device if fabric is None else torch.device("cpu"), dtype)
+    if writer:
+        check_length(tokenizer.encode(text, bos=True).numel(), max_new_tokens, model.config.block_size)
     if fabric is not None:
         fabric.launch()  # the other ranks start here, with this command line
         text = fabric.broadcast(text, src=0)
-    model, tokenizer, device = model_on_devices(checkpoint_dir, precision, fabric)
+        model, device = split_model(fabric, model), fabric.device
     encoded = tokenizer.encode(text, bos=True, device=device)
-    if encoded.numel() + max_new_tokens > model.config.block_size:
-        raise UserError(
-            f"the prompt ({encoded.numel()} tokens) plus --max_new_tokens {max_new_tokens} exceeds the model's"
-            f" block size of {model.config.block_size}; shorten the prompt or lower --max_new_tokens"
-        )
     torch.manual_seed(seed)  # every rank alike: each samples the same token from the same logits
     where = f"{checkpoint_dir}, {device.type}" + (f" x {devices}, tensor parallel" if fabric else "")
     out, log = (sys.stdout, sys.stderr) if writer else (io.StringIO(), io.StringIO())
@@ -174,11 +176,9 @@ def ranks_for(checkpoint_dir: Path, devices: int) -> Any:
     return launch(devices)
 
 
-def model_on_devices(checkpoint_dir: Path, precision: str | None, fabric: Any) -> tuple[Any, Any, torch.device]:
-    """(model, tokenizer, device): the whole model on this machine's device, or this rank's share of it."""
-    dtype = compute_dtype(precision or default_precision(training=False))
-    if fabric is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return *load_model(checkpoint_dir, device, dtype), device
-    model, tokenizer = load_model(checkpoint_dir, torch.device("cpu"), dtype)  # whole, then split
-    return split_model(fabric, model), tokenizer, fabric.device
+def check_length(prompt_tokens: int, max_new_tokens: int, block_size: int) -> None:
+    if prompt_tokens + max_new_tokens > block_size:
+        raise UserError(
+            f"the prompt ({prompt_tokens} tokens) plus --max_new_tokens {max_new_tokens} exceeds the model's"
+            f" block size of {block_size}; shorten the prompt or lower --max_new_tokens"
+        )
