@@ -1,5 +1,6 @@
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -65,20 +66,25 @@ def test_a_stalled_rank_is_one_line_past_the_timeout_and_is_not_left_behind():
     start = time.monotonic()
     result = subprocess.run([sys.executable, "tests/stalled_rank.py"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=120)  # fmt: skip
-    assert result.returncode == EXIT_PEER_LOST, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: rank 0 on "), result.stderr[-2000:]
-    assert "a collective with the other ranks failed (Timed out waiting 3000ms" in lines[0]
-    assert "stalled past --timeout-minutes" in lines[0]
     stopped = int(re.search(r"rank 1 pid (\d+)", result.stdout).group(1))
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{stopped}").exists() and "zombie" not in process_state(stopped) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not Path(f"/proc/{stopped}").exists() or "zombie" in process_state(stopped), "the stopped rank was left"
-    assert time.monotonic() - start < 60
+    try:
+        assert result.returncode == EXIT_PEER_LOST, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: rank 0 on "), result.stderr[-2000:]
+        assert "a collective with the other ranks failed (Timed out waiting 3000ms" in lines[0]
+        assert "stalled past --timeout-minutes" in lines[0]
+        deadline = time.monotonic() + 10
+        while "stopped" in process_state(stopped) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "stopped" not in process_state(stopped), "the stopped rank was left behind"
+        assert time.monotonic() - start < 60
+    finally:  # never leave it to the machine (and never signal a process that took its pid since)
+        if "stopped" in process_state(stopped):
+            os.kill(stopped, signal.SIGKILL)
 
 
 def process_state(pid: int) -> str:
+    """/proc's state line of `pid` ('State:\tT (stopped)'), or 'gone'."""
     try:
         return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
     except (OSError, StopIteration):

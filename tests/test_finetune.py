@@ -50,13 +50,6 @@ def test_lora_on_router_and_experts_trains_litmoe_layer_and_merges_to_stock_litg
     """LoRA with `--lora_mlp true` (LitGPT's switch for the MLP, here the router and the stacked experts), on the
     pretraining checkpoint as it is: the merged weights are stock LitGPT's keys, the experts' and router's weights
     moved, and stock LitGPT's model on them computes what litmoe's LoRA layer computed before the merge."""
-    from litgpt import GPT, Config
-    from litgpt.lora import GPT as LoRAGPT
-    from litgpt.lora import Config as LoRAConfig
-
-    from litmoe.core.patching import swapped
-    from litmoe.finetuning.lora_moe import LoRAGroupedExperts, LoRAMoELayer
-
     out_dir = tmp_path / "lora"
     main(["lora", str(trained / "final"), *litgpt_flags(out_dir, instructions), "--lora_mlp", "true"])
     out = capsys.readouterr().out
@@ -64,22 +57,7 @@ def test_lora_on_router_and_experts_trains_litmoe_layer_and_merges_to_stock_litg
     base = torch.load(out_dir / "base" / "lit_model.pth", weights_only=True)
     pretrained = torch.load(trained / "final" / "lit_model.pth", weights_only=False)["model"]
     assert base.keys() == pretrained.keys()  # the weights alone, no optimizer state
-    merged = torch.load(out_dir / "final" / "lit_model.pth", weights_only=True)
-    assert merged.keys() == base.keys()
-    changed = {key for key in base if not torch.equal(merged[key], base[key])}
-    assert any(".mlp.experts.0.fc_1." in key for key in changed) and any(".mlp.gate." in key for key in changed)
-
-    lora = torch.load(out_dir / "final" / "lit_model.pth.lora", weights_only=True)["model"]
-    config = LoRAConfig.from_file(out_dir / "final" / "model_config.yaml", lora_r=8, lora_alpha=16,
-                                  lora_query=True, lora_value=True, lora_mlp=True)  # fmt: skip
-    with swapped(__import__("litgpt.lora").lora, "LLaMAMoE", LoRAMoELayer):
-        unmerged = LoRAGPT(config)
-    unmerged.load_state_dict({**base, **lora}, strict=True)
-    assert isinstance(unmerged.transformer.h[0].mlp.experts, LoRAGroupedExperts)
-    stock = GPT(Config.from_file(out_dir / "final" / "model_config.yaml"))
-    stock.load_state_dict(merged)
-    tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(logits(stock, tokens), logits(unmerged, tokens), rtol=1e-4, atol=1e-5)
+    assert_merged_as_trained(out_dir, base)
 
     samples = generate(out_dir / "final", prompt="Say 3.", max_new_tokens=4, temperature=0.0)
     assert len(samples) == 1 and 1 <= len(samples[0]) <= 4
@@ -91,6 +69,33 @@ def test_lora_on_router_and_experts_trains_litmoe_layer_and_merges_to_stock_litg
     with pytest.raises(UserError, match="LoRA weights that were never merged") as refusal:
         generate(unmerged_dir, prompt="Say", max_new_tokens=2)
     assert f"litgpt merge_lora {unmerged_dir} --pretrained_checkpoint_dir CONVERTED" in str(refusal.value)
+
+
+def assert_merged_as_trained(out_dir: Path, base: dict) -> None:
+    """The merged `final/lit_model.pth` has the base's stock keys, the experts and the router moved, and stock
+    LitGPT's model on it computes what litmoe's LoRA model (the base and `lit_model.pth.lora`) computed."""
+    from litgpt import GPT, Config
+    from litgpt.lora import GPT as LoRAGPT
+    from litgpt.lora import Config as LoRAConfig
+
+    from litmoe.core.patching import swapped
+    from litmoe.finetuning.lora_moe import LoRAGroupedExperts, LoRAMoELayer
+
+    merged = torch.load(out_dir / "final" / "lit_model.pth", weights_only=True)
+    assert merged.keys() == base.keys()
+    changed = {key for key in base if not torch.equal(merged[key], base[key])}
+    assert any(".mlp.experts.0.fc_1." in key for key in changed) and any(".mlp.gate." in key for key in changed)
+    lora = torch.load(out_dir / "final" / "lit_model.pth.lora", weights_only=True)["model"]
+    config = LoRAConfig.from_file(out_dir / "final" / "model_config.yaml", lora_r=8, lora_alpha=16,
+                                  lora_query=True, lora_value=True, lora_mlp=True)  # fmt: skip
+    with swapped(__import__("litgpt.lora").lora, "LLaMAMoE", LoRAMoELayer):
+        unmerged = LoRAGPT(config)
+    unmerged.load_state_dict({**base, **lora}, strict=True)
+    assert isinstance(unmerged.transformer.h[0].mlp.experts, LoRAGroupedExperts)
+    stock = GPT(Config.from_file(out_dir / "final" / "model_config.yaml"))
+    stock.load_state_dict(merged)
+    tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(stock, tokens), logits(unmerged, tokens), rtol=1e-4, atol=1e-5)
 
 
 def test_full_and_adapter_fine_tune_a_bias_balanced_checkpoint_with_litmoe_layer(
@@ -145,45 +150,63 @@ def check_adapter_output(tmp_path: Path, pretrained: dict, adapter: dict) -> Non
     assert len(generate(tmp_path / "moved" / "final", prompt="Say 1.", max_new_tokens=2, temperature=0.0)) == 1
     alone = tmp_path / "alone" / "final"
     shutil.copytree(tmp_path / "moved" / "final", alone)
-    with pytest.raises(UserError, match="the adapter's base weights are neither in .* keep finetune.py's base/"):
+    with pytest.raises(UserError, match="the adapter's base weights are neither in .* keep finetune.py's base/ folder"):
         generate(alone, prompt="Say 1.", max_new_tokens=2)
 
 
-def test_lora_on_two_devices_trains_as_litgpts_own_lora(trained, instructions, tmp_path):
+def test_lora_on_two_devices_loads_the_base_into_each_rank_and_merges_what_it_trained(
+    trained, instructions, tmp_path
+):  # fmt: skip
     """On several devices LitGPT's LoRA shards the model with FSDP2 and guesses each weight's name from the
-    checkpoint's keys, which stacked experts do not have: litmoe loads the shards itself. Two CPU ranks of
-    finetune.py (litmoe's layer, LoRA on the router and the experts) log the losses of `litgpt finetune_lora` on
-    the same weights (LitGPT's own layer), and the output is complete: merged weights, checksums, one routing line."""
+    checkpoint's keys, which stacked experts do not have: litmoe loads each rank's shards itself. Two CPU ranks of
+    finetune.py (litmoe's layer, LoRA on the router and the experts): while the weights are the base's (the first
+    two steps: the warm-up starts at a learning rate of 0), they log the losses `litgpt finetune_lora` logs on the
+    same weights with LitGPT's own layer; then LoRA trains, and the merge holds what it trained."""
     base = tmp_path / "stock-base"
     base.mkdir()
     weights = torch.load(trained / "final" / "lit_model.pth", weights_only=True)["model"]
     torch.save(weights, base / "lit_model.pth")
     for name in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(trained / "final" / name, base / name)
-    flags = ["--lora_mlp", "true", *litgpt_flags(tmp_path / "{out}", instructions, steps=2)]
-    flags[flags.index("--devices") + 1] = "2"
     litgpt = Path(sys.executable).with_name("litgpt")
-    runs = {
-        "litmoe": [sys.executable, "finetune.py", "lora", str(trained / "final"), *flags],
-        "stock": [str(litgpt), "finetune_lora", str(base), *flags],
+    runs = {  # (command, optimizer steps)
+        "litmoe": ([sys.executable, "finetune.py", "lora", str(trained / "final")], 4),
+        "stock": ([str(litgpt), "finetune_lora", str(base)], 2),
     }
-    repo = Path(__file__).parents[1]
-    started = {
-        name: subprocess.Popen([arg.replace("{out}", name) for arg in argv], cwd=repo, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for name, argv in runs.items()
-    }  # fmt: skip
+    started = {}
+    for name, (command, steps) in runs.items():
+        flags = [*litgpt_flags(tmp_path / name, instructions, steps), "--lora_mlp", "true"]
+        flags[flags.index("--devices") + 1] = "2"
+        started[name] = subprocess.Popen([*command, *flags], cwd=Path(__file__).parents[1], text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     outputs = {name: process.communicate(timeout=300)[0] for name, process in started.items()}
     assert [process.returncode for process in started.values()] == [0, 0], outputs["litmoe"][-3000:]
     losses = {name: re.findall(r"loss train: ([0-9.]+)", out) for name, out in outputs.items()}
-    assert len(losses["litmoe"]) == 2 and losses["litmoe"] == losses["stock"]
-    assert outputs["litmoe"].count("(over the fine-tuning)") == 1  # rank 0's line
+    assert len(losses["litmoe"]) == 4 and losses["litmoe"][:2] == losses["stock"]
+    assert outputs["litmoe"].count("(over the fine-tuning, rank 0)") == 1  # one line, from rank 0
     final = tmp_path / "litmoe" / "final"
     assert {"lit_model.pth", "lit_model.pth.lora", "SHA256SUMS"} <= {path.name for path in final.iterdir()}
-    merged = torch.load(final / "lit_model.pth", weights_only=True)
-    assert merged.keys() == weights.keys()
-    assert not torch.equal(merged["transformer.h.0.mlp.experts.0.fc_1.weight"],
-                           weights["transformer.h.0.mlp.experts.0.fc_1.weight"])  # fmt: skip
+    assert_merged_as_trained(tmp_path / "litmoe", weights)
+
+
+def test_base_weights_that_do_not_fit_the_sharded_model_are_one_line(trained, tmp_path):
+    """The loader for FSDP2-sharded fine-tuning maps every weight of the model to the checkpoint: one missing
+    (other than LoRA's) or one the model does not have is one line, not a model trained from its initial values."""
+    from litgpt import GPT, Config
+
+    from litmoe.finetuning.sharded import full_weights
+
+    model = GPT(Config.from_file(trained / "final" / "model_config.yaml"))
+    weights = torch.load(trained / "final" / "lit_model.pth", weights_only=True)["model"]
+    assert full_weights(model, trained / "final" / "lit_model.pth").keys() >= weights.keys()
+    broken = {
+        "missing": {key: value for key, value in weights.items() if key != "lm_head.weight"},
+        "unexpected": {**weights, "transformer.h.9.attn.qkv.weight": weights["lm_head.weight"]},
+    }
+    for name, state in broken.items():
+        torch.save(state, tmp_path / f"{name}.pth")
+        with pytest.raises(UserError, match=f"{name}.pth: its weights do not fit the model .* e.g. "):
+            full_weights(model, tmp_path / f"{name}.pth")
 
 
 def test_litgpts_default_dataset_that_cannot_download_is_one_line_before_anything_is_written(

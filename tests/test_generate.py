@@ -130,26 +130,27 @@ def test_a_prompt_on_stdin_is_read_as_utf8(piped, expected, monkeypatch):
 
 
 def test_each_rank_share_of_attention_and_moe_sums_to_the_whole_layer():
-    """Tensor parallelism (generate.py --devices N): each rank's share of an attention layer (whole query groups)
-    and of litmoe's MoE layer (every expert's hidden units, the shared experts', biases added once) computes a
-    partial output, and the partial outputs of the ranks add up to the whole layer's."""
+    """Tensor parallelism (generate.py --devices N): each rank's share of an attention layer (whole query groups),
+    of litmoe's MoE layer (every expert's hidden units, the shared experts') and of a dense MLP computes a partial
+    output, biases added once, and the partial outputs of the ranks add up to the whole layer's."""
     import copy
     from functools import partial
     from types import SimpleNamespace
 
     import litgpt.generate.tp as tp
-    from litgpt import Config
-    from litgpt.model import CausalSelfAttention
+    from litgpt import GPT, Config
+    from litgpt.model import CausalSelfAttention, LLaMAMLP
 
-    from litmoe.inference.tensor_parallel import split_attention, split_mlp
+    from litmoe.inference.tensor_parallel import split_attention, split_mlp, split_model
     from litmoe.model.moe import MoELayer
 
     config = Config(n_embd=64, n_head=8, n_query_groups=4, block_size=16, bias=True, mlp_class_name="LLaMAMoE",
-                    moe_intermediate_size=32, n_expert=4, n_expert_per_token=2, n_shared_expert=1)  # fmt: skip
+                    moe_intermediate_size=32, n_expert=4, n_expert_per_token=2, n_shared_expert=1,
+                    intermediate_size=96, first_k_dense_replace=1)  # fmt: skip
     torch.manual_seed(0)
     x = torch.randn(2, 5, config.n_embd)
-    attention, moe = CausalSelfAttention(config, block_idx=0), MoELayer(config)
-    for module in (attention, moe):
+    attention, moe, dense = CausalSelfAttention(config, block_idx=0), MoELayer(config), LLaMAMLP(config)
+    for module in (attention, moe, dense):
         for parameter in module.parameters():
             torch.nn.init.normal_(parameter, std=0.1)  # biases too: each must be added once
     rope = tuple(torch.randn(1, 5, config.rope_n_elem) for _ in range(2))
@@ -157,6 +158,7 @@ def test_each_rank_share_of_attention_and_moe_sums_to_the_whole_layer():
     layers = [  # (layer, its split, its forward)
         (attention, split_attention, lambda layer: layer(x, *rope)),
         (moe, partial(split_mlp, tp.tensor_parallel_mlp), lambda layer: layer(x)),
+        (dense, partial(split_mlp, tp.tensor_parallel_mlp), lambda layer: layer(x)),  # a first_k_dense_replace block
     ]
     for whole, split, forward in layers:
         shares = []
@@ -170,6 +172,10 @@ def test_each_rank_share_of_attention_and_moe_sums_to_the_whole_layer():
                 setattr(share.config, name, getattr(config, name) // world_size)
             shares.append(forward(share))
         torch.testing.assert_close(sum(shares), forward(whole), rtol=1e-5, atol=1e-6)
+
+    model = GPT(Config(n_embd=64, n_head=8, n_query_groups=4, n_layer=1, block_size=16, scale_embeddings=True))
+    split_model(SimpleNamespace(global_rank=1, world_size=2, device=torch.device("cpu")), model)
+    assert (model.config.n_head, model.config.n_embd) == (4, 64)  # the embeddings' scale reads the whole width
 
 
 def test_two_devices_sample_what_one_samples(trained, capsys):

@@ -17,8 +17,10 @@ modules and flags (`finetune.py MODE --help` lists them). Around LitGPT's setup:
 import functools
 import importlib
 import inspect
+import os
 import shutil
 import sys
+import time
 from argparse import ArgumentError
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -116,11 +118,13 @@ def with_litmoe(mode: str, setup: Callable[..., Any], flags: list[str]) -> Calla
 
 def finish(final: Path, layers: "LayerFactory") -> None:
     """Rank 0's last words: final/'s SHA256SUMS (LitGPT wrote the files: hashed after, for every later load to
-    check), and the routing statistics of the fine-tuning in one line."""
+    check), and the routing statistics of the fine-tuning in one line (of rank 0's batches on several devices)."""
     if final.is_dir():
         write_checksums(final)
     if routing := read_routing_stats(nn.ModuleList(layers.routed())):
-        print(f"{routing_summary(routing, routing_metrics(routing))} (over the fine-tuning)")
+        several = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        print(f"{routing_summary(routing, routing_metrics(routing))} (over the fine-tuning"
+              f"{', rank 0' if several else ''})")  # fmt: skip
 
 
 def recording(save_hyperparameters: Callable[..., None], argv: list[str]) -> Callable[..., None]:
@@ -224,7 +228,11 @@ def check_json_data(path: Path) -> None:
 
 
 def write_base(checkpoint: Path, base: Path) -> Path:
-    """`base/`: the checkpoint's weights alone (stock LitGPT keys) and its configs, made once per checkpoint."""
+    """`base/`: the checkpoint's weights alone (stock LitGPT keys) and its configs, made once per checkpoint. It
+    appears whole (written beside it, then renamed); where a launcher starts every rank at once (torchrun, srun),
+    each node's first rank writes it and the others wait for it."""
+    if not (base / SOURCE).is_file() and launched_local_rank() > 0:
+        wait_for(base / SOURCE)
     if (base / SOURCE).is_file():
         if (base / SOURCE).read_text().strip() == str(checkpoint.resolve()):
             return base
@@ -236,15 +244,35 @@ def write_base(checkpoint: Path, base: Path) -> Path:
         weights = consolidated(checkpoint) / "lit_model.pth"
     state = load_state(weights)
     state = state.get("model", state)
-    base.mkdir(parents=True, exist_ok=True)
     print(f"Writing the weights of {checkpoint} into {base} (LitGPT fine-tunes and merges from there) ...")
-    save_hashed(state, base / "lit_model.pth")
+    scratch = base.with_name(f".{base.name}.partial-{os.getpid()}")
+    scratch.mkdir(parents=True)
+    save_hashed(state, scratch / "lit_model.pth")
     for name in CHECKPOINT_FILES[1:]:
         if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, base / name)
-    write_checksums(base)
-    (base / SOURCE).write_text(f"{checkpoint.resolve()}\n")  # last: the folder is complete
+            shutil.copy2(checkpoint / name, scratch / name)
+    write_checksums(scratch)
+    (scratch / SOURCE).write_text(f"{checkpoint.resolve()}\n")
+    try:
+        scratch.rename(base)
+    except OSError:  # another node's first rank renamed its copy first (a shared file system)
+        shutil.rmtree(scratch)
+        if not (base / SOURCE).is_file():
+            raise
     return base
+
+
+def launched_local_rank() -> int:
+    """This process's rank on its node, as a launcher that starts every rank at once sets it (0 when alone)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+
+
+def wait_for(path: Path, timeout_seconds: float = 1800) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise UserError(f"{path.parent}: not written by this node's first rank in {timeout_seconds:.0f} s")
+        time.sleep(0.5)
 
 
 def balance_of(checkpoint: Path, base: Path) -> dict[str, Any]:

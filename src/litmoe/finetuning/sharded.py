@@ -14,12 +14,15 @@ from typing import Any
 
 import torch
 
+from litmoe.core.errors import UserError
+
 WRAPPED = "_checkpoint_wrapped_module."  # what activation checkpointing adds to the names of a Block's weights
 
 
 def load_sharded(stock_load: Any, fabric: Any, model: torch.nn.Module, checkpoint_path: Path, strict: bool = True):
     """LitGPT's `load_checkpoint`, for a model sharded by Lightning's ModelParallelStrategy; other strategies go to
-    `stock_load`. Weights the checkpoint does not hold (LoRA's) keep their initial values."""
+    `stock_load`. Weights the checkpoint does not hold (LoRA's) keep their initial values; any other weight
+    missing, or one the model does not have, is one line."""
     from lightning.fabric.strategies import ModelParallelStrategy
 
     if not isinstance(fabric.strategy, ModelParallelStrategy):
@@ -28,8 +31,8 @@ def load_sharded(stock_load: Any, fabric: Any, model: torch.nn.Module, checkpoin
     full = full_weights(module, checkpoint_path)
     with torch.no_grad():
         for name, tensor in chain(module.named_parameters(), module.named_buffers()):
-            source = full.get(name.replace(WRAPPED, ""))
-            if source is None or source.is_meta:
+            source = full[name.replace(WRAPPED, "")]
+            if source.is_meta:  # not in the checkpoint (LoRA's weights, caches): as initialized
                 continue
             source = source.to(device=tensor.device, dtype=tensor.dtype)
             if hasattr(tensor, "device_mesh"):  # a DTensor: this rank's shard of it
@@ -48,5 +51,12 @@ def full_weights(module: torch.nn.Module, checkpoint_path: Path) -> dict[str, to
     with torch.device("meta"):
         # a copy of the config: the layer factory keeps the layers of the trained model's config only
         reference = type(module)(copy.copy(module.config))
-    reference.load_state_dict(state, strict=False, assign=True)
+    keys = reference.load_state_dict(state, strict=False, assign=True)
+    missing = [key for key in keys.missing_keys if "lora_" not in key]
+    if missing or keys.unexpected_keys:
+        example = (missing or keys.unexpected_keys)[0]
+        raise UserError(
+            f"{checkpoint_path}: its weights do not fit the model ({len(missing)} missing and"
+            f" {len(keys.unexpected_keys)} unexpected, e.g. {example}); fine-tune the checkpoint they were written from"
+        )
     return dict(chain(reference.named_parameters(), reference.named_buffers()))

@@ -4,6 +4,7 @@ import io
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -13,8 +14,8 @@ from litmoe.core.args import check_seed
 from litmoe.core.checkpoint_io import verify as verify_checkpoints
 from litmoe.core.errors import UserError
 from litmoe.core.user_files import read_text
-from litmoe.inference.loading import load_model, resolve_checkpoint_dir
-from litmoe.inference.tensor_parallel import check_split, launch, split_model
+from litmoe.inference.loading import adapter_base, load_model, resolve_checkpoint_dir
+from litmoe.inference.tensor_parallel import check_split, launch, split_in_turn, split_model
 from litmoe.model.attention import compute_dtype, default_precision
 from litmoe.model.configs import checkpoint_model_config
 
@@ -122,21 +123,25 @@ def generate(
         return []
     check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p)
     check_seed(seed)
+    if devices < 1:
+        raise UserError(f"--devices {devices}: must be at least 1")
     checkpoint_dir = resolve_checkpoint_dir(checkpoint)
     fabric = ranks_for(checkpoint_dir, devices)
     writer = fabric is None or fabric.global_rank == 0  # the rank that reads the prompt and writes the samples
-    text = read_prompt(prompt, prompt_file) if writer else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(precision or default_precision(training=False))
-    # Split across devices, the model is loaded whole on the CPU first; rank 0 loads and checks before the others
-    # start, so that a bad checkpoint or prompt is one line from one process.
-    model, tokenizer = load_model(checkpoint_dir, device if fabric is None else torch.device("cpu"), dtype)
-    if writer:
+    text = model = tokenizer = None
+    if writer:  # across devices, rank 0 loads, checks and splits before the others start: one line from one process
+        text = read_prompt(prompt, prompt_file)
+        model, tokenizer = load_model(checkpoint_dir, device if fabric is None else torch.device("cpu"), dtype)
         check_length(tokenizer.encode(text, bos=True).numel(), max_new_tokens, model.config.block_size)
     if fabric is not None:
+        model = split_model(fabric, model) if writer else None
         fabric.launch()  # the other ranks start here, with this command line
         text = fabric.broadcast(text, src=0)
-        model, device = split_model(fabric, model), fabric.device
+        share = split_in_turn(fabric, partial(load_model, checkpoint_dir, torch.device("cpu"), dtype))
+        model, tokenizer = (model, tokenizer) if writer else share
+        device = fabric.device
     encoded = tokenizer.encode(text, bos=True, device=device)
     torch.manual_seed(seed)  # every rank alike: each samples the same token from the same logits
     where = f"{checkpoint_dir}, {device.type}" + (f" x {devices}, tensor parallel" if fabric else "")
@@ -168,10 +173,13 @@ def generate(
 
 def ranks_for(checkpoint_dir: Path, devices: int) -> Any:
     """None for one device; for several, the Fabric that splits the model across them (not launched yet)."""
-    if devices < 1:
-        raise UserError(f"--devices {devices}: must be at least 1")
     if devices == 1:
         return None
+    if adapter_base(checkpoint_dir) is not None:
+        raise UserError(
+            f"--devices {devices}: an adapter fine-tune's learned prompts are not split across devices; use"
+            " --devices 1, or fine-tune with finetune.py lora or full"
+        )
     check_split(checkpoint_model_config(checkpoint_dir), devices)
     return launch(devices)
 

@@ -77,9 +77,9 @@ def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype):
 
 
 def adapter_base(checkpoint_dir: Path) -> Path | None:
-    """For an adapter fine-tune's folder, the folder of the weights it adapts: where its hyperparameters.yaml
-    records them (finetune.py's OUT_DIR/base), or the folder of that name beside it (an output moved whole).
-    None for any other folder."""
+    """For an adapter fine-tune's folder, the folder of the weights it adapts: the folder beside it named as its
+    hyperparameters.yaml records (finetune.py's OUT_DIR/base, found also when the output moved whole), else the
+    recorded path itself. None for any other folder."""
     if (checkpoint_dir / "lit_model.pth").exists() or not (checkpoint_dir / ADAPTER_WEIGHTS).is_file():
         return None
     recorded = run_settings(checkpoint_dir).get("checkpoint_dir")
@@ -89,11 +89,11 @@ def adapter_base(checkpoint_dir: Path) -> Path | None:
             " checkpoint_dir); pass the final/ folder finetune.py wrote, with its hyperparameters.yaml"
         )
     moved = checkpoint_dir.parent / Path(recorded).name
-    base = next((folder for folder in (Path(recorded), moved) if (folder / "lit_model.pth").is_file()), None)
+    base = next((folder for folder in (moved, Path(recorded)) if (folder / "lit_model.pth").is_file()), None)
     if base is None:
         raise UserError(
-            f"{checkpoint_dir}: the adapter's base weights are neither in {recorded} (hyperparameters.yaml's"
-            f" checkpoint_dir) nor in {moved}; keep finetune.py's base/ folder beside final/"
+            f"{checkpoint_dir}: the adapter's base weights are neither in {moved} nor in {recorded}"
+            " (hyperparameters.yaml's checkpoint_dir); keep finetune.py's base/ folder beside final/"
         )
     return base
 

@@ -12,6 +12,7 @@ per-layer functions are swapped here:
   computes something else. Here q, k and v are each split by heads (whole query groups per rank).
 """
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -24,13 +25,18 @@ from litmoe.model.moe import MoELayer
 
 
 def check_split(config, devices: int) -> None:
-    """Every size tensor parallelism divides by `devices`, before any rank starts."""
+    """A model tensor parallelism can split, and every size it splits divisible by `devices`, before any rank
+    starts."""
+    if config.latent_attention is not None:
+        raise UserError(f"--devices {devices}: latent attention (DeepSeek's) is not split across devices; use 1")
+    if config.norm_qk and config.norm_qk_type == "olmo2":
+        raise UserError(f"--devices {devices}: this model normalizes all query heads together; use --devices 1")
     sizes = {"n_head": config.n_head, "n_query_groups": config.n_query_groups, "n_embd": config.n_embd}
     if config.mlp_class_name == "LLaMAMoE":
         sizes["moe_intermediate_size"] = expert_size(config)
         if config.n_shared_expert:
             sizes["shared experts' hidden size"] = expert_size(config) * config.n_shared_expert
-    else:
+    if config.mlp_class_name != "LLaMAMoE" or config.first_k_dense_replace:  # dense MLPs
         sizes["intermediate_size"] = config.intermediate_size
     for name, size in sizes.items():
         if size % devices:
@@ -39,8 +45,6 @@ def check_split(config, devices: int) -> None:
                 f"--devices {devices}: tensor parallelism splits the model's {name} ({size}) evenly across the"
                 f" devices; use --devices {' or '.join(map(str, fits))}"
             )
-    if config.norm_qk and config.norm_qk_type == "olmo2":
-        raise UserError(f"--devices {devices}: this model normalizes all query heads together; use --devices 1")
     if torch.cuda.is_available() and devices > torch.cuda.device_count():
         raise UserError(f"--devices {devices}: this machine has {torch.cuda.device_count()} GPUs")
 
@@ -54,15 +58,33 @@ def launch(devices: int) -> Any:
     return L.Fabric(devices=devices, accelerator=accelerator, strategy="ddp", precision="32-true")
 
 
+def split_in_turn(fabric: Any, load: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any] | None:
+    """(this rank's share of the model on its device, the tokenizer) for ranks 1 to N-1, None on rank 0 (which
+    split its share before the others started). The ranks take turns: each loads the whole model on the CPU,
+    keeps its share and frees the rest while the others wait, so that the host holds one whole model at a time
+    (as LitGPT's generate_tp)."""
+    share = None
+    for turn in range(1, fabric.world_size):
+        if turn == fabric.global_rank:
+            model, tokenizer = load()
+            share = split_model(fabric, model), tokenizer
+        fabric.barrier()
+    return share
+
+
 def split_model(fabric: Any, model: torch.nn.Module) -> torch.nn.Module:
     """This rank's share of `model` (built and loaded whole on the CPU), moved to its device."""
     import litgpt.generate.tp as tp
 
+    n_embd = model.config.n_embd
     with (
         swapped(tp, "tensor_parallel_mlp", partial(split_mlp, tp.tensor_parallel_mlp)),
         swapped(tp, "tensor_parallel_attn", split_attention),
     ):
         model = tp.tensor_parallel(fabric, model)
+    # LitGPT divides n_embd with the head counts, but the residual stream stays whole on every rank; nothing split
+    # reads it, and the embedding scale (Gemma's) must see the whole width.
+    model.config.n_embd = n_embd
     return model.to(fabric.device)
 
 
@@ -97,9 +119,12 @@ def split_mlp(stock: Any, fabric: Any, mlp: torch.nn.Module) -> None:
     """LitGPT's `tensor_parallel_mlp`, which also shards litmoe's MoE layer."""
     import litgpt.generate.tp as tp
 
-    if not isinstance(mlp, MoELayer):
-        return stock(fabric, mlp)
     rank, world_size = fabric.global_rank, fabric.world_size
+    if not isinstance(mlp, MoELayer):  # a dense MLP: LitGPT's split, its proj's bias added once
+        stock(fabric, mlp)
+        if mlp.proj.bias is not None and rank > 0:
+            mlp.proj.bias.data.zero_()
+        return None
     experts = mlp.experts
     share = experts.hidden // world_size
     experts.keep_hidden(slice(rank * share, (rank + 1) * share))
