@@ -512,21 +512,31 @@ def test_a_checkpoint_whose_bytes_changed_is_never_loaded(train_args, tmp_path, 
 
 
 def test_deepspeed_shards_are_hashed_while_written_on_the_rank_that_writes_them(tmp_path, monkeypatch):
-    """DeepSpeed writes each rank's shards through its checkpoint engine's `save`; litmoe's swap of it hashes what
-    goes to disk, the digests travel to rank 0 through the folder, and SHA256SUMS needs no second read of a shard
-    (in either of DeepSpeed's serializations)."""
+    """DeepSpeed writes each rank's shards through its checkpoint engine's `save`; during the strategy's save
+    litmoe's swap of it hashes what goes to disk, the digests travel to rank 0 through the folder, and SHA256SUMS
+    needs no second read of a shard (in either of DeepSpeed's serializations)."""
     import hashlib
     from types import SimpleNamespace
 
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from lightning.fabric.strategies import DeepSpeedStrategy
+
     from litmoe.core import checksums
-    from litmoe.distributed.zero import hashed_engine_save
+    from litmoe.distributed.zero import LoopDeepSpeedStrategy, hashed_engine_save
 
     shards = tmp_path / "lit_model.pth" / "checkpoint"
     shards.mkdir(parents=True)
     state = {"module": torch.arange(6.0).reshape(2, 3), "step": 4}
-    for rank, zipfile in ((0, True), (1, False)):
-        engine = SimpleNamespace(zipfile_serialization=zipfile)
-        hashed_engine_save(engine, state, str(shards / f"zero_pp_rank_{rank}_model_states.pt"))
+
+    def engine_writes(strategy, path: str, state: dict) -> None:  # Lightning's save: DeepSpeed's engine writes
+        TorchCheckpointEngine().save(state, path)  # its own serialization setting: the legacy format
+
+    monkeypatch.setattr(DeepSpeedStrategy, "save_checkpoint", engine_writes)
+    strategy = LoopDeepSpeedStrategy.__new__(LoopDeepSpeedStrategy)  # its save alone: no engine is set up
+    strategy.save_checkpoint(str(shards / "zero_pp_rank_0_model_states.pt"), state)
+    assert TorchCheckpointEngine.save is not hashed_engine_save  # swapped for the save only
+    engine = SimpleNamespace(zipfile_serialization=True)  # DeepSpeed's default config: the zip format
+    hashed_engine_save(engine, state, str(shards / "zero_pp_rank_1_model_states.pt"))
     checksums.hand_over_digests(tmp_path, rank=1)  # what a rank other than 0 does after its save
     monkeypatch.setattr(checksums, "file_digest", lambda path: pytest.fail(f"{path} was read again"))
     checksums.write_checksums(tmp_path)  # on rank 0
