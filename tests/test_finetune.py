@@ -59,8 +59,21 @@ def test_lora_on_router_and_experts_trains_litmoe_layer_and_merges_to_stock_litg
     assert base.keys() == pretrained.keys()  # the weights alone, no optimizer state
     assert_merged_as_trained(out_dir, base)
 
-    samples = generate(out_dir / "final", prompt="Say 3.", max_new_tokens=4, temperature=0.0)
+    # generate.py writes the prompt in the template the fine-tune learned (LitGPT's prompt_style.yaml; Alpaca's
+    # is longer than this tiny model's block, so a shorter one of LitGPT's here), or as given with --raw_prompt
+    assert (out_dir / "final" / "prompt_style.yaml").read_text() == "class_path: litgpt.prompts.Alpaca\n"
+    styled = tmp_path / "styled"
+    shutil.copytree(out_dir / "final", styled)
+    (styled / "prompt_style.yaml").write_text("class_path: litgpt.prompts.Phi1\n")
+    capsys.readouterr()
+    samples = generate(styled, prompt="Say 3.", max_new_tokens=4, temperature=0.0)
     assert len(samples) == 1 and 1 <= len(samples[0]) <= 4
+    assert capsys.readouterr().out.startswith("Say 3.\n\nAnswer:")
+    generate(styled, prompt="Say 3.", max_new_tokens=1, temperature=0.0, raw_prompt=True)
+    assert "Answer:" not in capsys.readouterr().out
+    (styled / "prompt_style.yaml").write_text("class_path: os.system\n")  # a class to import: code to run
+    with pytest.raises(UserError, match="class_path 'os.system' is not one of LitGPT's prompt styles"):
+        generate(styled, prompt="Say 3.", max_new_tokens=1)
     assert (export_hf(out_dir / "final", tmp_path / "hf") / "model.safetensors").is_file()  # opens in transformers
 
     # LoRA weights that were never merged (a merge interrupted) are one line in generate.py, saying how to merge
@@ -121,7 +134,7 @@ def test_full_and_adapter_fine_tune_a_bias_balanced_checkpoint_with_litmoe_layer
     assert not torch.equal(tuned["transformer.h.0.mlp.experts.0.fc_1.weight"],
                            pretrained["transformer.h.0.mlp.experts.0.fc_1.weight"])  # fmt: skip
     assert "(over the fine-tuning)" in capsys.readouterr().out
-    assert len(generate(tmp_path / "full" / "final", prompt="Say 1.", max_new_tokens=2, temperature=0.0)) == 1
+    assert len(generate(tmp_path / "full" / "final", prompt="Say 1.", max_new_tokens=2, raw_prompt=True)) == 1
 
     main(["adapter", str(run / "final"), *litgpt_flags(tmp_path / "adapter", instructions, steps=2)])
     adapter = torch.load(tmp_path / "adapter" / "final" / "lit_model.pth.adapter", weights_only=True)["model"]
@@ -141,17 +154,17 @@ def check_adapter_output(tmp_path: Path, pretrained: dict, adapter: dict) -> Non
     state = model.state_dict()
     assert state.keys() == pretrained.keys() | adapter.keys()
     assert all(torch.equal(state[key], value) for key, value in (pretrained | adapter).items())  # bias included
-    assert len(generate(final, prompt="Say 1.", max_new_tokens=2, temperature=0.0)) == 1
+    assert len(generate(final, prompt="Say 1.", max_new_tokens=2, raw_prompt=True)) == 1
     with pytest.raises(UserError, match=f"{final}: an adapter fine-tune .* has no Hugging Face equivalent; export"):
         export_hf(final, tmp_path / "hf-adapter")
     assert not (tmp_path / "hf-adapter").exists()
 
     shutil.move(tmp_path / "adapter", tmp_path / "moved")  # its base/ beside final/, not where it was recorded
-    assert len(generate(tmp_path / "moved" / "final", prompt="Say 1.", max_new_tokens=2, temperature=0.0)) == 1
+    assert len(generate(tmp_path / "moved" / "final", prompt="Say 1.", max_new_tokens=2, raw_prompt=True)) == 1
     alone = tmp_path / "alone" / "final"
     shutil.copytree(tmp_path / "moved" / "final", alone)
     with pytest.raises(UserError, match="the adapter's base weights are neither in .* keep finetune.py's base/ folder"):
-        generate(alone, prompt="Say 1.", max_new_tokens=2)
+        generate(alone, prompt="Say 1.", max_new_tokens=2, raw_prompt=True)
 
 
 def test_lora_on_two_devices_loads_the_base_into_each_rank_and_merges_what_it_trained(

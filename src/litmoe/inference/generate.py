@@ -13,7 +13,7 @@ import torch
 from litmoe.core.args import check_seed
 from litmoe.core.checkpoint_io import verify as verify_checkpoints
 from litmoe.core.errors import UserError
-from litmoe.core.user_files import read_text
+from litmoe.core.user_files import read_text, read_yaml_file
 from litmoe.inference.loading import adapter_base, load_model, resolve_checkpoint_dir
 from litmoe.inference.tensor_parallel import check_split, launch, split_in_turn, split_model
 from litmoe.model.attention import compute_dtype, default_precision
@@ -98,6 +98,7 @@ def generate(
     seed: int = 1234,
     precision: Literal["bf16-true", "16-true", "32-true"] | None = None,
     devices: int = 1,
+    raw_prompt: bool = False,
     verify: bool = False,
 ) -> list[list[int]]:
     """Sample from a checkpoint written by run_train.py; text goes to stdout, statistics to stderr.
@@ -115,6 +116,9 @@ def generate(
         precision: Weights' precision; default bf16-true on a CUDA GPU, 32-true on CPU.
         devices: Split the model across this many GPUs (tensor parallelism, as LitGPT's generate_tp; CPU processes
             without a GPU), for a model too large for one.
+        raw_prompt: Sample from the prompt as given, also from a fine-tune (by default, a checkpoint with a
+            prompt_style.yaml, as LitGPT's fine-tuning writes, gets its prompt in that template, as LitGPT's
+            generate does).
         verify: Only check the checkpoint against its SHA256SUMS and that it would load (a run's folder: each of its
             checkpoints), one line each, then exit (status 65 when one fails); nothing is loaded or written.
     """
@@ -133,6 +137,7 @@ def generate(
     text = model = tokenizer = None
     if writer:  # across devices, rank 0 loads, checks and splits before the others start: one line from one process
         text = read_prompt(prompt, prompt_file)
+        text = text if raw_prompt else apply_prompt_style(checkpoint_dir, text)
         model, tokenizer = load_model(checkpoint_dir, device if fabric is None else torch.device("cpu"), dtype)
         check_length(tokenizer.encode(text, bos=True).numel(), max_new_tokens, model.config.block_size)
     if fabric is not None:
@@ -182,6 +187,27 @@ def ranks_for(checkpoint_dir: Path, devices: int) -> Any:
         )
     check_split(checkpoint_model_config(checkpoint_dir), devices)
     return launch(devices)
+
+
+def apply_prompt_style(checkpoint_dir: Path, prompt: str) -> str:
+    """The prompt in the template a fine-tune was trained with (the prompt_style.yaml LitGPT's fine-tuning writes
+    beside its weights), as LitGPT's generate applies it; without that file, the prompt as it is. Only LitGPT's
+    own styles are taken: the file names a class to import, which a crafted file would use to run code."""
+    import litgpt.prompts
+
+    path = checkpoint_dir / "prompt_style.yaml"
+    if not path.is_file():
+        return prompt
+    fields = read_yaml_file(path, "a prompt style", "write it as LitGPT does (class_path: litgpt.prompts.Alpaca)")
+    name = str(fields.get("class_path", "")) if isinstance(fields, dict) else ""
+    ours = name.startswith("litgpt.prompts.")
+    style = getattr(litgpt.prompts, name.removeprefix("litgpt.prompts."), None) if ours else None
+    if not (isinstance(style, type) and issubclass(style, litgpt.prompts.PromptStyle)):
+        raise UserError(
+            f"{path}: class_path {name!r} is not one of LitGPT's prompt styles (litgpt.prompts.*); fix it, or pass"
+            " --raw_prompt to sample from the prompt as given"
+        )
+    return style().apply(prompt)
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, block_size: int) -> None:
