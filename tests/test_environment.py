@@ -102,6 +102,6 @@ def test_only_a_collective_that_lost_a_peer_is_one_line_about_the_peers():
     )
     line = peer_failure(gloo)
     assert line.startswith("rank 0 on ") and "failed (Read error [127.0.0.1]:5552: Connection reset by peer);" in line
-    assert "resume with --resume auto once every rank can run" in line
+    assert "(a training run keeps its last checkpoint: --resume auto once every rank can run)" in line
     assert peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 2x2)")) is None
     assert peer_failure(ValueError("NCCL")) is None

@@ -18,7 +18,7 @@ PEER_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection closed
 DISTRIBUTED_ERRORS = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
 ADVICE = (
     "another rank died, stalled past --timeout-minutes or never joined (its own output says why); every rank"
-    " stops, the last checkpoint is kept: resume with --resume auto once every rank can run"
+    " stops (a training run keeps its last checkpoint: --resume auto once every rank can run)"
 )
 
 

@@ -4,6 +4,7 @@ import io
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -12,7 +13,8 @@ import torch
 
 from litmoe.core.args import check_seed
 from litmoe.core.checkpoint_io import verify as verify_checkpoints
-from litmoe.core.errors import UserError
+from litmoe.core.errors import EXIT_PEER_LOST, RunStopped, UserError
+from litmoe.core.peers import peer_failure
 from litmoe.core.user_files import read_text, read_yaml_file
 from litmoe.inference.loading import adapter_base, load_model, resolve_checkpoint_dir
 from litmoe.inference.tensor_parallel import check_split, launch, split_in_turn, split_model
@@ -152,25 +154,26 @@ def generate(
     where = f"{checkpoint_dir}, {device.type}" + (f" x {devices}, tensor parallel" if fabric else "")
     out, log = (sys.stdout, sys.stderr) if writer else (io.StringIO(), io.StringIO())
     samples = []
-    for index in range(num_samples):
-        start = time.perf_counter()
-        tokens = generate_tokens(model, encoded, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id)
-        out.write(text)
-        ids = stream_text(tokenizer, tokens, out)
-        out.write("\n")
-        seconds = time.perf_counter() - start
-        print(
-            f"sample {index + 1}/{num_samples}: {len(ids)} tokens in {seconds:.2f} s, {len(ids) / seconds:.1f}"
-            f" tokens/s ({where})",
-            file=log,
-        )
-        if ids and not tokenizer.decode(torch.tensor(ids)).strip():  # e.g. greedy decoding of a small model
+    with quiet_unless_writer(writer):
+        for index in range(num_samples):
+            start = time.perf_counter()
+            tokens = generate_tokens(model, encoded, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id)
+            out.write(text)
+            ids = stream_text(tokenizer, tokens, out)
+            out.write("\n")
+            seconds = time.perf_counter() - start
             print(
-                f"sample {index + 1}: only whitespace: after this prompt the model's most likely tokens are blanks"
-                " and line breaks; sample with --temperature 0.8, or a longer prompt",
+                f"sample {index + 1}/{num_samples}: {len(ids)} tokens in {seconds:.2f} s, {len(ids) / seconds:.1f}"
+                f" tokens/s ({where})",
                 file=log,
             )
-        samples.append(ids)
+            if ids and not tokenizer.decode(torch.tensor(ids)).strip():  # e.g. greedy decoding of a small model
+                print(
+                    f"sample {index + 1}: only whitespace: after this prompt the model's most likely tokens are blanks"
+                    " and line breaks; sample with --temperature 0.8, or a longer prompt",
+                    file=log,
+                )
+            samples.append(ids)
     if fabric is not None:
         torch.distributed.destroy_process_group()
     return samples
@@ -208,6 +211,18 @@ def apply_prompt_style(checkpoint_dir: Path, prompt: str) -> str:
             " --raw_prompt to sample from the prompt as given"
         )
     return style().apply(prompt)
+
+
+@contextmanager
+def quiet_unless_writer(writer: bool) -> Iterator[None]:
+    """On the ranks other than rank 0, a collective that fails because rank 0 has gone ends the rank quietly:
+    rank 0 said why (or its reader closed the pipe, `generate.py ... | head`)."""
+    try:
+        yield
+    except Exception as err:
+        if writer or peer_failure(err) is None:
+            raise
+        raise RunStopped(None, EXIT_PEER_LOST) from None
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, block_size: int) -> None:
