@@ -131,7 +131,7 @@ def killed(prepared, tiny_model_file, tmp_path_factory) -> Path:
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert lines[0].startswith("error: rank 0 on ") or lines[0].startswith("error: rank 1 (pid ")
-    assert "every rank stops, the last checkpoint is kept: resume with --resume auto" in lines[0]
+    assert "every rank stops (a training run keeps its last checkpoint: --resume auto" in lines[0]
     for _ in range(50):  # every rank is gone within a bounded grace (the session's processes, loader workers too)
         if not session_processes(process.pid):
             break

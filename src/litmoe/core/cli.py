@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from litmoe.core.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_USAGE, RunStopped, UserError
-from litmoe.core.peers import kill_children, peer_failure
+from litmoe.core.peers import kill_children, leave, peer_failure
 
 # Noise from pinned dependencies: litdata asks PyPI for a newer version of itself (we pin it deliberately),
 # LitData pins memory even when there is no accelerator to pin it for, and LitGPT's TrainArgs warns about
@@ -89,7 +89,7 @@ def run_cli(main: Callable[[], Any]) -> None:
             raise
         print(f"error: {one_line(line)}", file=sys.stderr)
         kill_children()
-        sys.exit(EXIT_PEER_LOST)
+        leave(EXIT_PEER_LOST)
 
 
 def one_line(message: str) -> str:

@@ -13,8 +13,8 @@ import torch
 
 from litmoe.core.args import check_seed
 from litmoe.core.checkpoint_io import verify as verify_checkpoints
-from litmoe.core.errors import EXIT_PEER_LOST, RunStopped, UserError
-from litmoe.core.peers import peer_failure
+from litmoe.core.errors import EXIT_PEER_LOST, UserError
+from litmoe.core.peers import leave, peer_failure
 from litmoe.core.user_files import read_text, read_yaml_file
 from litmoe.inference.loading import adapter_base, load_model, resolve_checkpoint_dir
 from litmoe.inference.tensor_parallel import check_split, launch, split_in_turn, split_model
@@ -222,7 +222,7 @@ def quiet_unless_writer(writer: bool) -> Iterator[None]:
     except Exception as err:
         if writer or peer_failure(err) is None:
             raise
-        raise RunStopped(None, EXIT_PEER_LOST) from None
+        leave(EXIT_PEER_LOST)
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, block_size: int) -> None:
