@@ -101,9 +101,15 @@ def split_attention(fabric: Any, attn: torch.nn.Module) -> None:
             setattr(attn.qkv, name, torch.nn.Parameter(torch.cat(shares), requires_grad=False))
     attn.qkv.out_features = attn.qkv.weight.shape[0]
     tp.tensor_parallel_linear(fabric, attn.proj, "rowwise")
-    if attn.proj.bias is not None and rank > 0:  # added once to the summed output
-        attn.proj.bias.data.zero_()
+    add_once(attn.proj.bias, rank)
     attn.register_forward_hook(sum_across_ranks)
+
+
+def add_once(bias: torch.Tensor | None, rank: int) -> None:
+    """A bias added after a split layer, whose partial outputs are summed across the ranks, is added once: rank 0
+    keeps it, the others zero theirs."""
+    if bias is not None and rank > 0:
+        bias.data.zero_()
 
 
 def sum_across_ranks(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -116,26 +122,31 @@ def sum_across_ranks(module: torch.nn.Module, inputs: Any, output: torch.Tensor)
 
 
 def split_mlp(stock: Any, fabric: Any, mlp: torch.nn.Module) -> None:
-    """LitGPT's `tensor_parallel_mlp`, which also shards litmoe's MoE layer."""
-    import litgpt.generate.tp as tp
+    """LitGPT's `tensor_parallel_mlp`, for litmoe's MoE layer too, each layer's output summed once."""
+    from litgpt.model import GptNeoxMLP, LLaMAMLP
 
-    rank, world_size = fabric.global_rank, fabric.world_size
-    if not isinstance(mlp, MoELayer):  # a dense MLP: LitGPT's split, its proj's bias added once
-        stock(fabric, mlp)
-        if mlp.proj.bias is not None and rank > 0:
-            mlp.proj.bias.data.zero_()
-        return None
-    experts = mlp.experts
-    share = experts.hidden // world_size
-    experts.keep_hidden(slice(rank * share, (rank + 1) * share))
-    if experts.b_out is not None and rank > 0:  # the bias is added once to the summed output
-        experts.b_out.data.zero_()
-    if mlp.config.n_shared_expert:
-        shared = mlp.shared_experts
-        tp.tensor_parallel_linear(fabric, shared.fc_1, "colwise")
-        tp.tensor_parallel_linear(fabric, shared.fc_2, "colwise")
-        tp.tensor_parallel_linear(fabric, shared.proj, "rowwise")
-        if shared.proj.bias is not None and rank > 0:
-            shared.proj.bias.data.zero_()
+    if isinstance(mlp, MoELayer):
+        experts, rank = mlp.experts, fabric.global_rank
+        share = experts.hidden // fabric.world_size
+        experts.keep_hidden(slice(rank * share, (rank + 1) * share))
+        add_once(experts.b_out, rank)
+        if mlp.config.n_shared_expert:
+            split_dense(fabric, mlp.shared_experts)
+    elif isinstance(mlp, (LLaMAMLP, GptNeoxMLP)):
+        split_dense(fabric, mlp)
+    else:  # LitGPT's refusal
+        return stock(fabric, mlp)
     mlp.register_forward_hook(sum_across_ranks)
     return None
+
+
+def split_dense(fabric: Any, mlp: torch.nn.Module) -> None:
+    """A dense MLP's share, as LitGPT splits it (the input projections by output, proj by input), its proj's bias
+    added once (LitGPT's added it on every rank)."""
+    import litgpt.generate.tp as tp
+
+    for name in ("fc", "fc_1", "fc_2"):
+        if hasattr(mlp, name):
+            tp.tensor_parallel_linear(fabric, getattr(mlp, name), "colwise")
+    tp.tensor_parallel_linear(fabric, mlp.proj, "rowwise")
+    add_once(mlp.proj.bias, fabric.global_rank)
