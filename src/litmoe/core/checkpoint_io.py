@@ -196,7 +196,7 @@ def verify(paths: list[Path]) -> None:
     """`--verify`: each checkpoint folder in `paths` (a run's folder: all its checkpoints; prepared data: its files)
     checked whole against its SHA256SUMS, and checkpoints for what would stop them loading, one line each, without
     loading a model. Raises RunStopped (exit status EXIT_CORRUPT) when one fails."""
-    lines = []
+    lines, failed = [], 0
     for path in paths:
         path = Path(path)
         if not path.exists():
@@ -207,9 +207,10 @@ def verify(paths: list[Path]) -> None:
             folders = [weights.parent for weights in reversed(checkpoints_newest_first(path))] or [path]
         for folder in folders:
             weights = folder / "lit_model.pth"
-            problem = checkpoint_problem(weights) if weights.exists() else None
-            lines.append(verify_line(folder, problem, checkpoint=weights.exists()))
+            checkpoint = weights.exists()
+            problem = (checkpoint_problem(weights) if checkpoint else None) or checksum_problem(folder)
+            lines.append(verify_line(folder, problem, checkpoint))
+            failed += problem is not None
     print("\n".join(lines))
-    failed = sum(line.startswith("FAILED") for line in lines)
     if failed:
         raise RunStopped(f"error: --verify: {failed} of {len(lines)} checked folders failed (see above)", EXIT_CORRUPT)

@@ -12,11 +12,9 @@ by LitGPT itself) loads as before.
 """
 
 import hashlib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, BinaryIO
-
-import torch
 
 SUMS = "SHA256SUMS"
 HANDED_OVER = ".sha256-rank"  # + the rank: digests another rank took while writing, for write_checksums
@@ -49,6 +47,8 @@ def remember_digest(path: Path, digest: str) -> None:
 
 def save_hashed(obj: Any, path: Path, **save_options: Any) -> None:
     """`torch.save(obj, path)`, hashed while written (for `write_checksums`)."""
+    import torch  # here: preparing data, which hashes too, runs without torch
+
     with open(path, "wb") as file:
         writer = HashingWriter(file, path)
         torch.save(obj, writer, **save_options)
@@ -108,7 +108,7 @@ def checksum_problem(folder: Path, only: str | None = None) -> str | None:
     return None
 
 
-@lru_cache(maxsize=256)
+@cache
 def digest_of(path: str, size: int, modified_ns: int) -> str:
     """A file's digest, read once per process for each size and modification time."""
     del size, modified_ns  # the cache key: a file rewritten since is read again
@@ -116,10 +116,9 @@ def digest_of(path: str, size: int, modified_ns: int) -> str:
 
 
 def verify_line(folder: Path, problem: str | None, checkpoint: bool) -> str:
-    """`--verify`'s line for one folder, given what else is wrong with it (None: nothing); a checkpoint's
-    structure was checked too."""
+    """`--verify`'s line for one folder, given what is wrong with it (None: nothing); a checkpoint's structure was
+    checked too."""
     sums = Path(folder) / SUMS
-    problem = problem or checksum_problem(folder)
     if problem is not None:
         return f"FAILED  {folder}: {problem}"
     if not sums.is_file():

@@ -21,8 +21,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from litmoe.core.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_USAGE, RunStopped, UserError
-from litmoe.core.peers import kill_children, leave, peer_failure
+from litmoe.core.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE, RunStopped, UserError
+from litmoe.core.peers import peer_failure, stop_run
 
 # Noise from pinned dependencies: litdata asks PyPI for a newer version of itself (we pin it deliberately),
 # LitData pins memory even when there is no accelerator to pin it for, and LitGPT's TrainArgs warns about
@@ -87,9 +87,7 @@ def run_cli(main: Callable[[], Any]) -> None:
     except Exception as err:
         if (line := peer_failure(err)) is None:
             raise
-        print(f"error: {one_line(line)}", file=sys.stderr)
-        kill_children()
-        leave(EXIT_PEER_LOST)
+        stop_run(one_line(line))
 
 
 def one_line(message: str) -> str:

@@ -13,6 +13,8 @@ import socket
 import sys
 from pathlib import Path
 
+from litmoe.core.errors import EXIT_PEER_LOST
+
 # What gloo, NCCL and torch.distributed say when a peer is gone; nothing else in a training run says these.
 PEER_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "NCCL", "ProcessGroup")
 DISTRIBUTED_ERRORS = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
@@ -56,6 +58,14 @@ def kill_children() -> None:
                 os.kill(int(child), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def stop_run(line: str) -> None:
+    """How a rank ends when another is lost: `error: line` on stderr, what this process started killed, and exit
+    with EXIT_PEER_LOST at once."""
+    print(f"error: {line}", file=sys.stderr)
+    kill_children()
+    leave(EXIT_PEER_LOST)
 
 
 def leave(status: int) -> None:

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from litmoe.core.checkpoint_io import verify as verify_folders
 from litmoe.core.checksums import write_checksums
 from litmoe.core.errors import EXIT_PREEMPTED, RunStopped, UserError
 from litmoe.data.prepared import MANIFEST, Manifest, check_existing, check_output_dir, read_manifest
@@ -124,6 +123,8 @@ def prepare(
             then exit (status 65 when one differs); nothing is prepared.
     """
     if verify:
+        from litmoe.core.checkpoint_io import verify as verify_folders  # torch: not for preparing data
+
         verify_folders([out_dir])
         return None
     workers = (os.cpu_count() or 1) if workers is None else workers

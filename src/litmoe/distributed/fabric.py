@@ -11,7 +11,6 @@ process say in one line which rank it launched has died.
 
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -22,9 +21,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from litmoe.core.checksums import save_hashed
-from litmoe.core.errors import EXIT_PEER_LOST
 from litmoe.core.patching import swapped
-from litmoe.core.peers import ADVICE, kill_children, this_rank
+from litmoe.core.peers import ADVICE, stop_run, this_rank
 from litmoe.distributed.clipping import Float64DDPStrategy, Float64SingleDeviceStrategy
 from litmoe.distributed.expert_parallel import ExpertParallelism
 from litmoe.distributed.plans import StrategyChoice
@@ -108,10 +106,8 @@ def rank_watch() -> Iterator[None]:
                 if proc.returncode < 0
                 else f"status {proc.returncode}"
             )
-            print(f"error: rank {rank} (pid {proc.pid}) ended with {how}, seen by {this_rank()}; {ADVICE}",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            kill_children()
-            os._exit(EXIT_PEER_LOST)  # this thread cannot unwind the main one, which may wait in a collective
+            # exits at once: this thread cannot unwind the main one, which may wait in a collective
+            stop_run(f"rank {rank} (pid {proc.pid}) ended with {how}, seen by {this_rank()}; {ADVICE}")
 
     with swapped(subprocess_script, "_ChildProcessObserver", RankWatch):
         yield

@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> Any:
             " lists LitGPT's flags for a mode"
         )
     mode, setup = argv[0], importlib.import_module(MODES[argv[0]]).setup
-    run = with_litmoe(mode, setup, argv[1:])
     parser = ArgumentParser(prog=f"finetune.py {mode}", description=setup.__doc__, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these flags")
     parser.add_function_arguments(setup, as_positional=True)
@@ -76,44 +75,37 @@ def main(argv: list[str] | None = None) -> Any:
         given = parser.instantiate_classes(parsed)
     except (ArgumentError, ValueError) as err:
         raise UserError(f"finetune.py {mode}: {' '.join(str(err).split())}; see finetune.py {mode} --help") from None
-    return run(**{name: given[name] for name in inspect.signature(setup).parameters})
+    options = {name: given[name] for name in inspect.signature(setup).parameters}
+    return run_with_litmoe(mode, setup, argv[1:], options)
 
 
-def with_litmoe(mode: str, setup: Callable[..., Any], flags: list[str]) -> Callable[..., Any]:
-    """LitGPT's `setup` for `mode`, with the same signature, run on the checkpoint's base weights with litmoe's
-    layer. The command line stays the user's (on several devices Lightning starts the other ranks with it);
-    LitGPT records its hyperparameters by parsing the command line again, and there it sees `flags` with the base
-    folder for the checkpoint, which is what a later `litgpt merge_lora` must read."""
-
-    @functools.wraps(setup)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        bound = inspect.signature(setup).bind(*args, **kwargs)
-        bound.apply_defaults()
-        options = bound.arguments
-        checkpoint = checkpoint_folder(Path(options["checkpoint_dir"]))
-        out_dir = check_output_dir(options["out_dir"], "--out_dir", [("CHECKPOINT", checkpoint)])
-        if (out_dir / "final").exists():
-            raise UserError(f"--out_dir {out_dir} already holds a fine-tune (final/); choose another --out_dir")
-        check_options(mode, options, checkpoint)
-        base = options["checkpoint_dir"] = write_base(checkpoint, out_dir / BASE)
-        accumulation = options["train"].gradient_accumulation_iters(options["devices"], options["num_nodes"])
-        layers = LayerFactory(mode, balance_of(checkpoint, base), 1 / accumulation)
-        given = str(args[0]) if args else str(kwargs["checkpoint_dir"])
-        recorded = [sys.argv[0], *(str(base) if flag == given else flag for flag in flags)]
-        module = sys.modules[setup.__module__]
-        record = recording(module.save_hyperparameters, recorded)
-        load = functools.partial(load_sharded, module.load_checkpoint)
-        with (
-            layers.in_place(),
-            swapped(module, "save_hyperparameters", record),
-            swapped(module, "load_checkpoint", load),
-        ):
-            result = setup(*bound.args, **bound.kwargs)
-        if first_rank():
-            finish(out_dir / "final", layers)
-        return result
-
-    return run
+def run_with_litmoe(mode: str, setup: Callable[..., Any], flags: list[str], options: dict[str, Any]) -> Any:
+    """LitGPT's `setup` for `mode`, called with `options` (every parameter), on the checkpoint's base weights with
+    litmoe's layer. The command line stays the user's (on several devices Lightning starts the other ranks with
+    it); LitGPT records its hyperparameters by parsing the command line again, and there it sees `flags` with the
+    base folder for the checkpoint, which is what a later `litgpt merge_lora` must read."""
+    given = str(options["checkpoint_dir"])
+    checkpoint = checkpoint_folder(Path(given))
+    out_dir = check_output_dir(options["out_dir"], "--out_dir", [("CHECKPOINT", checkpoint)])
+    if (out_dir / "final").exists():
+        raise UserError(f"--out_dir {out_dir} already holds a fine-tune (final/); choose another --out_dir")
+    check_options(mode, options, checkpoint)
+    base = options["checkpoint_dir"] = write_base(checkpoint, out_dir / BASE)
+    accumulation = options["train"].gradient_accumulation_iters(options["devices"], options["num_nodes"])
+    layers = LayerFactory(mode, balance_of(checkpoint, base), 1 / accumulation)
+    recorded = [sys.argv[0], *(str(base) if flag == given else flag for flag in flags)]
+    module = sys.modules[setup.__module__]
+    record = recording(module.save_hyperparameters, recorded)
+    load = functools.partial(load_sharded, module.load_checkpoint)
+    with (
+        layers.in_place(),
+        swapped(module, "save_hyperparameters", record),
+        swapped(module, "load_checkpoint", load),
+    ):
+        result = setup(**options)
+    if first_rank():
+        finish(out_dir / "final", layers)
+    return result
 
 
 def finish(final: Path, layers: "LayerFactory") -> None:

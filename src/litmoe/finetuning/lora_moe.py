@@ -98,7 +98,7 @@ class LoRAMoELayer(MoELayer):
 
 def base_router_key(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """A base checkpoint's `gate.weight` is the LoRA router's `gate.linear.weight` (as LitGPT maps it)."""
-    if prefix + "gate.weight" in state_dict and isinstance(module.gate, nn.Module) and hasattr(module.gate, "linear"):
+    if prefix + "gate.weight" in state_dict and hasattr(module.gate, "linear"):
         state_dict[prefix + "gate.linear.weight"] = state_dict.pop(prefix + "gate.weight")
 
 
